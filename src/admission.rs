@@ -1,0 +1,436 @@
+//! The AdmissionReview boundary: bytes in, the one reply the API server accepts out.
+//!
+//! This is the only module that knows the `admission.k8s.io/v1` shapes. It decodes the request
+//! (borrowing the pod's JSON until it is known to be a pod create), calls [`mutate::decide`], and
+//! maps every outcome, errors included, to a response in one place ([`respond`]):
+//!
+//! | outcome | inject mode | enforce mode |
+//! |---|---|---|
+//! | patch | allowed, base64 JSONPatch | same |
+//! | skip (not a TaskRun pod, opted out, already injected) | allowed, no patch | same |
+//! | not a pod create (misrouted review) | allowed, no patch | same |
+//! | pod cannot be decoded | allowed, no patch, a warning | denied (403) with a message |
+//!
+//! A body that is not a v1 AdmissionReview at all has no uid to answer to: [`BadRequest`], which
+//! the server turns into HTTP 400.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use k8s_openapi::api::core::v1::Pod;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::mutate::{self, Action, Decision, Mode, SkipReason};
+use crate::policy::Policy;
+
+pub const API_VERSION: &str = "admission.k8s.io/v1";
+pub const KIND: &str = "AdmissionReview";
+
+/// Warnings reach the user who created the pod; the API server asks for 120 characters at most.
+const WARNING_MAX: usize = 120;
+const WARNING_PREFIX: &str = "lightstep-tekton: ";
+
+/// Why a body is not something we can answer with an AdmissionReview (HTTP 400).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BadRequest {
+    #[error("empty body: expected an admission.k8s.io/v1 AdmissionReview")]
+    Empty,
+    #[error("malformed JSON: {0}")]
+    Json(String),
+    #[error(
+        "expected apiVersion admission.k8s.io/v1, kind AdmissionReview; got apiVersion {api_version:?}, kind {kind:?}"
+    )]
+    NotAdmissionReview { api_version: String, kind: String },
+    #[error("AdmissionReview has no request")]
+    NoRequest,
+    #[error("AdmissionReview request has no uid")]
+    NoUid,
+}
+
+/// What happened to one review, for the log line and the metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Patched,
+    Skipped(SkipReason),
+    /// Not a pod CREATE (the webhook configuration sent something else): allowed untouched.
+    NotPodCreate,
+    /// Deciding failed; `denied` in enforce mode, allowed untouched in inject mode.
+    Failed {
+        denied: bool,
+    },
+}
+
+impl Outcome {
+    /// The decision label used in logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Patched => "patched",
+            Outcome::Skipped(_) => "skipped",
+            Outcome::NotPodCreate => "skipped",
+            Outcome::Failed { denied: true } => "denied",
+            Outcome::Failed { denied: false } => "allowed-on-error",
+        }
+    }
+
+    /// The skip reason label, when the pod was skipped.
+    pub fn skip_reason(&self) -> Option<&'static str> {
+        match self {
+            Outcome::Skipped(r) => Some(r.as_str()),
+            Outcome::NotPodCreate => Some("not-pod-create"),
+            _ => None,
+        }
+    }
+}
+
+/// The reply to one review, and what the server logs and counts about it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The AdmissionReview JSON to send with HTTP 200.
+    pub body: Vec<u8>,
+    pub uid: String,
+    pub namespace: String,
+    /// The pod's name, or `<generateName>*` when the API server has not named it yet.
+    pub pod: String,
+    pub mode: Mode,
+    pub outcome: Outcome,
+    pub warnings: Vec<String>,
+    /// Length of the JSON Patch in bytes (before base64), 0 without one.
+    pub patch_bytes: usize,
+    /// The internal error behind [`Outcome::Failed`], for the log line only (never sent).
+    pub error: Option<String>,
+    /// The decision, with its explanation; `None` when no pod was decided on.
+    pub decision: Option<Decision>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewIn<'a> {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(borrow)]
+    request: Option<RequestIn<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestIn<'a> {
+    #[serde(default)]
+    uid: String,
+    kind: Option<GroupVersionKind>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    operation: Option<String>,
+    #[serde(default)]
+    sub_resource: Option<String>,
+    #[serde(borrow)]
+    object: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct GroupVersionKind {
+    #[serde(default)]
+    group: String,
+    #[serde(default)]
+    kind: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewOut<'a> {
+    api_version: &'static str,
+    kind: &'static str,
+    response: ResponseOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseOut<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<StatusOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    warnings: &'a [String],
+}
+
+#[derive(Serialize)]
+struct StatusOut {
+    status: &'static str,
+    code: u16,
+    reason: &'static str,
+    message: String,
+}
+
+/// Answers one AdmissionReview. Never panics on input; every `Ok` is a reply the API server
+/// accepts (v1, uid echoed, a patch only with its type).
+pub fn review(body: &[u8], policy: &Policy, mode: Mode) -> Result<Reply, BadRequest> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(BadRequest::Empty);
+    }
+    let review: ReviewIn<'_> =
+        serde_json::from_slice(body).map_err(|e| BadRequest::Json(e.to_string()))?;
+    if review.api_version != API_VERSION || review.kind != KIND {
+        return Err(BadRequest::NotAdmissionReview {
+            api_version: review.api_version,
+            kind: review.kind,
+        });
+    }
+    let request = review.request.ok_or(BadRequest::NoRequest)?;
+    if request.uid.is_empty() {
+        return Err(BadRequest::NoUid);
+    }
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let mut reply = Reply {
+        body: Vec::new(),
+        uid: request.uid.clone(),
+        namespace,
+        pod: String::new(),
+        mode,
+        outcome: Outcome::NotPodCreate,
+        warnings: Vec::new(),
+        patch_bytes: 0,
+        error: None,
+        decision: None,
+    };
+
+    let is_pod = request
+        .kind
+        .as_ref()
+        .is_none_or(|k| k.group.is_empty() && k.kind == "Pod");
+    let is_create = request.operation.as_deref().is_none_or(|op| op == "CREATE");
+    let is_subresource = request
+        .sub_resource
+        .as_deref()
+        .is_some_and(|s| !s.is_empty());
+    if !is_pod || !is_create || is_subresource {
+        return Ok(respond(reply, None));
+    }
+
+    let pod = match request
+        .object
+        .map(|raw| serde_json::from_str::<Pod>(raw.get()))
+    {
+        Some(Ok(pod)) => pod,
+        Some(Err(e)) => return Ok(fail(reply, format!("pod could not be decoded: {e}"))),
+        None => return Ok(fail(reply, "request has no object".to_owned())),
+    };
+    if reply.namespace.is_empty() {
+        reply.namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    }
+    reply.pod = match (&pod.metadata.name, &pod.metadata.generate_name) {
+        (Some(name), _) => name.clone(),
+        (None, Some(prefix)) => format!("{prefix}*"),
+        (None, None) => String::new(),
+    };
+    let decision = mutate::decide(
+        &pod,
+        mutate::Request {
+            namespace: &reply.namespace,
+            mode,
+        },
+        policy,
+    );
+    Ok(respond(reply, Some(decision)))
+}
+
+fn fail(mut reply: Reply, error: String) -> Reply {
+    reply.outcome = Outcome::Failed {
+        denied: reply.mode == Mode::Enforce,
+    };
+    reply.error = Some(error);
+    respond(reply, None)
+}
+
+/// The one place an outcome becomes a response.
+fn respond(mut reply: Reply, decision: Option<Decision>) -> Reply {
+    let mut patch = None;
+    let mut status = None;
+    let mut allowed = true;
+    if let Some(decision) = &decision {
+        reply.warnings = decision.warnings.iter().map(|w| warning(w)).collect();
+        match &decision.action {
+            Action::Skip(reason) => reply.outcome = Outcome::Skipped(*reason),
+            Action::Patch(p) => {
+                // A patch of plain JSON values always serializes.
+                let json = serde_json::to_vec(p).expect("JSON patch serializes");
+                reply.patch_bytes = json.len();
+                patch = Some(BASE64.encode(json));
+                reply.outcome = Outcome::Patched;
+            }
+        }
+    }
+    if let Outcome::Failed { denied } = reply.outcome {
+        if denied {
+            allowed = false;
+            status = Some(StatusOut {
+                status: "Failure",
+                code: 403,
+                reason: "Forbidden",
+                message: "lightstep-tekton-webhook: tracing is enforced in this namespace and \
+                          the pod could not be checked; see the webhook's logs"
+                    .to_owned(),
+            });
+        } else {
+            reply.warnings.push(warning(
+                "tracing not injected: internal error (see webhook logs)",
+            ));
+        }
+    }
+    let out = ReviewOut {
+        api_version: API_VERSION,
+        kind: KIND,
+        response: ResponseOut {
+            uid: &reply.uid,
+            allowed,
+            status,
+            patch_type: patch.as_ref().map(|_| "JSONPatch"),
+            patch,
+            warnings: &reply.warnings,
+        },
+    };
+    // Strings and booleans only: serialization cannot fail.
+    reply.body = serde_json::to_vec(&out).expect("AdmissionReview serializes");
+    reply.decision = decision;
+    reply
+}
+
+/// Prefixes a warning with the webhook's name and keeps it within the API server's guideline.
+fn warning(message: &str) -> String {
+    let mut w = format!("{WARNING_PREFIX}{message}");
+    if w.len() > WARNING_MAX {
+        let mut cut = WARNING_MAX - 3;
+        while !w.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        w.truncate(cut);
+        w.push_str("...");
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn policy() -> Policy {
+        Policy::embedded_default()
+    }
+
+    fn parse(reply: &Reply) -> Value {
+        serde_json::from_slice(&reply.body).unwrap()
+    }
+
+    fn review_of(object: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": API_VERSION, "kind": KIND,
+            "request": {"uid": "u-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                        "namespace": "ns", "operation": "CREATE", "object": object}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn bad_bodies_are_bad_requests() {
+        let p = policy();
+        assert_eq!(
+            review(b"", &p, Mode::Inject).unwrap_err(),
+            BadRequest::Empty
+        );
+        assert!(matches!(
+            review(b"{\"apiVersion\":", &p, Mode::Inject),
+            Err(BadRequest::Json(_))
+        ));
+        assert!(matches!(
+            review(
+                br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}"#,
+                &p,
+                Mode::Inject
+            ),
+            Err(BadRequest::NotAdmissionReview { .. })
+        ));
+        assert_eq!(
+            review(
+                br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#,
+                &p,
+                Mode::Inject
+            )
+            .unwrap_err(),
+            BadRequest::NoRequest
+        );
+        assert_eq!(
+            review(
+                br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{}}"#,
+                &p,
+                Mode::Inject
+            )
+            .unwrap_err(),
+            BadRequest::NoUid
+        );
+        assert!(matches!(
+            review(b"[1,2]", &p, Mode::Inject),
+            Err(BadRequest::Json(_))
+        ));
+    }
+
+    #[test]
+    fn undecodable_pod_is_allowed_in_inject_and_denied_in_enforce() {
+        let body = review_of(json!({"metadata": {"labels": "not a map"}}));
+        let inject = review(&body, &policy(), Mode::Inject).unwrap();
+        let v = parse(&inject);
+        assert_eq!(v["response"]["uid"], "u-1");
+        assert_eq!(v["response"]["allowed"], true);
+        assert!(v["response"].get("patch").is_none());
+        assert_eq!(v["response"]["warnings"].as_array().unwrap().len(), 1);
+        assert_eq!(inject.outcome, Outcome::Failed { denied: false });
+        assert!(inject.error.is_some());
+
+        let enforce = review(&body, &policy(), Mode::Enforce).unwrap();
+        let v = parse(&enforce);
+        assert_eq!(v["response"]["allowed"], false);
+        assert_eq!(v["response"]["status"]["code"], 403);
+        // The internal error is logged, not sent.
+        assert!(!String::from_utf8_lossy(&enforce.body).contains("not a map"));
+    }
+
+    #[test]
+    fn other_kinds_and_operations_pass_untouched() {
+        let mut v: Value = serde_json::from_slice(&review_of(json!({}))).unwrap();
+        v["request"]["operation"] = json!("UPDATE");
+        let reply = review(&serde_json::to_vec(&v).unwrap(), &policy(), Mode::Enforce).unwrap();
+        assert_eq!(reply.outcome, Outcome::NotPodCreate);
+        assert_eq!(parse(&reply)["response"]["allowed"], true);
+    }
+
+    #[test]
+    fn a_patch_carries_its_type_and_is_base64() {
+        let body = review_of(json!({
+            "metadata": {"name": "tr-pod", "labels": {"tekton.dev/taskRun": "tr"}},
+            "spec": {"containers": [{"name": "step-a"}]}
+        }));
+        let reply = review(&body, &policy(), Mode::Inject).unwrap();
+        assert_eq!(reply.outcome, Outcome::Patched);
+        let v = parse(&reply);
+        assert_eq!(v["apiVersion"], API_VERSION);
+        assert_eq!(v["kind"], KIND);
+        assert_eq!(v["response"]["patchType"], "JSONPatch");
+        let patch = BASE64
+            .decode(v["response"]["patch"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(patch.len(), reply.patch_bytes);
+        let _: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    }
+
+    #[test]
+    fn warnings_are_prefixed_and_short() {
+        let w = warning(&"x".repeat(300));
+        assert!(w.len() <= WARNING_MAX && w.starts_with(WARNING_PREFIX));
+    }
+}

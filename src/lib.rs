@@ -1,0 +1,19 @@
+//! lightstep-tekton-webhook: a Kubernetes mutating admission webhook that joins Tekton TaskRun
+//! steps to OpenTelemetry traces.
+//!
+//! The flow is gather → decide → respond:
+//! 1. [`admission`] decodes an `admission.k8s.io/v1` AdmissionReview and finds the pod;
+//! 2. [`tekton`] reads the TaskRun facts off the pod, [`trace_context`] chooses the trace ids,
+//!    and [`mutate`] decides, purely, whether to skip the pod or which JSON Patch to apply;
+//! 3. [`admission`] turns that decision into the one reply the API server accepts.
+//!
+//! [`policy`] holds what to inject. The preview command ([`preview`]) runs the same path on a
+//! file so platform teams can see a patch before they install anything.
+#![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod mutate;
+pub mod policy;
+pub mod preview;
+pub mod tekton;
+pub mod trace_context;

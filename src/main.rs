@@ -1,0 +1,28 @@
+//! Wiring only: parse the command line and hand over to the module that owns the command.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use lightstep_tekton_webhook::preview;
+
+/// Kubernetes admission webhook that joins Tekton TaskRun steps to OpenTelemetry traces.
+#[derive(Debug, Parser)]
+#[command(name = "lightstep-tekton-webhook", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Preview the patch for an AdmissionReview or Pod (JSON or YAML) without a cluster.
+    Mutate(preview::MutateArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Mutate(args) => preview::run(args),
+    }
+}

@@ -1,0 +1,286 @@
+//! `lightstep-tekton-webhook mutate`: the server's decision, on a file, without a cluster.
+//!
+//! Reads an AdmissionReview or a bare Pod (JSON or YAML, file or stdin), runs it through exactly
+//! the path the server uses ([`admission::review`]), and prints the JSON Patch, the patched pod,
+//! or the reply. A bare Pod is wrapped in a synthetic CREATE review first, so there is one path.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, ValueEnum};
+use serde_json::{Value, json};
+
+use crate::admission;
+use crate::mutate::Mode;
+use crate::policy::Policy;
+
+/// The uid given to the synthetic review that wraps a bare Pod.
+const PREVIEW_UID: &str = "00000000-0000-0000-0000-000000000000";
+
+#[derive(Debug, Args)]
+pub struct MutateArgs {
+    /// AdmissionReview or Pod to read, JSON or YAML; `-` for standard input.
+    #[arg(value_name = "FILE|-", default_value = "-")]
+    pub input: String,
+
+    /// Policy file (YAML); the embedded default (Lightstep profile) when omitted.
+    #[arg(long, value_name = "FILE", env = "LIGHTSTEP_TEKTON_POLICY")]
+    pub policy: Option<PathBuf>,
+
+    /// What to print: the JSON Patch, the patched pod, or the AdmissionReview reply.
+    #[arg(long, short, value_enum, default_value_t = Output::Patch)]
+    pub output: Output,
+
+    /// Also explain, on standard error, what was injected or kept in each container and why,
+    /// and where the trace id and parent came from.
+    #[arg(long)]
+    pub explain: bool,
+
+    /// Decide as the opt-in webhook (`inject`, path /mutate) or the enforcing one (`enforce`).
+    #[arg(long, value_enum, default_value_t = ModeArg::Inject)]
+    pub mode: ModeArg,
+
+    /// Namespace of a bare Pod that does not name one.
+    #[arg(long, short, default_value = "default")]
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// The RFC 6902 JSON Patch (`[]` when the pod is skipped).
+    Patch,
+    /// The pod with the patch applied.
+    Pod,
+    /// The AdmissionReview reply the server sends.
+    Review,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    Inject,
+    Enforce,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Inject => Mode::Inject,
+            ModeArg::Enforce => Mode::Enforce,
+        }
+    }
+}
+
+/// Why a preview could not be made; each message is one line naming the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum PreviewError {
+    #[error("{path}: {source}")]
+    Read { path: String, source: io::Error },
+    #[error("{path}: not JSON or YAML: {reason}")]
+    Syntax { path: String, reason: String },
+    #[error("{path}: expected an AdmissionReview or a Pod, got {found}")]
+    WrongKind { path: String, found: String },
+    #[error("{path}: {source}")]
+    Review {
+        path: String,
+        source: admission::BadRequest,
+    },
+    #[error("--policy {path}: {reason}")]
+    Policy { path: String, reason: String },
+    #[error("the patch does not apply to the pod: {0}")]
+    Apply(String),
+}
+
+/// What the preview prints.
+#[derive(Debug)]
+pub struct Preview {
+    /// For standard output.
+    pub output: String,
+    /// For standard error: warnings, the skip reason, the explanation.
+    pub notes: String,
+}
+
+pub fn run(args: MutateArgs) -> ExitCode {
+    match preview(&args) {
+        Ok(p) => {
+            let _ = io::stderr().write_all(p.notes.as_bytes());
+            let mut out = io::stdout().lock();
+            if writeln!(out, "{}", p.output).is_err() {
+                return ExitCode::from(1);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+pub fn load_policy(path: Option<&PathBuf>) -> Result<Policy, PreviewError> {
+    let Some(path) = path else {
+        return Ok(Policy::embedded_default());
+    };
+    let shown = path.display().to_string();
+    let text = fs::read_to_string(path).map_err(|e| PreviewError::Policy {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    Policy::from_yaml(&text).map_err(|e| PreviewError::Policy {
+        path: shown,
+        reason: e.to_string(),
+    })
+}
+
+/// Runs the preview and returns what to print.
+pub fn preview(args: &MutateArgs) -> Result<Preview, PreviewError> {
+    let policy = load_policy(args.policy.as_ref())?;
+    let (path, text) = read_input(&args.input)?;
+    preview_text(&path, &text, &policy, args)
+}
+
+fn read_input(input: &str) -> Result<(String, String), PreviewError> {
+    if input == "-" {
+        let mut text = String::new();
+        io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|source| PreviewError::Read {
+                path: "<stdin>".into(),
+                source,
+            })?;
+        Ok(("<stdin>".into(), text))
+    } else {
+        let text = fs::read_to_string(input).map_err(|source| PreviewError::Read {
+            path: input.into(),
+            source,
+        })?;
+        Ok((input.into(), text))
+    }
+}
+
+/// The preview of a document already read: the testable core of the command.
+pub fn preview_text(
+    path: &str,
+    text: &str,
+    policy: &Policy,
+    args: &MutateArgs,
+) -> Result<Preview, PreviewError> {
+    let document = parse_document(path, text)?;
+    let kind = document.get("kind").and_then(Value::as_str).unwrap_or("");
+    let (review_doc, object) = match kind {
+        admission::KIND => {
+            let object = document
+                .pointer("/request/object")
+                .cloned()
+                .unwrap_or(Value::Null);
+            (document, object)
+        }
+        "Pod" => {
+            let namespace = document
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or(&args.namespace)
+                .to_owned();
+            let review = json!({
+                "apiVersion": admission::API_VERSION,
+                "kind": admission::KIND,
+                "request": {
+                    "uid": PREVIEW_UID,
+                    "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "resource": {"group": "", "version": "v1", "resource": "pods"},
+                    "namespace": namespace,
+                    "operation": "CREATE",
+                    "object": document,
+                }
+            });
+            let object = document.clone();
+            (review, object)
+        }
+        "" => {
+            return Err(PreviewError::WrongKind {
+                path: path.into(),
+                found: "a document without kind".into(),
+            });
+        }
+        other => {
+            return Err(PreviewError::WrongKind {
+                path: path.into(),
+                found: format!("kind {other}"),
+            });
+        }
+    };
+    // Serializing a parsed JSON value cannot fail.
+    let body = serde_json::to_vec(&review_doc).expect("JSON value serializes");
+    let reply = admission::review(&body, policy, args.mode.into()).map_err(|source| {
+        PreviewError::Review {
+            path: path.into(),
+            source,
+        }
+    })?;
+
+    let mut notes = String::new();
+    for w in &reply.warnings {
+        notes.push_str(&format!("warning: {w}\n"));
+    }
+    if let Some(reason) = reply.outcome.skip_reason() {
+        notes.push_str(&format!("skipped: {reason}\n"));
+    }
+    if let Some(error) = &reply.error {
+        notes.push_str(&format!("{}: {error}\n", reply.outcome.as_str()));
+    }
+    if args.explain {
+        match reply.decision.as_ref().and_then(|d| d.report.as_ref()) {
+            Some(report) => notes.push_str(&report.to_string()),
+            None => notes.push_str("not a Tekton TaskRun pod (no tekton.dev/taskRun label)\n"),
+        }
+    }
+
+    let patch = match reply.decision.as_ref().map(|d| &d.action) {
+        Some(crate::mutate::Action::Patch(p)) => p.clone(),
+        _ => json_patch::Patch(Vec::new()),
+    };
+    let output = match args.output {
+        Output::Patch => pretty(&patch),
+        Output::Review => {
+            let v: Value = serde_json::from_slice(&reply.body).expect("reply is JSON");
+            pretty(&v)
+        }
+        Output::Pod => {
+            let mut pod = object;
+            json_patch::patch(&mut pod, &patch).map_err(|e| PreviewError::Apply(e.to_string()))?;
+            pretty(&pod)
+        }
+    };
+    Ok(Preview { output, notes })
+}
+
+fn parse_document(path: &str, text: &str) -> Result<Value, PreviewError> {
+    let trimmed = text.trim_start();
+    if trimmed.is_empty() {
+        return Err(PreviewError::Syntax {
+            path: path.into(),
+            reason: "the input is empty".into(),
+        });
+    }
+    let parsed = if trimmed.starts_with('{') {
+        serde_json::from_str::<Value>(text).map_err(|e| e.to_string())
+    } else {
+        serde_norway::from_str::<Value>(text).map_err(|e| e.to_string())
+    };
+    let value = parsed.map_err(|reason| PreviewError::Syntax {
+        path: path.into(),
+        reason,
+    })?;
+    if !value.is_object() {
+        return Err(PreviewError::WrongKind {
+            path: path.into(),
+            found: "a document that is not an object".into(),
+        });
+    }
+    Ok(value)
+}
+
+fn pretty<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value).expect("JSON value serializes")
+}
