@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod certs;
 pub mod mutate;
 pub mod policy;
 pub mod preview;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use lightstep_tekton_webhook::preview;
+use lightstep_tekton_webhook::{certs, preview};
 
 /// Kubernetes admission webhook that joins Tekton TaskRun steps to OpenTelemetry traces.
 #[derive(Debug, Parser)]
@@ -18,11 +18,14 @@ struct Cli {
 enum Command {
     /// Preview the patch for an AdmissionReview or Pod (JSON or YAML) without a cluster.
     Mutate(preview::MutateArgs),
+    /// Write a CA and a serving certificate for the webhook's Service, and the caBundle.
+    Certs(certs::CertsArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Mutate(args) => preview::run(args),
+        Command::Certs(args) => certs::run(args),
     }
 }
