@@ -262,9 +262,9 @@ impl Serialize for ServiceNameTemplate {
 /// Why a policy was refused. The message names the field to fix.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PolicyError {
-    #[error("policy: {0}")]
+    #[error("{0}")]
     Syntax(String),
-    #[error("policy: {field}: {reason}")]
+    #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
 }
 
@@ -289,7 +289,8 @@ impl Policy {
             serde_path_to_error::deserialize(deserializer).map_err(|e| {
                 let path = e.path().to_string();
                 let inner = e.into_inner().to_string();
-                if path == "." || path.is_empty() {
+                // serde_norway names the path itself in most messages; add it where it does not.
+                if path == "." || path.is_empty() || inner.starts_with(&path) {
                     PolicyError::Syntax(inner)
                 } else {
                     PolicyError::Syntax(format!("{path}: {inner}"))
