@@ -1,9 +1,22 @@
 # lightstep-tekton-webhook: every target has a one-line comment after '##'; `make help` lists them.
 CARGO ?= cargo
+KUBECTL ?= kubectl
+DOCKER ?= docker
 BIN := target/release/lightstep-tekton-webhook
 
+# Cluster install: which overlay `deploy`/`undeploy` use (cert-manager or self-signed), and the
+# Service the certificates are made for (the names manifests/base uses).
+OVERLAY ?= cert-manager
+SERVICE ?= lightstep-tekton-webhook
+NAMESPACE ?= lightstep-tekton
+CERT_DAYS ?= 365
+# Git-ignored; the self-signed overlay reads tls.crt, tls.key and ca-bundle.yaml from here.
+CERTS_DIR := manifests/overlays/self-signed/certs
+RENDERED_DIR := target/manifests
+IMAGE ?= ghcr.io/lightstep/lightstep-tekton-webhook:0.1.0
+
 .DEFAULT_GOAL := help
-.PHONY: help build test lint bench
+.PHONY: help build test lint run certs manifests deploy undeploy bench image
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -11,12 +24,42 @@ help: ## List the targets
 build: ## Build the release binary
 	$(CARGO) build --locked --release
 
-test: ## Run the unit, fixture, property and HTTP tests
+test: ## Run the unit, fixture, property, HTTP and manifest tests
 	$(CARGO) test --locked
 
 lint: ## Check formatting and run clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
+run: ## Serve on https://127.0.0.1:8443 with development certificates and the default policy
+	$(CARGO) run --locked -- serve --dev
+
+certs: ## Make (or rotate) the CA and serving certificate for the self-signed overlay
+	$(CARGO) run --locked --quiet -- certs --service $(SERVICE) --namespace $(NAMESPACE) \
+		--days $(CERT_DAYS) --out $(CERTS_DIR) >/dev/null
+
+# The self-signed overlay cannot build without certificates; make them once if missing.
+$(CERTS_DIR)/tls.crt:
+	$(MAKE) certs
+
+manifests: $(CERTS_DIR)/tls.crt ## Render both overlays into target/manifests/ with kubectl kustomize
+	@mkdir -p $(RENDERED_DIR)
+	$(KUBECTL) kustomize manifests/overlays/cert-manager > $(RENDERED_DIR)/cert-manager.yaml
+	$(KUBECTL) kustomize manifests/overlays/self-signed > $(RENDERED_DIR)/self-signed.yaml
+	@echo "rendered $(RENDERED_DIR)/cert-manager.yaml and $(RENDERED_DIR)/self-signed.yaml"
+
+deploy: $(if $(filter self-signed,$(OVERLAY)),$(CERTS_DIR)/tls.crt) ## Apply an overlay to the current cluster (OVERLAY=cert-manager|self-signed)
+	$(KUBECTL) apply -k manifests/overlays/$(OVERLAY)
+	$(KUBECTL) -n $(NAMESPACE) rollout status deployment/$(SERVICE) --timeout=180s
+
+# The webhook configuration goes first: with the Deployment gone but the enforced webhook still
+# registered, the API server would refuse every Tekton pod in enforced namespaces.
+undeploy: $(if $(filter self-signed,$(OVERLAY)),$(CERTS_DIR)/tls.crt) ## Delete what deploy applied (OVERLAY=cert-manager|self-signed)
+	$(KUBECTL) delete --ignore-not-found mutatingwebhookconfiguration $(SERVICE)
+	$(KUBECTL) delete --ignore-not-found -k manifests/overlays/$(OVERLAY)
+
 bench: ## Run the criterion benchmark of the decision
 	$(CARGO) bench --locked --bench decide
+
+image: ## Build the container image (needs Docker with BuildKit)
+	$(DOCKER) build -t $(IMAGE) .
