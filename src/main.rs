@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use lightstep_tekton_webhook::{certs, preview};
+use lightstep_tekton_webhook::{certs, preview, server};
 
 /// Kubernetes admission webhook that joins Tekton TaskRun steps to OpenTelemetry traces.
 #[derive(Debug, Parser)]
@@ -20,6 +20,8 @@ enum Command {
     Mutate(preview::MutateArgs),
     /// Write a CA and a serving certificate for the webhook's Service, and the caBundle.
     Certs(certs::CertsArgs),
+    /// Serve the webhook over HTTPS: POST /mutate, POST /enforce, GET /healthz, GET /readyz.
+    Serve(Box<server::ServeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -27,5 +29,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Mutate(args) => preview::run(args),
         Command::Certs(args) => certs::run(args),
+        Command::Serve(args) => server::run(*args),
     }
 }
