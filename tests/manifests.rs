@@ -1,0 +1,818 @@
+//! The install, as a platform team applies it: both overlays built by `kubectl kustomize`, every
+//! object checked against its Kubernetes schema, and the pieces checked against each other and
+//! against the binary (the Service the webhooks call, the ports, the mounted files the server
+//! reads, the certificates `certs` makes). A cluster would find a mismatch only at admission
+//! time, as failed TaskRuns; these tests find it before.
+//!
+//! kubectl comes from `$KUBECTL` (default `kubectl`); `.ci/run` installs it on a fresh machine.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use k8s_openapi::api::admissionregistration::v1::{MutatingWebhook, MutatingWebhookConfiguration};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, Secret, Service, ServiceAccount,
+};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use lightstep_tekton_webhook::certs;
+use lightstep_tekton_webhook::policy::Policy;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_lightstep-tekton-webhook");
+const NAMESPACE: &str = "lightstep-tekton";
+const SERVICE: &str = "lightstep-tekton-webhook";
+/// What the opt-in and the enforced webhook must be, from issue 4 and the server's routes.
+const WEBHOOKS: [(&str, &str, &str, &str); 2] = [
+    ("inject.lightstep-tekton.io", "enabled", "/mutate", "Ignore"),
+    (
+        "enforce.lightstep-tekton.io",
+        "enforced",
+        "/enforce",
+        "Fail",
+    ),
+];
+
+fn manifests_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("manifests")
+}
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("ltw-{tag}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A copy of manifests/ without any certificates a developer made locally.
+fn manifests_copy(tmp: &TempDir) -> PathBuf {
+    let copy = tmp.0.join("manifests");
+    copy_tree(&manifests_dir(), &copy);
+    let _ = fs::remove_dir_all(copy.join("overlays/self-signed/certs"));
+    copy
+}
+
+fn run_certs(out: &Path, extra: &[&str]) {
+    let output = Command::new(BIN)
+        .args([
+            "certs",
+            "--service",
+            SERVICE,
+            "--namespace",
+            NAMESPACE,
+            "--out",
+        ])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "certs failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `kubectl kustomize DIR`, parsed into one JSON value per object.
+fn kustomize(dir: &Path) -> Vec<Value> {
+    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_string());
+    let output = Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{kubectl}: {e}; install kubectl (Debian: apt-get install kubernetes-client)")
+        });
+    assert!(
+        output.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    let objects: Vec<Value> = serde_norway::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .filter(|v| !v.is_null())
+        .collect();
+    assert!(!objects.is_empty(), "{} rendered nothing", dir.display());
+    objects
+}
+
+fn render_cert_manager() -> Vec<Value> {
+    let tmp = TempDir::new("cm");
+    kustomize(&manifests_copy(&tmp).join("overlays/cert-manager"))
+}
+
+/// The self-signed overlay, with certificates made by the `certs` command, and where they are.
+fn render_self_signed(tmp: &TempDir) -> (Vec<Value>, PathBuf) {
+    let overlay = manifests_copy(tmp).join("overlays/self-signed");
+    let certs_dir = overlay.join("certs");
+    run_certs(&certs_dir, &[]);
+    (kustomize(&overlay), certs_dir)
+}
+
+/// Secret `data` is base64 that kustomize may wrap over several lines; the API server's decoder
+/// skips the line breaks, k8s-openapi's does not.
+fn unwrap_secret_data(object: &mut Value) {
+    if let Some(data) = object.get_mut("data").and_then(Value::as_object_mut) {
+        for value in data.values_mut() {
+            if let Some(s) = value.as_str() {
+                *value = Value::String(s.split_whitespace().collect());
+            }
+        }
+    }
+}
+
+/// Decodes `object` into `T` and checks that nothing was dropped on the way: a misspelt or
+/// misplaced field would be silently ignored by the API server's non-strict clients too.
+fn typed<T: DeserializeOwned + serde::Serialize>(object: &Value) -> T {
+    let mut object = object.clone();
+    unwrap_secret_data(&mut object);
+    let deserializer = object.clone();
+    let value: T = serde_path_to_error::deserialize(deserializer)
+        .unwrap_or_else(|e| panic!("{} {}: {e}", object["kind"], object["metadata"]["name"]));
+    let back = serde_json::to_value(&value).unwrap();
+    assert_eq!(
+        back, object,
+        "{} {} does not round-trip through its schema (unknown or misplaced field?)",
+        object["kind"], object["metadata"]["name"]
+    );
+    value
+}
+
+/// Every rendered object, by kind; each one decoded into its k8s-openapi type, or for
+/// cert-manager's kinds checked for the fields this install relies on.
+#[derive(Default)]
+struct Install {
+    namespaces: Vec<Namespace>,
+    service_accounts: Vec<ServiceAccount>,
+    deployments: Vec<Deployment>,
+    pdbs: Vec<PodDisruptionBudget>,
+    services: Vec<Service>,
+    config_maps: Vec<ConfigMap>,
+    secrets: Vec<Secret>,
+    webhook_configs: Vec<MutatingWebhookConfiguration>,
+    cert_manager: Vec<Value>,
+}
+
+impl Install {
+    fn decode(objects: &[Value]) -> Install {
+        let mut install = Install::default();
+        for object in objects {
+            let api_version = object["apiVersion"].as_str().unwrap_or_default();
+            let kind = object["kind"].as_str().unwrap_or_default();
+            match (api_version, kind) {
+                ("v1", "Namespace") => install.namespaces.push(typed(object)),
+                ("v1", "ServiceAccount") => install.service_accounts.push(typed(object)),
+                ("apps/v1", "Deployment") => install.deployments.push(typed(object)),
+                ("policy/v1", "PodDisruptionBudget") => install.pdbs.push(typed(object)),
+                ("v1", "Service") => install.services.push(typed(object)),
+                ("v1", "ConfigMap") => install.config_maps.push(typed(object)),
+                ("v1", "Secret") => install.secrets.push(typed(object)),
+                ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
+                    install.webhook_configs.push(typed(object))
+                }
+                ("cert-manager.io/v1", "Issuer" | "Certificate") => {
+                    assert!(object["metadata"]["name"].is_string(), "{object}");
+                    assert_eq!(object["metadata"]["namespace"], NAMESPACE, "{object}");
+                    assert!(object["spec"].is_object(), "{object}");
+                    install.cert_manager.push(object.clone());
+                }
+                _ => panic!("unexpected object {api_version} {kind}: {object}"),
+            }
+        }
+        install
+    }
+
+    fn deployment(&self) -> &Deployment {
+        assert_eq!(self.deployments.len(), 1);
+        &self.deployments[0]
+    }
+
+    fn container(&self) -> &Container {
+        let containers = &self
+            .deployment()
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers;
+        assert_eq!(containers.len(), 1);
+        &containers[0]
+    }
+
+    fn service(&self) -> &Service {
+        assert_eq!(self.services.len(), 1);
+        &self.services[0]
+    }
+
+    fn webhook_config(&self) -> &MutatingWebhookConfiguration {
+        assert_eq!(self.webhook_configs.len(), 1);
+        &self.webhook_configs[0]
+    }
+
+    fn cert_manager(&self, kind: &str, name: &str) -> &Value {
+        self.cert_manager
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    }
+}
+
+/// The container's `--flag=value` arguments.
+fn flags(container: &Container) -> BTreeMap<String, String> {
+    let args = container.args.as_ref().expect("args");
+    assert_eq!(args[0], "serve", "the container runs `serve`");
+    args[1..]
+        .iter()
+        .map(|arg| {
+            let (flag, value) = arg
+                .strip_prefix("--")
+                .and_then(|a| a.split_once('='))
+                .unwrap_or_else(|| panic!("{arg}: write flags as --flag=value"));
+            (flag.to_string(), value.to_string())
+        })
+        .collect()
+}
+
+fn port_of(addr: &str) -> i32 {
+    addr.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+/// Checks that hold for the base, whichever overlay provides the certificate.
+fn check_common(install: &Install) {
+    let pod_labels = install
+        .deployment()
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    let selects_pods = |selector: &BTreeMap<String, String>| {
+        !selector.is_empty() && selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
+    };
+
+    // Namespace and ServiceAccount.
+    assert_eq!(install.namespaces.len(), 1);
+    assert_eq!(
+        install.namespaces[0].metadata.name.as_deref(),
+        Some(NAMESPACE)
+    );
+    assert_eq!(install.service_accounts.len(), 1);
+    let account = &install.service_accounts[0];
+    assert_eq!(account.automount_service_account_token, Some(false));
+
+    // Deployment: two replicas, the ServiceAccount, spread, restricted security context.
+    let deployment = install.deployment();
+    assert_eq!(deployment.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let spec = deployment.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    assert!(selects_pods(spec.selector.match_labels.as_ref().unwrap()));
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.service_account_name, account.metadata.name);
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let spread = pod
+        .topology_spread_constraints
+        .as_ref()
+        .expect("topology spread");
+    assert!(
+        spread
+            .iter()
+            .any(|c| c.topology_key == "kubernetes.io/hostname")
+    );
+    for constraint in spread {
+        let selector = constraint.label_selector.as_ref().unwrap();
+        assert!(selects_pods(selector.match_labels.as_ref().unwrap()));
+    }
+    let pod_security = pod.security_context.as_ref().unwrap();
+    assert_eq!(pod_security.run_as_non_root, Some(true));
+    assert_eq!(
+        pod_security.seccomp_profile.as_ref().unwrap().type_,
+        "RuntimeDefault"
+    );
+
+    let container = install.container();
+    let security = container.security_context.as_ref().unwrap();
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        security.capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_string()][..])
+    );
+    assert_eq!(
+        security.seccomp_profile.as_ref().unwrap().type_,
+        "RuntimeDefault"
+    );
+    let resources = container.resources.as_ref().unwrap();
+    for key in ["cpu", "memory"] {
+        assert!(
+            resources.requests.as_ref().unwrap().contains_key(key),
+            "request {key}"
+        );
+        assert!(
+            resources.limits.as_ref().unwrap().contains_key(key),
+            "limit {key}"
+        );
+    }
+
+    // Ports: the container listens where --listen says, and the Service reaches it.
+    let flags = flags(container);
+    let container_port = |name: &str| {
+        container
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("container port {name}"))
+            .container_port
+    };
+    assert_eq!(container_port("https"), 8443);
+    assert_eq!(port_of(&flags["listen"]), container_port("https"));
+    assert_eq!(port_of(&flags["metrics-listen"]), container_port("metrics"));
+
+    // Probes: the server's health routes, over HTTPS on the serving port.
+    for (probe, path) in [
+        (container.readiness_probe.as_ref(), "/readyz"),
+        (container.liveness_probe.as_ref(), "/healthz"),
+    ] {
+        let get = probe.and_then(|p| p.http_get.as_ref()).expect(path);
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(get.scheme.as_deref(), Some("HTTPS"));
+        assert_eq!(get.port, IntOrString::String("https".into()));
+    }
+
+    // PodDisruptionBudget over the same pods.
+    assert_eq!(install.pdbs.len(), 1);
+    let pdb = install.pdbs[0].spec.as_ref().unwrap();
+    assert!(selects_pods(
+        pdb.selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()
+    ));
+    assert_eq!(pdb.min_available, Some(IntOrString::Int(1)));
+
+    // Service: selects the pods; 443 → https (8443) and the metrics port.
+    let service = install.service();
+    assert_eq!(service.metadata.name.as_deref(), Some(SERVICE));
+    assert_eq!(service.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let service_spec = service.spec.as_ref().unwrap();
+    assert!(selects_pods(service_spec.selector.as_ref().unwrap()));
+    let service_ports = service_spec.ports.as_ref().unwrap();
+    let target = |port: i32| {
+        let p = service_ports.iter().find(|p| p.port == port).unwrap();
+        match p.target_port.as_ref().unwrap() {
+            IntOrString::Int(n) => *n,
+            IntOrString::String(name) => container_port(name),
+        }
+    };
+    assert_eq!(target(443), 8443);
+    assert!(service_ports.iter().any(
+        |p| p.name.as_deref() == Some("metrics") && target(p.port) == container_port("metrics")
+    ));
+
+    // Mounted files: whole directories (kubelet never updates subPath mounts, so reloads would
+    // never happen), and the paths the flags name are inside them.
+    let volumes = pod.volumes.as_ref().unwrap();
+    let mounts = container.volume_mounts.as_ref().unwrap();
+    assert!(
+        mounts
+            .iter()
+            .all(|m| m.sub_path.is_none() && m.sub_path_expr.is_none())
+    );
+    let mount_of = |file: &str| {
+        let path = Path::new(file);
+        let mount = mounts
+            .iter()
+            .find(|m| path.parent() == Some(Path::new(&m.mount_path)))
+            .unwrap_or_else(|| panic!("{file} is not in a mounted directory"));
+        assert_eq!(mount.read_only, Some(true));
+        let volume = volumes.iter().find(|v| v.name == mount.name).unwrap();
+        (
+            volume.clone(),
+            path.file_name().unwrap().to_str().unwrap().to_string(),
+        )
+    };
+    let (tls_cert, cert_file) = mount_of(&flags["tls-cert"]);
+    let (tls_key, key_file) = mount_of(&flags["tls-key"]);
+    assert_eq!(tls_cert, tls_key);
+    assert_eq!(
+        (cert_file.as_str(), key_file.as_str()),
+        ("tls.crt", "tls.key")
+    );
+    let tls_secret = tls_cert
+        .secret
+        .as_ref()
+        .unwrap()
+        .secret_name
+        .as_deref()
+        .unwrap();
+    assert_eq!(tls_secret, "lightstep-tekton-webhook-tls");
+    let (policy_volume, policy_file) = mount_of(&flags["policy"]);
+    let policy_map_name = policy_volume.config_map.as_ref().unwrap().name.clone();
+    let policy_map = install
+        .config_maps
+        .iter()
+        .find(|m| m.metadata.name.as_deref() == Some(policy_map_name.as_str()))
+        .expect("the mounted policy ConfigMap is part of the install");
+    let policy_text = &policy_map.data.as_ref().unwrap()[&policy_file];
+    assert_eq!(
+        Policy::from_yaml(policy_text).unwrap(),
+        Policy::embedded_default(),
+        "manifests/base/policy.yaml drifted from src/default-policy.yaml"
+    );
+
+    // No token anywhere in the install: only the example file holds a placeholder.
+    assert!(
+        install
+            .secrets
+            .iter()
+            .all(|s| s.type_.as_deref() == Some("kubernetes.io/tls"))
+    );
+
+    check_webhooks(install);
+}
+
+fn check_webhooks(install: &Install) {
+    let config = install.webhook_config();
+    let webhooks = config.webhooks.as_ref().unwrap();
+    assert_eq!(webhooks.len(), WEBHOOKS.len());
+    for (webhook, (name, label, path, failure_policy)) in webhooks.iter().zip(WEBHOOKS) {
+        check_webhook(install, webhook, name, label, path, failure_policy);
+    }
+    let names: Vec<&str> = webhooks.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(
+        names,
+        certs::WEBHOOK_NAMES,
+        "the caBundle patch `certs` writes names every webhook"
+    );
+    assert_eq!(
+        config.metadata.name.as_deref(),
+        Some(certs::WEBHOOK_CONFIGURATION)
+    );
+}
+
+fn check_webhook(
+    install: &Install,
+    webhook: &MutatingWebhook,
+    name: &str,
+    label: &str,
+    path: &str,
+    failure_policy: &str,
+) {
+    assert_eq!(webhook.name, name);
+    let service_ref = webhook.client_config.service.as_ref().unwrap();
+    let service = install.service();
+    assert_eq!(
+        Some(&service_ref.name),
+        service.metadata.name.as_ref(),
+        "{name}"
+    );
+    assert_eq!(
+        Some(&service_ref.namespace),
+        service.metadata.namespace.as_ref(),
+        "{name}"
+    );
+    let port = service_ref.port.unwrap_or(443);
+    assert!(
+        service
+            .spec
+            .as_ref()
+            .unwrap()
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|p| p.port == port && p.name.as_deref() == Some("https")),
+        "{name}: port {port} is the Service's https port"
+    );
+    assert_eq!(service_ref.path.as_deref(), Some(path), "{name}");
+    assert!(webhook.client_config.url.is_none());
+
+    let rules = webhook.rules.as_ref().unwrap();
+    assert_eq!(rules.len(), 1, "{name}");
+    let rule = &rules[0];
+    assert_eq!(rule.api_groups.as_deref(), Some(&["".to_string()][..]));
+    assert_eq!(rule.api_versions.as_deref(), Some(&["v1".to_string()][..]));
+    assert_eq!(
+        rule.operations.as_deref(),
+        Some(&["CREATE".to_string()][..])
+    );
+    assert_eq!(rule.resources.as_deref(), Some(&["pods".to_string()][..]));
+
+    let never_here = LabelSelectorRequirement {
+        key: "kubernetes.io/metadata.name".into(),
+        operator: "NotIn".into(),
+        values: Some(vec![NAMESPACE.into(), "kube-system".into()]),
+    };
+    assert_eq!(
+        webhook.namespace_selector,
+        Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                "lightstep-tekton.io/inject".to_string(),
+                label.to_string()
+            )])),
+            match_expressions: Some(vec![never_here]),
+        }),
+        "{name}"
+    );
+    assert_eq!(
+        webhook.object_selector,
+        Some(LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tekton.dev/taskRun".into(),
+                operator: "Exists".into(),
+                values: None,
+            }]),
+        }),
+        "{name}"
+    );
+    assert_eq!(webhook.side_effects, "None");
+    assert_eq!(webhook.admission_review_versions, ["v1"]);
+    assert!(matches!(webhook.timeout_seconds, Some(2..=3)), "{name}");
+    assert_eq!(webhook.reinvocation_policy.as_deref(), Some("IfNeeded"));
+    assert_eq!(
+        webhook.failure_policy.as_deref(),
+        Some(failure_policy),
+        "{name}"
+    );
+}
+
+fn verify(ca_pems: &[u8], cert_pem: &[u8], name: &str) -> Result<(), webpki::Error> {
+    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca_pems)
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(!cas.is_empty());
+    let anchors: Vec<_> = cas
+        .iter()
+        .map(|ca| webpki::anchor_from_trusted_cert(ca).unwrap())
+        .collect();
+    let leaf = CertificateDer::from_pem_slice(cert_pem).unwrap();
+    let cert = webpki::EndEntityCert::try_from(&leaf)?;
+    cert.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        &[],
+        UnixTime::now(),
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    )?;
+    cert.verify_is_valid_for_subject_name(&ServerName::try_from(name.to_string()).unwrap())
+}
+
+#[test]
+fn cert_manager_overlay_builds_and_agrees_with_itself() {
+    let install = Install::decode(&render_cert_manager());
+    check_common(&install);
+
+    // The serving certificate: the Service's names, in the Secret the Deployment mounts,
+    // issued by the CA issuer, whose CA the injector puts into the caBundle.
+    let serving = install.cert_manager("Certificate", SERVICE);
+    let dns_names: Vec<String> =
+        serde_json::from_value(serving["spec"]["dnsNames"].clone()).unwrap();
+    assert_eq!(dns_names, certs::service_dns_names(SERVICE, NAMESPACE));
+    assert_eq!(
+        serving["spec"]["secretName"],
+        "lightstep-tekton-webhook-tls"
+    );
+    let ca_issuer_name = serving["spec"]["issuerRef"]["name"].as_str().unwrap();
+    let ca_issuer = install.cert_manager("Issuer", ca_issuer_name);
+    let ca_secret = &ca_issuer["spec"]["ca"]["secretName"];
+    let ca = install
+        .cert_manager
+        .iter()
+        .find(|o| o["kind"] == "Certificate" && o["spec"]["secretName"] == *ca_secret)
+        .expect("a Certificate makes the CA issuer's secret");
+    assert_eq!(ca["spec"]["isCA"], true);
+    let root = install.cert_manager("Issuer", ca["spec"]["issuerRef"]["name"].as_str().unwrap());
+    assert!(root["spec"]["selfSigned"].is_object());
+
+    let config = install.webhook_config();
+    let annotations = config.metadata.annotations.as_ref().unwrap();
+    assert_eq!(
+        annotations["cert-manager.io/inject-ca-from"],
+        format!("{NAMESPACE}/{SERVICE}")
+    );
+    // The injector fills the caBundle; one set by hand would fight it.
+    for webhook in config.webhooks.as_ref().unwrap() {
+        assert!(webhook.client_config.ca_bundle.is_none());
+    }
+    assert!(
+        install.secrets.is_empty(),
+        "cert-manager writes the Secrets"
+    );
+}
+
+#[test]
+fn self_signed_overlay_builds_from_certs_output_and_the_ca_bundle_verifies_the_secret() {
+    let tmp = TempDir::new("ss");
+    let (objects, certs_dir) = render_self_signed(&tmp);
+    let install = Install::decode(&objects);
+    check_common(&install);
+    assert!(install.cert_manager.is_empty());
+
+    // The Secret the Deployment mounts holds what `certs` wrote, and never the CA key.
+    assert_eq!(install.secrets.len(), 1);
+    let secret = &install.secrets[0];
+    assert_eq!(
+        secret.metadata.name.as_deref(),
+        Some("lightstep-tekton-webhook-tls")
+    );
+    assert_eq!(secret.metadata.namespace.as_deref(), Some(NAMESPACE));
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let data = secret.data.as_ref().unwrap();
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["tls.crt", "tls.key"]);
+    let cert_pem = &data["tls.crt"].0;
+    assert_eq!(cert_pem, &fs::read(certs_dir.join("tls.crt")).unwrap());
+    assert_eq!(
+        &data["tls.key"].0,
+        &fs::read(certs_dir.join("tls.key")).unwrap()
+    );
+
+    // Every webhook trusts the CA that signed it, for the name the API server dials
+    // (<service>.<namespace>.svc) and the Service's other names.
+    let ca_pem = fs::read(certs_dir.join("ca.crt")).unwrap();
+    for webhook in install.webhook_config().webhooks.as_ref().unwrap() {
+        let bundle = &webhook
+            .client_config
+            .ca_bundle
+            .as_ref()
+            .expect("caBundle")
+            .0;
+        assert_eq!(
+            bundle, &ca_pem,
+            "{}: caBundle is the CA `certs` wrote",
+            webhook.name
+        );
+        for name in certs::service_dns_names(SERVICE, NAMESPACE) {
+            verify(bundle, cert_pem, &name).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        }
+    }
+}
+
+#[test]
+fn certs_command_writes_a_serving_certificate_for_the_service_signed_by_its_ca() {
+    let tmp = TempDir::new("certs");
+    let out = tmp.0.join("out");
+    let output = Command::new(BIN)
+        .args([
+            "certs",
+            "--service",
+            "hook",
+            "--namespace",
+            "ops",
+            "--days",
+            "7",
+            "--out",
+        ])
+        .arg(&out)
+        .args(["--san", "10.1.2.3"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ca = fs::read(out.join("ca.crt")).unwrap();
+    let cert = fs::read(out.join("tls.crt")).unwrap();
+    for name in [
+        "hook",
+        "hook.ops",
+        "hook.ops.svc",
+        "hook.ops.svc.cluster.local",
+        "10.1.2.3",
+    ] {
+        verify(&ca, &cert, name).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+    }
+    assert!(verify(&ca, &cert, "hook.other.svc").is_err());
+    // Standard output is the caBundle, for scripts.
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(BASE64.decode(printed.trim()).unwrap(), ca);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["ca.key", "tls.key"] {
+            let mode = fs::metadata(out.join(key)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+    }
+
+    let bad = Command::new(BIN)
+        .args(["certs", "--service", "no such", "--out"])
+        .arg(tmp.0.join("bad"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"no such\""));
+}
+
+#[test]
+fn rotating_with_certs_keeps_the_previous_ca_trusted_for_one_round() {
+    let tmp = TempDir::new("rotate");
+    let (first_objects, certs_dir) = render_self_signed(&tmp);
+    let first_cert = fs::read(certs_dir.join("tls.crt")).unwrap();
+    let first_ca = fs::read(certs_dir.join("ca.crt")).unwrap();
+
+    // Rotation: run certs again and re-apply. Until kubelet swaps the mounted Secret, the pods
+    // still serve the first certificate: the new caBundle must trust it as well as the new one.
+    run_certs(&certs_dir, &[]);
+    let second_cert = fs::read(certs_dir.join("tls.crt")).unwrap();
+    let second_ca = fs::read(certs_dir.join("ca.crt")).unwrap();
+    assert_ne!(first_ca, second_ca);
+    let overlay = certs_dir.parent().unwrap();
+    let install = Install::decode(&kustomize(overlay));
+    let server_name = format!("{SERVICE}.{NAMESPACE}.svc");
+    for webhook in install.webhook_config().webhooks.as_ref().unwrap() {
+        let bundle = &webhook.client_config.ca_bundle.as_ref().unwrap().0;
+        verify(bundle, &first_cert, &server_name).expect("old certificate still trusted");
+        verify(bundle, &second_cert, &server_name).expect("new certificate trusted");
+    }
+    drop(first_objects);
+
+    // The next rotation drops the first CA; --drop-previous-ca drops the previous one at once.
+    run_certs(&certs_dir, &["--drop-previous-ca"]);
+    let install = Install::decode(&kustomize(overlay));
+    let third_cert = fs::read(certs_dir.join("tls.crt")).unwrap();
+    for webhook in install.webhook_config().webhooks.as_ref().unwrap() {
+        let bundle = &webhook.client_config.ca_bundle.as_ref().unwrap().0;
+        verify(bundle, &third_cert, &server_name).unwrap();
+        assert!(verify(bundle, &second_cert, &server_name).is_err());
+        assert!(verify(bundle, &first_cert, &server_name).is_err());
+    }
+}
+
+#[test]
+fn example_token_secret_matches_the_default_policy_and_holds_no_token() {
+    let text = fs::read_to_string(manifests_dir().join("base/token-secret.example.yaml")).unwrap();
+    let object: Value = serde_norway::from_str(&text).unwrap();
+    let secret: Secret = typed(&object);
+    let token = Policy::embedded_default()
+        .token
+        .expect("default policy has a token");
+    assert_eq!(
+        secret.metadata.name.as_deref(),
+        Some(token.secret_name.as_str())
+    );
+    let value = &secret.string_data.as_ref().unwrap()[&token.secret_key];
+    assert!(
+        value.starts_with("REPLACE-WITH"),
+        "a placeholder, not a token: {value}"
+    );
+    // Not part of the kustomization: the webhook never reads it, pods read it in their own
+    // namespace, and re-applying the install must never overwrite a real token.
+    let kustomization =
+        fs::read_to_string(manifests_dir().join("base/kustomization.yaml")).unwrap();
+    assert!(!kustomization.contains("token-secret"));
+}
