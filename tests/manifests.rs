@@ -816,3 +816,260 @@ fn example_token_secret_matches_the_default_policy_and_holds_no_token() {
         fs::read_to_string(manifests_dir().join("base/kustomization.yaml")).unwrap();
     assert!(!kustomization.contains("token-secret"));
 }
+
+/// The binary, started with the Deployment's own arguments (mount paths mapped to a temp
+/// directory holding the Secret's and ConfigMap's files), killed on drop.
+struct Served {
+    child: std::process::Child,
+    https: std::net::SocketAddr,
+    metrics: std::net::SocketAddr,
+    log: PathBuf,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn serve_like_the_deployment(install: &Install, tmp: &TempDir) -> Served {
+    let container = install.container();
+    let pod = install
+        .deployment()
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    // Materialize each mounted volume the way kubelet would: one file per key.
+    let mut mapped = Vec::new();
+    for mount in container.volume_mounts.as_ref().unwrap() {
+        let volume = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == mount.name)
+            .unwrap();
+        let dir = tmp.0.join("volumes").join(&mount.name);
+        fs::create_dir_all(&dir).unwrap();
+        if let Some(source) = &volume.secret {
+            let name = source.secret_name.as_deref().unwrap();
+            let secret = install
+                .secrets
+                .iter()
+                .find(|s| s.metadata.name.as_deref() == Some(name))
+                .unwrap_or_else(|| panic!("Secret {name} is mounted but not installed"));
+            for (key, value) in secret.data.as_ref().unwrap() {
+                fs::write(dir.join(key), &value.0).unwrap();
+            }
+        }
+        if let Some(source) = &volume.config_map {
+            let map = install
+                .config_maps
+                .iter()
+                .find(|m| m.metadata.name.as_deref() == Some(source.name.as_str()))
+                .unwrap();
+            for (key, value) in map.data.as_ref().unwrap() {
+                fs::write(dir.join(key), value).unwrap();
+            }
+        }
+        mapped.push((mount.mount_path.clone(), dir));
+    }
+    let (https, metrics) = (free_port(), free_port());
+    let args: Vec<String> = container
+        .args
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|arg| {
+            if arg.starts_with("--listen=") {
+                return format!("--listen={https}");
+            }
+            if arg.starts_with("--metrics-listen=") {
+                return format!("--metrics-listen={metrics}");
+            }
+            let mut arg = arg.clone();
+            for (mount_path, dir) in &mapped {
+                arg = arg.replace(&format!("={mount_path}/"), &format!("={}/", dir.display()));
+            }
+            arg
+        })
+        .collect();
+    let log = tmp.0.join("serve.log");
+    let child = Command::new(BIN)
+        .args(&args)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Served {
+        child,
+        https,
+        metrics,
+        log,
+    }
+}
+
+/// One HTTP/1.1 request; returns the status and the body. `tls` is the client configuration and
+/// server name to use, as the API server would.
+fn request(
+    addr: std::net::SocketAddr,
+    tls: Option<(&std::sync::Arc<rustls::ClientConfig>, &str)>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {SERVICE}.{NAMESPACE}.svc\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut raw = Vec::new();
+    let mut exchange = |stream: &mut dyn ReadWrite| -> std::io::Result<()> {
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(body)?;
+        stream.flush()?;
+        match stream.read_to_end(&mut raw) {
+            // A server that closes without close_notify still sent a complete response.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => Ok(()),
+            other => other.map(|_| ()),
+        }
+    };
+    match tls {
+        Some((config, name)) => {
+            let name = ServerName::try_from(name.to_string()).unwrap();
+            let connection = rustls::ClientConnection::new(config.clone(), name).unwrap();
+            exchange(&mut rustls::StreamOwned::new(connection, tcp))?;
+        }
+        None => exchange(&mut { tcp })?,
+    }
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete response head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    Ok((status, body))
+}
+
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size_text = String::from_utf8_lossy(&data[..line_end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+#[test]
+fn the_binary_serves_the_webhook_configuration_as_installed() {
+    let tmp = TempDir::new("serve");
+    let (objects, _) = render_self_signed(&tmp);
+    let install = Install::decode(&objects);
+    let served = serve_like_the_deployment(&install, &tmp);
+    let log = || fs::read_to_string(&served.log).unwrap_or_default();
+
+    // The API server's view: trust only the caBundle, dial <service>.<namespace>.svc.
+    let config = install.webhook_config();
+    let webhooks = config.webhooks.as_ref().unwrap();
+    let ca_bundle = &webhooks[0].client_config.ca_bundle.as_ref().unwrap().0;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_bundle) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let client = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for webhook in webhooks {
+        let service = webhook.client_config.service.as_ref().unwrap();
+        let server_name = format!("{}.{}.svc", service.name, service.namespace);
+        let tls = Some((&client, server_name.as_str()));
+        // Wait for the listener (and, with it, the first probe kubelet would send).
+        let (status, _) = loop {
+            match request(served.https, tls, "GET", "/readyz", b"") {
+                Ok(reply) => break reply,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => panic!("serve never came up: {e}\n{}", log()),
+            }
+        };
+        assert_eq!(status, 200, "/readyz\n{}", log());
+        let (status, _) = request(served.https, tls, "GET", "/healthz", b"").unwrap();
+        assert_eq!(status, 200, "/healthz");
+
+        let review = fs::read(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/tekton-pipeline-task-traced.json"),
+        )
+        .unwrap();
+        let uid = serde_json::from_slice::<Value>(&review).unwrap()["request"]["uid"].clone();
+        let path = service.path.as_deref().unwrap();
+        let (status, body) = request(served.https, tls, "POST", path, &review).unwrap();
+        assert_eq!(
+            status,
+            200,
+            "{}: {}",
+            webhook.name,
+            String::from_utf8_lossy(&body)
+        );
+        let reply: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            reply["apiVersion"], "admission.k8s.io/v1",
+            "{}",
+            webhook.name
+        );
+        assert_eq!(reply["kind"], "AdmissionReview");
+        assert_eq!(reply["response"]["uid"], uid);
+        assert_eq!(
+            reply["response"]["allowed"], true,
+            "{}: {reply}",
+            webhook.name
+        );
+        assert_eq!(
+            reply["response"]["patchType"], "JSONPatch",
+            "{}",
+            webhook.name
+        );
+    }
+
+    // Prometheus scrapes the Service's metrics port, plain HTTP.
+    let (status, body) = request(served.metrics, None, "GET", "/metrics", b"").unwrap();
+    assert_eq!(status, 200);
+    assert!(!body.is_empty());
+}
