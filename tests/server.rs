@@ -1,0 +1,774 @@
+//! The real server, over real TLS on 127.0.0.1:0, with certificates generated per test.
+//!
+//! Timing: nothing here asserts on latency. Waits poll a condition with a generous deadline
+//! ([`DEADLINE`]), so a loaded two-core machine makes the tests slower, not red.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use lightstep_tekton_webhook::certs;
+use lightstep_tekton_webhook::server::{Server, Settings};
+use lightstep_tekton_webhook::tls::TlsPaths;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// How long any wait may take before the test fails: far above what any step needs.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+
+/// A scratch directory removed at the end of the test.
+struct TestDir(PathBuf);
+
+impl TestDir {
+    fn new(name: &str) -> TestDir {
+        let dir = std::env::temp_dir().join(format!(
+            "ltw-server-{name}-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TestDir(dir)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn bundle() -> certs::Bundle {
+    certs::generate(&["localhost".into(), "127.0.0.1".into()], 30).unwrap()
+}
+
+/// Replaces a file the way a careful writer does (write aside, rename over).
+fn replace(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Writes a bundle's serving pair as plain files; returns the paths.
+fn write_pair(dir: &TestDir, b: &certs::Bundle) -> TlsPaths {
+    let (cert, key) = (dir.path("tls.crt"), dir.path("tls.key"));
+    replace(&cert, &b.cert_pem);
+    replace(&key, &b.key_pem);
+    TlsPaths {
+        cert,
+        key,
+        client_ca: None,
+    }
+}
+
+struct Running {
+    addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn start(settings: Settings) -> Running {
+        let server = Server::bind(settings).await.unwrap();
+        let addr = server.local_addr();
+        let metrics_addr = server.metrics_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let done = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Running {
+            addr,
+            metrics_addr,
+            stop: Some(stop),
+            done,
+        }
+    }
+
+    /// Fires the same shutdown path SIGTERM takes in `serve`.
+    fn shutdown(&mut self) {
+        let _ = self.stop.take().unwrap().send(());
+    }
+
+    async fn metrics(&self) -> String {
+        let mut tcp = TcpStream::connect(self.metrics_addr).await.unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        tcp.read_to_end(&mut out).await.unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    /// The value of one metric line (exact name and labels), 0 when absent.
+    async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+fn client_config(ca_pems: &[&str], identity: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in ca_pems {
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
+    Arc::new(config)
+}
+
+async fn connect(
+    addr: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    TlsConnector::from(config.clone())
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+/// A keep-alive HTTP/1.1 client over one TLS connection.
+struct Client {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Client {
+    async fn connect(
+        addr: SocketAddr,
+        config: &Arc<rustls::ClientConfig>,
+    ) -> std::io::Result<Client> {
+        let tls = connect(addr, config).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        Ok(Client { sender })
+    }
+
+    async fn post(&mut self, path: &str, body: Vec<u8>) -> Result<(u16, Bytes), hyper::Error> {
+        self.sender.ready().await?;
+        let request = hyper::Request::post(path)
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let response = self.sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    }
+
+    async fn get(&mut self, path: &str) -> Result<u16, hyper::Error> {
+        self.sender.ready().await?;
+        let request = hyper::Request::get(path)
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = self.sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        response.into_body().collect().await?;
+        Ok(status)
+    }
+}
+
+/// One request on a fresh connection.
+async fn post_once(
+    addr: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+    path: &str,
+    body: Vec<u8>,
+) -> (u16, Bytes) {
+    let mut c = Client::connect(addr, config).await.unwrap();
+    c.post(path, body).await.unwrap()
+}
+
+/// Reads one HTTP/1.1 response head (and its Content-Length body) off a raw stream.
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).await?;
+    Ok((status, body))
+}
+
+/// Polls `check` until it holds or [`DEADLINE`] passes.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The leaf certificate the server presents to a new connection.
+async fn served_certificate(
+    addr: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+) -> Option<Vec<u8>> {
+    let tls = connect(addr, config).await.ok()?;
+    let (_, conn) = tls.get_ref();
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec())
+}
+
+fn der_of(pem: &str) -> Vec<u8> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+fn fixtures() -> Vec<(String, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    assert!(out.len() >= 5, "fixtures missing");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fixture_gets_a_reply_whose_patch_applies() {
+    let dir = TestDir::new("fixtures");
+    let b = bundle();
+    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let config = client_config(&[&b.ca_cert_pem], None);
+    // One keep-alive connection for everything, as the API server does.
+    let mut client = Client::connect(server.addr, &config).await.unwrap();
+    let mut patched = 0;
+    for (name, body) in fixtures() {
+        let review: Value = serde_json::from_slice(&body).unwrap();
+        for path in ["/mutate", "/enforce"] {
+            let (status, reply) = client.post(path, body.clone()).await.unwrap();
+            assert_eq!(status, 200, "{name} {path}");
+            let reply: Value = serde_json::from_slice(&reply).unwrap();
+            assert_eq!(reply["apiVersion"], "admission.k8s.io/v1", "{name}");
+            assert_eq!(reply["kind"], "AdmissionReview", "{name}");
+            assert_eq!(
+                reply["response"]["uid"], review["request"]["uid"],
+                "{name}: uid echoed"
+            );
+            let response = &reply["response"];
+            if let Some(patch) = response.get("patch") {
+                assert_eq!(response["patchType"], "JSONPatch", "{name}");
+                let patch = base64::engine::general_purpose::STANDARD
+                    .decode(patch.as_str().unwrap())
+                    .unwrap();
+                let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+                let mut pod = review["request"]["object"].clone();
+                json_patch::patch(&mut pod, &patch)
+                    .unwrap_or_else(|e| panic!("{name} {path}: patch does not apply: {e}"));
+                assert!(
+                    pod.to_string().contains("TRACEPARENT"),
+                    "{name}: nothing injected"
+                );
+                patched += 1;
+            } else {
+                assert!(
+                    response.get("patchType").is_none(),
+                    "{name}: type without patch"
+                );
+            }
+        }
+    }
+    assert!(patched >= 8, "only {patched} replies carried a patch");
+    assert!(
+        server
+            .metric(
+                "lightstep_tekton_webhook_admissions_total{mode=\"enforce\",outcome=\"patched\"}"
+            )
+            .await
+            >= 4.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_and_stalled_clients_get_their_answer_while_others_are_served() {
+    let dir = TestDir::new("bad");
+    let b = bundle();
+    let mut settings = Settings::local(write_pair(&dir, &b));
+    // Short enough for the test to see them fire, long enough for any honest step here.
+    settings.limits.header_timeout = Duration::from_secs(2);
+    settings.limits.body_timeout = Duration::from_secs(2);
+    settings.limits.handshake_timeout = Duration::from_secs(2);
+    let server = Running::start(settings).await;
+    let config = client_config(&[&b.ca_cert_pem], None);
+    let good = fixtures()
+        .into_iter()
+        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
+        .unwrap()
+        .1;
+
+    // Three stalled clients, opened first and left hanging: no TLS handshake, no headers, and a
+    // body that stops half-way.
+    let mut no_handshake = TcpStream::connect(server.addr).await.unwrap();
+    let mut no_headers = connect(server.addr, &config).await.unwrap();
+    no_headers
+        .write_all(b"POST /mutate HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut half_body = connect(server.addr, &config).await.unwrap();
+    half_body
+        .write_all(
+            format!(
+                "POST /mutate HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+                good.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    half_body.write_all(&good[..good.len() / 2]).await.unwrap();
+
+    // Meanwhile, every kind of bad body gets a one-line 400 on a shared connection, and good
+    // reviews in between are answered.
+    let mut client = Client::connect(server.addr, &config).await.unwrap();
+    let truncated = good[..good.len() - 10].to_vec();
+    let wrong_kind = String::from_utf8(good.clone())
+        .unwrap()
+        .replacen("\"admission.k8s.io/v1\"", "\"admission.k8s.io/v1beta1\"", 1)
+        .into_bytes();
+    let not_review = br#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"x"}}"#.to_vec();
+    for (what, body) in [
+        ("garbage", b"\x00\xffnot json at all".to_vec()),
+        ("empty", Vec::new()),
+        ("truncated", truncated),
+        ("wrong apiVersion", wrong_kind),
+        ("wrong kind", not_review),
+    ] {
+        let (status, reply) = client.post("/mutate", body).await.unwrap();
+        assert_eq!(status, 400, "{what}");
+        let text = String::from_utf8(reply.to_vec()).unwrap();
+        assert_eq!(text.trim_end().lines().count(), 1, "{what}: {text}");
+        let (status, _) = client.post("/enforce", good.clone()).await.unwrap();
+        assert_eq!(status, 200, "good review after {what}");
+    }
+
+    // Not TLS at all: the handshake fails, the server carries on.
+    let mut plain = TcpStream::connect(server.addr).await.unwrap();
+    plain
+        .write_all(b"POST /mutate HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, plain.read_to_end(&mut sink))
+        .await
+        .unwrap();
+
+    // Over 6 MiB, declared up front: 413 without reading the body.
+    let mut big = connect(server.addr, &config).await.unwrap();
+    big.write_all(b"POST /mutate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 7340032\r\n\r\n")
+        .await
+        .unwrap();
+    big.write_all(&vec![b' '; 64 * 1024]).await.unwrap();
+    let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut big))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 413);
+    // Over 6 MiB, chunked (no length given): 413 once the limit is passed.
+    let chunked = connect(server.addr, &config).await.unwrap();
+    let (mut rx, mut tx) = tokio::io::split(chunked);
+    let writer = tokio::spawn(async move {
+        tx.write_all(b"POST /mutate HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await?;
+        let chunk = vec![b' '; 1024 * 1024];
+        for _ in 0..7 {
+            tx.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                .await?;
+            tx.write_all(&chunk).await?;
+            tx.write_all(b"\r\n").await?;
+        }
+        tx.write_all(b"0\r\n\r\n").await
+    });
+    let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut rx))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 413);
+    // The writer may or may not have finished before the server closed: either is fine.
+    let _ = writer.await;
+
+    // The stalled clients are cut off: the half body gets 408, the others are closed.
+    let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut half_body))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 408);
+    let closed = tokio::time::timeout(DEADLINE, read_response(&mut no_headers))
+        .await
+        .unwrap();
+    assert!(
+        closed.is_err() || closed.unwrap().0 >= 400,
+        "stalled headers not cut off"
+    );
+    let mut rest = Vec::new();
+    // Ok (EOF) or a reset: either way the server let go of it.
+    let _ = tokio::time::timeout(DEADLINE, no_handshake.read_to_end(&mut rest))
+        .await
+        .expect("a client that never does TLS is not cut off");
+
+    // And the server still serves, on a new connection.
+    let (status, _) = post_once(server.addr, &config, "/mutate", good).await;
+    assert_eq!(status, 200);
+    assert!(
+        server
+            .metric("lightstep_tekton_webhook_http_rejections_total{reason=\"bad-request\"}")
+            .await
+            >= 5.0
+    );
+    assert!(
+        server
+            .metric("lightstep_tekton_webhook_tls_handshake_failures_total")
+            .await
+            >= 2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_certificate_files_are_served_and_bad_ones_refused() {
+    let dir = TestDir::new("reload");
+    let (first, second) = (bundle(), bundle());
+    let paths = write_pair(&dir, &first);
+    let server = Running::start(Settings::local(paths.clone())).await;
+    let both = client_config(&[&first.ca_cert_pem, &second.ca_cert_pem], None);
+    assert_eq!(
+        served_certificate(server.addr, &both).await.unwrap(),
+        der_of(&first.cert_pem)
+    );
+
+    // Replaced in place (key first, as a careless writer might; the half-way state is refused).
+    replace(&paths.key, &second.key_pem);
+    replace(&paths.cert, &second.cert_pem);
+    let want = der_of(&second.cert_pem);
+    eventually("the new certificate is served", || async {
+        served_certificate(server.addr, &both).await.as_ref() == Some(&want)
+    })
+    .await;
+    let expiry = server
+        .metric("lightstep_tekton_webhook_tls_certificate_expiry_timestamp_seconds")
+        .await;
+    assert!(expiry > 1.7e9, "expiry metric {expiry}");
+
+    // A broken certificate, then a mismatched pair: both refused, the last good pair kept.
+    let refused = "lightstep_tekton_webhook_reloads_total{file=\"tls\",result=\"refused\"}";
+    let before = server.metric(refused).await;
+    replace(
+        &paths.cert,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    );
+    eventually("the broken certificate is refused", || async {
+        server.metric(refused).await > before
+    })
+    .await;
+    assert_eq!(served_certificate(server.addr, &both).await.unwrap(), want);
+    let before = server.metric(refused).await;
+    replace(&paths.cert, &first.cert_pem);
+    eventually("the mismatched pair is refused", || async {
+        server.metric(refused).await > before
+    })
+    .await;
+    assert_eq!(served_certificate(server.addr, &both).await.unwrap(), want);
+    let (status, _) = post_once(server.addr, &both, "/mutate", fixtures()[0].1.clone()).await;
+    assert_eq!(status, 200);
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_data_symlink_swap_is_picked_up() {
+    use std::os::unix::fs::symlink;
+    // The layout the kubelet writes for a Secret volume.
+    let dir = TestDir::new("symlink");
+    let (first, second) = (bundle(), bundle());
+    let version = |name: &str, b: &certs::Bundle| {
+        let v = dir.path(name);
+        std::fs::create_dir_all(&v).unwrap();
+        std::fs::write(v.join("tls.crt"), &b.cert_pem).unwrap();
+        std::fs::write(v.join("tls.key"), &b.key_pem).unwrap();
+    };
+    version("..2026_11_25_10_00_00.1", &first);
+    symlink("..2026_11_25_10_00_00.1", dir.path("..data")).unwrap();
+    symlink("..data/tls.crt", dir.path("tls.crt")).unwrap();
+    symlink("..data/tls.key", dir.path("tls.key")).unwrap();
+    let paths = TlsPaths {
+        cert: dir.path("tls.crt"),
+        key: dir.path("tls.key"),
+        client_ca: None,
+    };
+    let server = Running::start(Settings::local(paths)).await;
+    let both = client_config(&[&first.ca_cert_pem, &second.ca_cert_pem], None);
+    assert_eq!(
+        served_certificate(server.addr, &both).await.unwrap(),
+        der_of(&first.cert_pem)
+    );
+
+    version("..2026_11_25_11_00_00.2", &second);
+    symlink("..2026_11_25_11_00_00.2", dir.path("..data_tmp")).unwrap();
+    std::fs::rename(dir.path("..data_tmp"), dir.path("..data")).unwrap();
+    std::fs::remove_dir_all(dir.path("..2026_11_25_10_00_00.1")).unwrap();
+    let want = der_of(&second.cert_pem);
+    eventually("the swapped certificate is served", || async {
+        served_certificate(server.addr, &both).await.as_ref() == Some(&want)
+    })
+    .await;
+    assert_eq!(
+        server
+            .metric("lightstep_tekton_webhook_reloads_total{file=\"tls\",result=\"applied\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ca_requires_a_client_certificate_signed_by_it() {
+    let dir = TestDir::new("mtls");
+    let b = bundle();
+    // A client CA of its own, and a client certificate it signs.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "apiserver client CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let mut client_params =
+        rcgen::CertificateParams::new(vec!["kube-apiserver".to_string()]).unwrap();
+    client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
+    // A certificate from another CA must not do.
+    let stranger = bundle();
+
+    let mut paths = write_pair(&dir, &b);
+    let ca_path = dir.path("client-ca.crt");
+    replace(&ca_path, &ca_cert.pem());
+    paths.client_ca = Some(ca_path);
+    let server = Running::start(Settings::local(paths)).await;
+    let body = fixtures()[0].1.clone();
+
+    let anonymous = client_config(&[&b.ca_cert_pem], None);
+    let refused = match Client::connect(server.addr, &anonymous).await {
+        Err(_) => true,
+        // TLS 1.3: the server's refusal arrives with the first read.
+        Ok(mut c) => c.post("/mutate", body.clone()).await.is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+
+    let wrong = client_config(
+        &[&b.ca_cert_pem],
+        Some((&stranger.cert_pem, &stranger.key_pem)),
+    );
+    let refused = match Client::connect(server.addr, &wrong).await {
+        Err(_) => true,
+        Ok(mut c) => c.post("/mutate", body.clone()).await.is_err(),
+    };
+    assert!(refused, "a client certificate from another CA was accepted");
+
+    let known = client_config(
+        &[&b.ca_cert_pem],
+        Some((&client_cert.pem(), &client_key.serialize_pem())),
+    );
+    let (status, _) = post_once(server.addr, &known, "/mutate", body).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_requests_in_flight_and_turns_readiness_off() {
+    let dir = TestDir::new("shutdown");
+    let b = bundle();
+    let mut settings = Settings::local(write_pair(&dir, &b));
+    // Long enough to observe /readyz failing while requests are still served.
+    settings.shutdown_delay = Duration::from_secs(5);
+    // The bodies are sent only after the drain has started: give them all the time they need.
+    settings.limits.body_timeout = DEADLINE;
+    let mut server = Running::start(settings).await;
+    let config = client_config(&[&b.ca_cert_pem], None);
+    let body = fixtures()
+        .into_iter()
+        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
+        .unwrap()
+        .1;
+
+    // Requests in flight: headers sent with `Expect: 100-continue`; the server's "100 Continue"
+    // proves the handler is running and waiting for the body.
+    let mut in_flight = Vec::new();
+    for _ in 0..8 {
+        let mut s = connect(server.addr, &config).await.unwrap();
+        s.write_all(
+            format!(
+                "POST /mutate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut s))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 100);
+        in_flight.push(s);
+    }
+    let mut idle = Client::connect(server.addr, &config).await.unwrap();
+    assert_eq!(idle.get("/readyz").await.unwrap(), 200);
+
+    server.shutdown();
+    // Readiness turns false while the server still answers.
+    eventually("/readyz fails", || async {
+        match Client::connect(server.addr, &config).await {
+            Ok(mut c) => c.get("/readyz").await.is_ok_and(|s| s == 503),
+            Err(_) => false,
+        }
+    })
+    .await;
+    // Then it stops accepting connections.
+    eventually("the listener closes", || async {
+        TcpStream::connect(server.addr).await.is_err()
+    })
+    .await;
+
+    // Every request in flight completes with a full reply.
+    for mut s in in_flight {
+        s.write_all(&body).await.unwrap();
+        let (status, reply) = tokio::time::timeout(DEADLINE, read_response(&mut s))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 200);
+        let reply: Value = serde_json::from_slice(&reply).unwrap();
+        assert!(reply["response"]["patch"].is_string());
+    }
+    tokio::time::timeout(DEADLINE, &mut server.done)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// The binary itself: `serve --dev` prints where it listens, and a real SIGTERM ends it with 0.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_zero() {
+    use std::process::Stdio;
+    use tokio::io::AsyncBufReadExt;
+    let dir = TestDir::new("sigterm");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lightstep-tekton-webhook"))
+        .args([
+            "serve",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--dev-dir",
+        ])
+        .arg(dir.path("certs"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut url = None;
+    let mut curl = None;
+    while let Some(line) = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        if let Some(rest) = line.strip_prefix("Development server on https://") {
+            url = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if line.trim_start().starts_with("curl ") {
+            curl = Some(line);
+            break;
+        }
+    }
+    assert!(curl.unwrap().contains("/mutate"));
+    let addr: SocketAddr = url.unwrap().parse().unwrap();
+    let ca = std::fs::read_to_string(dir.path("certs").join("ca.crt")).unwrap();
+    let config = client_config(&[&ca], None);
+    let (status, _) = post_once(addr, &config, "/mutate", fixtures()[0].1.clone()).await;
+    assert_eq!(status, 200);
+
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
