@@ -5,8 +5,10 @@
 //! `lightstep-tekton-webhook certs` does, once, with a fresh key pair (ECDSA P-256) for the CA
 //! and another for the server. The CA lives exactly as long as the serving certificate it signs;
 //! rotation is "run `certs` again and re-apply the overlay", which replaces both, so there is no
-//! long-lived CA key to guard. The CA key is still written (`ca.key`, mode 0600) for teams that
-//! want to sign a replacement serving certificate themselves; it never needs to reach the cluster.
+//! long-lived CA key to guard. Because kubelet delivers the new Secret to the pods a minute or two
+//! after the API server sees the new `caBundle`, the bundle keeps the previous run's CA as well
+//! for one round. The CA key is still written (`ca.key`, mode 0600) for teams that want to sign
+//! a replacement serving certificate themselves; it never needs to reach the cluster.
 //!
 //! Files are written to a temporary name and renamed into place, so a server watching the
 //! directory never reads half a certificate.
@@ -370,14 +372,20 @@ pub struct CertsArgs {
 /// Runs `certs`: writes the files and prints the `caBundle` for tools that want it directly.
 pub fn run(args: CertsArgs) -> ExitCode {
     match write_for_service(&args) {
-        Ok(ca_bundle) => {
+        Ok(written) => {
             eprintln!(
                 "wrote {CA_CERT_FILE}, {CA_KEY_FILE}, {CERT_FILE}, {KEY_FILE} and {CA_BUNDLE_FILE} \
                  to {} (valid {} days; keep {CA_KEY_FILE} out of the cluster)",
                 args.out.display(),
                 args.days
             );
-            println!("{ca_bundle}");
+            if written.kept_previous_ca {
+                eprintln!(
+                    "the caBundle also trusts the previous CA, so pods still serving the old \
+                     certificate keep working until they reload; the next run drops it"
+                );
+            }
+            println!("{}", written.ca_bundle);
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -387,8 +395,17 @@ pub fn run(args: CertsArgs) -> ExitCode {
     }
 }
 
-/// Generates and writes everything `certs` produces; returns the `caBundle` (base64).
-pub fn write_for_service(args: &CertsArgs) -> Result<String, CertError> {
+/// What one `certs` run wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// The `caBundle` (base64 of one or two CA certificates, PEM).
+    pub ca_bundle: String,
+    /// Whether the CA of the previous run in the same directory is still in the `caBundle`.
+    pub kept_previous_ca: bool,
+}
+
+/// Generates and writes everything `certs` produces.
+pub fn write_for_service(args: &CertsArgs) -> Result<Written, CertError> {
     let mut sans = service_dns_names(&args.service, &args.namespace);
     sans.extend(args.extra_sans.iter().cloned());
     let bundle = generate(&sans, args.days)?;
@@ -398,8 +415,9 @@ pub fn write_for_service(args: &CertsArgs) -> Result<String, CertError> {
         previous_ca(&args.out.join(CA_CERT_FILE))?
     };
     let mut ca_pems = bundle.ca_cert_pem.clone();
-    if let Some(previous) = previous_ca.filter(|p| *p != bundle.ca_cert_pem) {
-        ca_pems.push_str(&previous);
+    let previous_ca = previous_ca.filter(|p| *p != bundle.ca_cert_pem);
+    if let Some(previous) = &previous_ca {
+        ca_pems.push_str(previous);
     }
     write_bundle(&args.out, &bundle)?;
     write_file(
@@ -407,7 +425,10 @@ pub fn write_for_service(args: &CertsArgs) -> Result<String, CertError> {
         &render_ca_bundle(&ca_pems),
         false,
     )?;
-    Ok(base64::engine::general_purpose::STANDARD.encode(ca_pems.as_bytes()))
+    Ok(Written {
+        ca_bundle: base64::engine::general_purpose::STANDARD.encode(ca_pems.as_bytes()),
+        kept_previous_ca: previous_ca.is_some(),
+    })
 }
 
 /// The single CA certificate a previous run left at `path`, if any.
