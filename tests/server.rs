@@ -218,10 +218,10 @@ async fn post_once(
     c.post(path, body).await.unwrap()
 }
 
-/// Reads one HTTP/1.1 response head (and its Content-Length body) off a raw stream.
-async fn read_response<S: tokio::io::AsyncRead + Unpin>(
+/// Reads one HTTP/1.1 message head and its Content-Length body off a raw stream.
+async fn read_message<S: tokio::io::AsyncRead + Unpin>(
     s: &mut S,
-) -> std::io::Result<(u16, Vec<u8>)> {
+) -> std::io::Result<(String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
@@ -231,7 +231,6 @@ async fn read_response<S: tokio::io::AsyncRead + Unpin>(
         buf.push(byte[0]);
     }
     let head = String::from_utf8_lossy(&buf).to_string();
-    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
     let length: usize = head
         .lines()
         .find_map(|l| {
@@ -242,6 +241,15 @@ async fn read_response<S: tokio::io::AsyncRead + Unpin>(
         .unwrap_or(0);
     let mut body = vec![0u8; length];
     s.read_exact(&mut body).await?;
+    Ok((head, body))
+}
+
+/// Reads one HTTP/1.1 response: its status and body.
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let (head, body) = read_message(s).await?;
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     Ok((status, body))
 }
 
@@ -771,4 +779,125 @@ async fn sigterm_exits_zero() {
         .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// With the standard OTLP variables set, the server exports its spans, continuing the
+/// `traceparent` it was sent, and flushes them when SIGTERM stops it.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_go_to_the_otlp_endpoint_and_continue_traceparent() {
+    use std::process::Stdio;
+    use tokio::io::AsyncBufReadExt;
+    // A collector that records what is posted to it.
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector_addr = collector.local_addr().unwrap();
+    let (posted_tx, mut posted) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<u8>)>();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = collector.accept().await else {
+                return;
+            };
+            let posted_tx = posted_tx.clone();
+            tokio::spawn(async move {
+                while let Ok(message) = read_message(&mut s).await {
+                    let _ = posted_tx.send(message);
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    if s.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+
+    let dir = TestDir::new("otlp");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lightstep-tekton-webhook"))
+        .args([
+            "serve",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--dev-dir",
+        ])
+        .arg(dir.path("certs"))
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://{collector_addr}"),
+        )
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .env_remove("OTEL_SDK_DISABLED")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut addr = None;
+    while let Some(line) = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        if let Some(rest) = line.strip_prefix("Development server on https://") {
+            addr = rest
+                .split_whitespace()
+                .next()
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+            break;
+        }
+    }
+    let addr = addr.unwrap();
+    let ca = std::fs::read_to_string(dir.path("certs").join("ca.crt")).unwrap();
+    let config = client_config(&[&ca], None);
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let body = fixtures()[0].1.clone();
+    let mut s = connect(addr, &config).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /mutate HTTP/1.1\r\nhost: x\r\ntraceparent: 00-{trace_id}-00f067aa0ba902b7-01\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    s.write_all(&body).await.unwrap();
+    let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut s))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200);
+    drop(s);
+
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+
+    // The span carries the caller's trace id (raw bytes in the protobuf).
+    let want: Vec<u8> = (0..trace_id.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&trace_id[i..i + 2], 16).unwrap())
+        .collect();
+    let (head, export) = tokio::time::timeout(DEADLINE, posted.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(head.starts_with("POST /v1/traces "), "{head}");
+    assert!(
+        export.windows(want.len()).any(|w| w == want.as_slice()),
+        "the exported span does not continue the traceparent"
+    );
 }
