@@ -8,9 +8,9 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use k8s_openapi::api::core::v1::Pod;
 use lightstep_tekton_webhook::admission;
 use lightstep_tekton_webhook::mutate::{self, Mode};
+use lightstep_tekton_webhook::pod::PodView;
 use lightstep_tekton_webhook::policy::Policy;
 
 const FIXTURES: &[&str] = &[
@@ -36,7 +36,7 @@ fn benches(c: &mut Criterion) {
     for name in FIXTURES {
         let body = load(name);
         let review: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        let pod: Pod = serde_json::from_value(review["request"]["object"].clone()).unwrap();
+        let pod: PodView = serde_json::from_value(review["request"]["object"].clone()).unwrap();
         let request = mutate::Request {
             namespace: "team-a",
             mode: Mode::Inject,

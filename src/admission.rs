@@ -16,11 +16,11 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::mutate::{self, Action, Decision, Mode, SkipReason};
+use crate::pod::PodView;
 use crate::policy::Policy;
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -215,7 +215,7 @@ pub fn review(body: &[u8], policy: &Policy, mode: Mode) -> Result<Reply, BadRequ
 
     let pod = match request
         .object
-        .map(|raw| serde_json::from_str::<Pod>(raw.get()))
+        .map(|raw| serde_json::from_str::<PodView>(raw.get()))
     {
         Some(Ok(pod)) => pod,
         Some(Err(e)) => return Ok(fail(reply, format!("pod could not be decoded: {e}"))),
@@ -224,11 +224,7 @@ pub fn review(body: &[u8], policy: &Policy, mode: Mode) -> Result<Reply, BadRequ
     if reply.namespace.is_empty() {
         reply.namespace = pod.metadata.namespace.clone().unwrap_or_default();
     }
-    reply.pod = match (&pod.metadata.name, &pod.metadata.generate_name) {
-        (Some(name), _) => name.clone(),
-        (None, Some(prefix)) => format!("{prefix}*"),
-        (None, None) => String::new(),
-    };
+    reply.pod = pod.display_name();
     let decision = mutate::decide(
         &pod,
         mutate::Request {

@@ -14,6 +14,7 @@
 pub mod admission;
 pub mod certs;
 pub mod mutate;
+pub mod pod;
 pub mod policy;
 pub mod preview;
 pub mod reload;

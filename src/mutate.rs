@@ -23,12 +23,11 @@ use std::fmt::{self, Write as _};
 
 use json_patch::{AddOperation, Patch, PatchOperation, RemoveOperation, ReplaceOperation};
 use jsonptr::{PointerBuf, Token};
-use k8s_openapi::api::core::v1::{
-    Container, EnvFromSource, EnvVar, EnvVarSource, Pod, SecretKeySelector,
-};
+use k8s_openapi::api::core::v1::{EnvFromSource, EnvVar, EnvVarSource, SecretKeySelector};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Value, json};
 
+use crate::pod::{Container, PodView as Pod};
 use crate::policy::{EnvFromPolicy, Policy, Protocol, TemplatePart};
 use crate::tekton::{TASK_RUN_SPAN_CONTEXT, TaskRunFacts};
 use crate::trace_context::{self, SpanContext};
@@ -245,7 +244,7 @@ pub fn decide(pod: &Pod, request: Request<'_>, policy: &Policy) -> Decision {
         };
     };
     let mut warnings = Vec::new();
-    let opted_out = annotation(pod, OPT_OUT_ANNOTATION).is_some_and(is_false);
+    let opted_out = pod.annotation(OPT_OUT_ANNOTATION).is_some_and(is_false);
     if opted_out {
         match request.mode {
             Mode::Inject => {
@@ -300,7 +299,7 @@ pub fn decide(pod: &Pod, request: Request<'_>, policy: &Policy) -> Decision {
         action,
         warnings,
         report: Some(Report {
-            pod: pod_display_name(pod),
+            pod: pod.display_name(),
             namespace: request.namespace.to_owned(),
             task_run: facts.task_run.to_owned(),
             mode: request.mode,
@@ -504,7 +503,7 @@ impl<'p> Plan<'p> {
             desired,
             attributes,
             governed_extra,
-            marker: policy.marker(),
+            marker: policy.marker().to_owned(),
             traceparent,
             labels,
         }
@@ -847,27 +846,11 @@ fn metadata_ptr(map: &str, key: Option<&str>) -> PointerBuf {
     PointerBuf::from_tokens(tokens)
 }
 
-fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
-}
-
 fn is_false(value: &str) -> bool {
     matches!(
         value.trim().to_ascii_lowercase().as_str(),
         "false" | "disabled" | "no" | "off"
     )
-}
-
-fn pod_display_name(pod: &Pod) -> String {
-    match (&pod.metadata.name, &pod.metadata.generate_name) {
-        (Some(name), _) => name.clone(),
-        (None, Some(prefix)) => format!("{prefix}*"),
-        (None, None) => "<unnamed>".to_owned(),
-    }
 }
 
 /// Kubernetes expands `$(VAR)` in env values and reduces `$$` to `$`: values read off the pod

@@ -165,6 +165,9 @@ pub struct Policy {
     pub propagators: String,
     pub resource_attributes: BTreeMap<String, String>,
     pub env_from: EnvFromPolicy,
+    /// `<name>@<fingerprint>`, computed once at resolve time: it is read on every admission.
+    #[serde(skip)]
+    marker: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -432,7 +435,7 @@ impl Policy {
             return Err(invalid("name", "must be 1 to 253 printable characters"));
         }
 
-        Ok(Policy {
+        let mut policy = Policy {
             name,
             exporter,
             token,
@@ -443,7 +446,10 @@ impl Policy {
             propagators: propagators.join(","),
             resource_attributes,
             env_from: spec.env_from.unwrap_or_default(),
-        })
+            marker: String::new(),
+        };
+        policy.marker = format!("{}@{}", policy.name, policy.fingerprint());
+        Ok(policy)
     }
 
     /// A short, stable digest of the resolved policy: two policies with the same fingerprint
@@ -456,8 +462,8 @@ impl Policy {
     }
 
     /// The value of the `lightstep-tekton.io/injected` marker annotation.
-    pub fn marker(&self) -> String {
-        format!("{}@{}", self.name, self.fingerprint())
+    pub fn marker(&self) -> &str {
+        &self.marker
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Pod;
+use crate::pod::PodView;
 
 pub const TASK_RUN: &str = "tekton.dev/taskRun";
 pub const TASK_RUN_UID: &str = "tekton.dev/taskRunUID";
@@ -63,7 +63,7 @@ pub struct Triggers<'a> {
 
 impl<'a> TaskRunFacts<'a> {
     /// The facts of a TaskRun pod, or `None` when the pod has no `tekton.dev/taskRun` label.
-    pub fn from_pod(pod: &'a Pod) -> Option<TaskRunFacts<'a>> {
+    pub fn from_pod(pod: &'a PodView) -> Option<TaskRunFacts<'a>> {
         let labels = pod.metadata.labels.as_ref()?;
         let annotations = pod.metadata.annotations.as_ref();
         let label = |k: &str| non_empty(labels.get(k));
@@ -179,16 +179,16 @@ mod tests {
 
     #[test]
     fn not_a_task_run_pod_without_the_label() {
-        let pod = Pod::default();
+        let pod = PodView::default();
         assert!(TaskRunFacts::from_pod(&pod).is_none());
-        let mut pod = Pod::default();
+        let mut pod = PodView::default();
         pod.metadata.labels = Some(Labels::from([(TASK_RUN.into(), " ".into())]));
         assert!(TaskRunFacts::from_pod(&pod).is_none());
     }
 
     #[test]
     fn fallbacks() {
-        let mut pod = Pod::default();
+        let mut pod = PodView::default();
         pod.metadata.labels = Some(Labels::from([
             (TASK_RUN.into(), "tr".into()),
             (TASK_RUN_UID.into(), "u1".into()),
