@@ -14,6 +14,9 @@ CERT_DAYS ?= 365
 CERTS_DIR := manifests/overlays/self-signed/certs
 RENDERED_DIR := target/manifests
 IMAGE ?= ghcr.io/lightstep/lightstep-tekton-webhook:0.1.0
+# Arguments for the load tool, e.g. LOAD_ARGS="--scenario throughput --concurrency 32";
+# none runs its three standard scenarios (`cargo bench --bench load -- --help`).
+LOAD_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help build test lint run certs manifests deploy undeploy bench image
@@ -58,8 +61,9 @@ undeploy: $(if $(filter self-signed,$(OVERLAY)),$(CERTS_DIR)/tls.crt) ## Delete 
 	$(KUBECTL) delete --ignore-not-found mutatingwebhookconfiguration $(SERVICE)
 	$(KUBECTL) delete --ignore-not-found -k manifests/overlays/$(OVERLAY)
 
-bench: ## Run the criterion benchmark of the decision
+bench: ## Benchmark the decision (criterion), then load-test the HTTPS server (LOAD_ARGS=...)
 	$(CARGO) bench --locked --bench decide
+	$(CARGO) bench --locked --bench load -- $(LOAD_ARGS)
 
 image: ## Build the container image (needs Docker with BuildKit)
 	$(DOCKER) build -t $(IMAGE) .
