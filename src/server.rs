@@ -386,35 +386,16 @@ impl Server {
             state.clone(),
             settings.reload_interval,
         ));
-        let metrics_server = metrics_listener.map(|l| {
-            let metrics = state.metrics.clone();
-            let app = Router::new().route(
-                "/metrics",
-                get(move || {
-                    let metrics = metrics.clone();
-                    async move {
-                        (
-                            [(
-                                header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            metrics.encode(),
-                        )
-                    }
-                }),
-            );
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(l, app).await {
-                    tracing::error!(error = %e, "metrics endpoint stopped");
-                }
-            })
-        });
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let metrics_server =
+            metrics_listener.map(|l| tokio::spawn(serve_metrics(l, state.metrics.clone())));
 
         let router = router(state.clone());
         state.ready.store(true, Ordering::SeqCst);
         tracing::info!(
             listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            metrics = %settings.metrics_listen.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+            metrics = %metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+            certificate_not_after = tls.identity().not_after,
             client_auth = settings.tls.client_ca.is_some(),
             policy = %settings.policy.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded default".into()),
             "serving"
@@ -454,6 +435,29 @@ impl Server {
         if let Some(m) = metrics_server {
             m.abort();
         }
+    }
+}
+
+/// The plain-HTTP metrics endpoint. It keeps answering while the server drains, so the last
+/// scrape sees the last requests; `run` stops it at the very end.
+async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics endpoint stopped");
     }
 }
 
