@@ -277,7 +277,7 @@ fn plans(args: &Args) -> Result<Vec<Plan>, String> {
         Ok(Plan {
             name: "throughput",
             fixtures: small()?,
-            concurrency: 32,
+            concurrency: 16,
             rate: 0,
             target: Some((">= 10000 reviews/s", |r| r.per_second() >= 10_000.0)),
         })
