@@ -901,3 +901,60 @@ async fn spans_go_to_the_otlp_endpoint_and_continue_traceparent() {
         "the exported span does not continue the traceparent"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_policy_file_is_used_and_an_invalid_one_refused() {
+    let dir = TestDir::new("policy");
+    let b = bundle();
+    let mut settings = Settings::local(write_pair(&dir, &b));
+    let policy = dir.path("policy.yaml");
+    let endpoint = |host: &str| {
+        format!(
+            "profile: otlp\nexporter:\n  endpoint: http://{host}:4318\n  protocol: http/protobuf\n"
+        )
+    };
+    replace(&policy, &endpoint("collector-one"));
+    settings.policy = Some(policy.clone());
+    let server = Running::start(settings).await;
+    let config = client_config(&[&b.ca_cert_pem], None);
+    let body = fixtures()
+        .into_iter()
+        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
+        .unwrap()
+        .1;
+    let patch_of = |reply: Bytes| -> String {
+        let v: Value = serde_json::from_slice(&reply).unwrap();
+        let patch = v["response"]["patch"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(patch)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let (_, reply) = post_once(server.addr, &config, "/mutate", body.clone()).await;
+    assert!(patch_of(reply).contains("http://collector-one:4318"));
+
+    replace(&policy, &endpoint("collector-two"));
+    eventually("the new policy is used", || async {
+        let (_, reply) = post_once(server.addr, &config, "/mutate", body.clone()).await;
+        patch_of(reply).contains("http://collector-two:4318")
+    })
+    .await;
+
+    let refused = "lightstep_tekton_webhook_reloads_total{file=\"policy\",result=\"refused\"}";
+    replace(
+        &policy,
+        "profile: otlp\nexporter:\n  protocol: carrier-pigeon\n",
+    );
+    eventually("the invalid policy is refused", || async {
+        server.metric(refused).await >= 1.0
+    })
+    .await;
+    let (status, reply) = post_once(server.addr, &config, "/mutate", body.clone()).await;
+    assert_eq!(status, 200);
+    assert!(patch_of(reply).contains("http://collector-two:4318"));
+}
