@@ -872,8 +872,12 @@ pub fn run(args: ServeArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "cannot serve");
-            eprintln!("error: {e}");
+            // One line either way: a JSON object for log pipelines, plain text for a person.
+            if args.log_format == LogFormat::Json {
+                tracing::error!(error = %e, "cannot serve");
+            } else {
+                eprintln!("error: {e}");
+            }
             ExitCode::from(1)
         }
     }

@@ -149,9 +149,23 @@ fn otlp_requested() -> bool {
 }
 
 fn otlp_provider() -> Result<SdkTracerProvider, TelemetryError> {
+    use opentelemetry_otlp::WithExportConfig as _;
     use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
+    // Only OTLP/HTTP with protobuf is built in (no gRPC stack); say so rather than fail later.
+    for var in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        if let Ok(v) = std::env::var(var)
+            && !v.is_empty()
+            && v != "http/protobuf"
+        {
+            eprintln!("warning: {var}={v} ignored: this server exports spans over http/protobuf");
+        }
+    }
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
         .build()
         .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
     // The async batch processor runs on our Tokio runtime, which hyper's client needs.
