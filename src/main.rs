@@ -6,6 +6,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use lightstep_tekton_webhook::{certs, preview, server};
 
+/// mimalloc instead of glibc's malloc: decoding a review allocates many small strings and maps,
+/// and glibc spent about a seventh of the server's CPU in malloc and free (consolidating its
+/// fast bins for every 16 KB body). Measured with `benches/load.rs`: about 10% less CPU per
+/// review, for about 15 MB more peak RSS (27 MB in all).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Kubernetes admission webhook that joins Tekton TaskRun steps to OpenTelemetry traces.
 #[derive(Debug, Parser)]
 #[command(name = "lightstep-tekton-webhook", version, about, long_about = None)]
