@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -631,12 +631,15 @@ fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    admit(&state, Mode::Inject, &headers, body).await
+// The whole request rather than a `HeaderMap` extractor, which would copy the headers.
+async fn mutate(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    admit(&state, Mode::Inject, &parts.headers, body).await
 }
 
-async fn enforce(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    admit(&state, Mode::Enforce, &headers, body).await
+async fn enforce(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    admit(&state, Mode::Enforce, &parts.headers, body).await
 }
 
 async fn healthz() -> &'static str {
