@@ -102,20 +102,21 @@ pub struct Reply {
     pub decision: Option<Decision>,
 }
 
+/// The review as decoded. `O` is the object: the pod itself on the fast path, or its raw JSON
+/// when the fast path failed and the reason must be found (see [`review`]).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ReviewIn<'a> {
+struct ReviewIn<O> {
     #[serde(default)]
     api_version: String,
     #[serde(default)]
     kind: String,
-    #[serde(borrow)]
-    request: Option<RequestIn<'a>>,
+    request: Option<RequestIn<O>>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RequestIn<'a> {
+struct RequestIn<O> {
     #[serde(default)]
     uid: String,
     kind: Option<GroupVersionKind>,
@@ -125,8 +126,7 @@ struct RequestIn<'a> {
     operation: Option<String>,
     #[serde(default)]
     sub_resource: Option<String>,
-    #[serde(borrow)]
-    object: Option<&'a RawValue>,
+    object: Option<O>,
 }
 
 #[derive(Deserialize)]
@@ -170,12 +170,46 @@ struct StatusOut {
 
 /// Answers one AdmissionReview. Never panics on input; every `Ok` is a reply the API server
 /// accepts (v1, uid echoed, a patch only with its type).
+///
+/// The common case is decoded in one pass, pod included. Only when that fails is the body read
+/// again with the object kept raw, to tell a malformed review (400) from a well-formed review of
+/// a pod the webhook cannot read (a reply, allowed or denied by mode); the pod's JSON, most of
+/// the body, is then not scanned twice on every request.
 pub fn review(body: &[u8], policy: &Policy, mode: Mode) -> Result<Reply, BadRequest> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(BadRequest::Empty);
     }
-    let review: ReviewIn<'_> =
+    if let Ok(review) = serde_json::from_slice::<ReviewIn<PodView>>(body) {
+        let (reply, request) = accept(review, mode)?;
+        return Ok(match request {
+            Some(RequestIn {
+                object: Some(pod), ..
+            }) => decide(reply, &pod, policy),
+            Some(_) => fail(reply, "request has no object".to_owned()),
+            None => respond(reply, None),
+        });
+    }
+    let review: ReviewIn<&RawValue> =
         serde_json::from_slice(body).map_err(|e| BadRequest::Json(e.to_string()))?;
+    let (reply, request) = accept(review, mode)?;
+    let Some(request) = request else {
+        return Ok(respond(reply, None));
+    };
+    Ok(
+        match request
+            .object
+            .map(|raw| serde_json::from_str::<PodView>(raw.get()))
+        {
+            Some(Ok(pod)) => decide(reply, &pod, policy),
+            Some(Err(e)) => fail(reply, format!("pod could not be decoded: {e}")),
+            None => fail(reply, "request has no object".to_owned()),
+        },
+    )
+}
+
+/// Checks the envelope and starts the reply. The request comes back only when it is a pod
+/// CREATE, the one thing this webhook decides on.
+fn accept<O>(review: ReviewIn<O>, mode: Mode) -> Result<(Reply, Option<RequestIn<O>>), BadRequest> {
     if review.api_version != API_VERSION || review.kind != KIND {
         return Err(BadRequest::NotAdmissionReview {
             api_version: review.api_version,
@@ -186,11 +220,10 @@ pub fn review(body: &[u8], policy: &Policy, mode: Mode) -> Result<Reply, BadRequ
     if request.uid.is_empty() {
         return Err(BadRequest::NoUid);
     }
-    let namespace = request.namespace.clone().unwrap_or_default();
-    let mut reply = Reply {
+    let reply = Reply {
         body: Vec::new(),
         uid: request.uid.clone(),
-        namespace,
+        namespace: request.namespace.clone().unwrap_or_default(),
         pod: String::new(),
         mode,
         outcome: Outcome::NotPodCreate,
@@ -199,7 +232,6 @@ pub fn review(body: &[u8], policy: &Policy, mode: Mode) -> Result<Reply, BadRequ
         error: None,
         decision: None,
     };
-
     let is_pod = request
         .kind
         .as_ref()
@@ -210,30 +242,25 @@ pub fn review(body: &[u8], policy: &Policy, mode: Mode) -> Result<Reply, BadRequ
         .as_deref()
         .is_some_and(|s| !s.is_empty());
     if !is_pod || !is_create || is_subresource {
-        return Ok(respond(reply, None));
+        return Ok((reply, None));
     }
+    Ok((reply, Some(request)))
+}
 
-    let pod = match request
-        .object
-        .map(|raw| serde_json::from_str::<PodView>(raw.get()))
-    {
-        Some(Ok(pod)) => pod,
-        Some(Err(e)) => return Ok(fail(reply, format!("pod could not be decoded: {e}"))),
-        None => return Ok(fail(reply, "request has no object".to_owned())),
-    };
+fn decide(mut reply: Reply, pod: &PodView, policy: &Policy) -> Reply {
     if reply.namespace.is_empty() {
         reply.namespace = pod.metadata.namespace.clone().unwrap_or_default();
     }
     reply.pod = pod.display_name();
     let decision = mutate::decide(
-        &pod,
+        pod,
         mutate::Request {
             namespace: &reply.namespace,
-            mode,
+            mode: reply.mode,
         },
         policy,
     );
-    Ok(respond(reply, Some(decision)))
+    respond(reply, Some(decision))
 }
 
 fn fail(mut reply: Reply, error: String) -> Reply {
