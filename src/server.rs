@@ -7,9 +7,10 @@
 //! [`admission::review`], record one log line and the metrics, send the reply. Everything a client
 //! can get wrong has an answer that does not involve the decision: 400 for a body that is not an
 //! AdmissionReview, 413 over [`MAX_BODY`], 408 for a body that stalls, a closed connection for
-//! headers that stall. Each connection is its own task, so a slow or hostile client costs one
-//! connection slot and nothing else; [`Limits::max_connections`] bounds the slots, and clients
-//! over it wait in the kernel's accept queue rather than in memory.
+//! headers that stall or for a client that stops reading its replies (hyper has no write
+//! timeout, so `WriteClock` times each write). Each connection is its own task, so a slow or
+//! hostile client costs one connection slot and nothing else; [`Limits::max_connections`] bounds
+//! the slots, and clients over it wait in the kernel's accept queue rather than in memory.
 //!
 //! The connection loop is hyper's HTTP/1.1 server (the only protocol the API server uses for
 //! webhooks) behind our own accept loop, not `axum::serve`, because the loop has to do TLS with
@@ -25,9 +26,11 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -39,7 +42,7 @@ use axum::routing::{get, post};
 use clap::Args;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::BufReader;
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tracing::Instrument as _;
@@ -155,7 +158,7 @@ pub struct ServeArgs {
     pub max_connections: u32,
 
     /// Time a client gets for its TLS handshake, for its request headers (an idle keep-alive
-    /// connection is closed after it too), and, separately, for its body.
+    /// connection is closed after it too), separately for its body, and to take each reply.
     #[arg(long, value_name = "SECONDS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub read_timeout: u64,
@@ -169,6 +172,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
+    /// How long a reply may wait on a client that does not read it.
+    pub write_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -179,6 +184,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -546,22 +552,135 @@ impl Connection {
         http.timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
             .keep_alive(true);
+        let writes = Arc::new(WriteClock::new());
         let conn = http.serve_connection(
-            TokioIo::new(stream),
+            TokioIo::new(Watched {
+                inner: stream,
+                writes: writes.clone(),
+            }),
             TowerToHyperService::new(self.router.clone()),
         );
         tokio::pin!(conn);
+        // hyper has no write timeout: a client that stops reading its replies would keep the
+        // connection (and its slot) forever once the socket buffers are full.
+        let stalled = writes.stalled_longer_than(limits.write_timeout);
+        tokio::pin!(stalled);
         let result = tokio::select! {
             r = conn.as_mut() => r,
             _ = drained(&mut self.drain) => {
                 // Finish the request in progress (if any), then close.
                 conn.as_mut().graceful_shutdown();
-                conn.await
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = stalled.as_mut() => Ok(()),
+                }
+            }
+            _ = stalled.as_mut() => {
+                tracing::debug!(%peer, "client stopped reading its replies; connection closed");
+                Ok(())
             }
         };
         if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "connection closed with an error");
         }
+    }
+}
+
+/// When a write to the client started waiting, if one is waiting now.
+struct WriteClock {
+    origin: Instant,
+    /// Milliseconds from `origin` to the start of the wait, plus one; 0 when no write waits.
+    waiting_since: AtomicU64,
+}
+
+impl WriteClock {
+    fn new() -> WriteClock {
+        WriteClock {
+            origin: Instant::now(),
+            waiting_since: AtomicU64::new(0),
+        }
+    }
+
+    fn note<T>(&self, poll: &Poll<T>) {
+        if poll.is_pending() {
+            if self.waiting_since.load(Ordering::Relaxed) == 0 {
+                let now = self.origin.elapsed().as_millis() as u64 + 1;
+                self.waiting_since.store(now, Ordering::Relaxed);
+            }
+        } else {
+            self.waiting_since.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Completes once a single write has waited longer than `limit`.
+    async fn stalled_longer_than(&self, limit: Duration) {
+        // Checking a quarter of the limit apart cuts a stalled client off within 1.25 limits.
+        let every = (limit / 4).max(Duration::from_millis(10));
+        loop {
+            tokio::time::sleep(every).await;
+            let since = self.waiting_since.load(Ordering::Relaxed);
+            if since != 0 {
+                let waited = self
+                    .origin
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(since - 1));
+                if waited > limit {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The connection's stream, with its writes timed by a [`WriteClock`].
+struct Watched<S> {
+    inner: S,
+    writes: Arc<WriteClock>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.writes.note(&poll);
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.writes.note(&poll);
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.writes.note(&poll);
+        poll
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -809,6 +928,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ServeError> {
             handshake_timeout: Duration::from_secs(args.read_timeout),
             header_timeout: Duration::from_secs(args.read_timeout),
             body_timeout: Duration::from_secs(args.read_timeout),
+            write_timeout: Duration::from_secs(args.read_timeout),
         },
         reload_interval: Duration::from_secs(args.reload_interval),
         shutdown_delay: Duration::from_secs(delay),

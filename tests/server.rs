@@ -958,3 +958,52 @@ async fn a_new_policy_file_is_used_and_an_invalid_one_refused() {
     assert_eq!(status, 200);
     assert!(patch_of(reply).contains("http://collector-two:4318"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_replies_is_cut_off() {
+    let dir = TestDir::new("no-read");
+    let b = bundle();
+    let mut settings = Settings::local(write_pair(&dir, &b));
+    settings.limits.write_timeout = Duration::from_secs(2);
+    let server = Running::start(settings).await;
+    let config = client_config(&[&b.ca_cert_pem], None);
+    let big = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tekton-40-steps.json"),
+    )
+    .unwrap();
+
+    // Pipelined reviews of the 40-step pod, whose replies (about 60 KB each) are never read:
+    // the socket buffers fill, and the server's reply write has to wait.
+    let stream = connect(server.addr, &config).await.unwrap();
+    let (unread, mut tx) = tokio::io::split(stream);
+    let writer = tokio::spawn(async move {
+        let head = format!(
+            "POST /mutate HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+            big.len()
+        );
+        for _ in 0..100 {
+            tx.write_all(head.as_bytes()).await?;
+            tx.write_all(&big).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let open = "lightstep_tekton_webhook_open_connections";
+    eventually("the server closes the connection", || async {
+        server.metric(open).await == 0.0
+    })
+    .await;
+    // The writer fails once the server has closed (it cannot get through 36 MB otherwise).
+    let written = tokio::time::timeout(DEADLINE, writer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        written.is_err(),
+        "the server read every request without the replies being read"
+    );
+    drop(unread);
+
+    // Others are served.
+    let (status, _) = post_once(server.addr, &config, "/mutate", fixtures()[0].1.clone()).await;
+    assert_eq!(status, 200);
+}
