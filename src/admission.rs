@@ -1,15 +1,23 @@
 //! The AdmissionReview boundary: bytes in, the one reply the API server accepts out.
 //!
 //! This is the only module that knows the `admission.k8s.io/v1` shapes. It decodes the request
-//! (borrowing the pod's JSON until it is known to be a pod create), calls [`mutate::decide`], and
-//! maps every outcome, errors included, to a response in one place ([`respond`]):
+//! (borrowing the pod's JSON until it is known to be a pod create), asks the caller which policy
+//! applies to the request's namespace (a [`Selected`], from cached state: no I/O here), calls
+//! [`mutate::decide`], and maps every outcome, errors included, to a response in one place
+//! ([`respond`]):
 //!
-//! | outcome | inject mode | enforce mode |
-//! |---|---|---|
-//! | patch | allowed, base64 JSONPatch | same |
-//! | skip (not a TaskRun pod, opted out, already injected) | allowed, no patch | same |
-//! | not a pod create (misrouted review) | allowed, no patch | same |
-//! | pod cannot be decoded | allowed, no patch, a warning | denied (403) with a message |
+//! | outcome | inject mode | enforce mode | audit (policy mode) |
+//! |---|---|---|---|
+//! | patch | allowed, base64 JSONPatch | same | allowed, no patch, one warning: `audited` |
+//! | skip (not a TaskRun pod, opted out, already injected) | allowed, no patch | same | same |
+//! | not a pod create (misrouted review) | allowed, no patch | same | same |
+//! | pod cannot be decoded | allowed, no patch, a warning | denied (403) with a message | allowed, a warning |
+//!
+//! The mode a pod is decided in is the path's (`/mutate` inject, `/enforce` enforce), except that
+//! a TracingPolicy in mode `enforce` enforces on either path, and one in mode `audit` decides as
+//! the path says but never patches and never denies. Audit lives here rather than in
+//! [`mutate::decide`] because it changes only the response, not the decision: the decision stays
+//! pure and identical, which is what makes an audit run a faithful trial of the policy.
 //!
 //! A body that is not a v1 AdmissionReview at all has no uid to answer to: [`BadRequest`], which
 //! the server turns into HTTP 400.
@@ -19,9 +27,11 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::mutate::{self, Action, Decision, Mode, SkipReason};
+use crate::mutate::{self, Action, Decision, Mode, SkipReason, VarOutcome};
 use crate::pod::PodView;
 use crate::policy::Policy;
+use crate::selection::{Fallback, Selected};
+use crate::tracing_policy::PolicyMode;
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
@@ -54,10 +64,12 @@ pub enum Outcome {
     Skipped(SkipReason),
     /// Not a pod CREATE (the webhook configuration sent something else): allowed untouched.
     NotPodCreate,
-    /// Deciding failed; `denied` in enforce mode, allowed untouched in inject mode.
+    /// Deciding failed; `denied` in enforce mode, allowed untouched in inject and audit mode.
     Failed {
         denied: bool,
     },
+    /// A policy in audit mode would have patched the pod: allowed untouched, with a warning.
+    Audited,
 }
 
 impl Outcome {
@@ -69,6 +81,7 @@ impl Outcome {
             Outcome::NotPodCreate => "skipped",
             Outcome::Failed { denied: true } => "denied",
             Outcome::Failed { denied: false } => "allowed-on-error",
+            Outcome::Audited => "audited",
         }
     }
 
@@ -91,7 +104,15 @@ pub struct Reply {
     pub namespace: String,
     /// The pod's name, or `<generateName>*` when the API server has not named it yet.
     pub pod: String,
+    /// The mode the pod was decided in: the path's, or enforce for a policy in enforce mode.
     pub mode: Mode,
+    /// The applied policy's marker (`<name>@<fingerprint>`, `<name>@gen<n>/<fingerprint>` for a
+    /// TracingPolicy); empty when no pod was decided on.
+    pub policy: String,
+    /// The policy's own mode (`audit` turns a patch into a warning).
+    pub policy_mode: PolicyMode,
+    /// Why the file or embedded policy applies, when no TracingPolicy was chosen.
+    pub fallback: Option<Fallback>,
     pub outcome: Outcome,
     pub warnings: Vec<String>,
     /// Length of the JSON Patch in bytes (before base64), 0 without one.
@@ -176,6 +197,19 @@ struct StatusOut {
 /// a pod the webhook cannot read (a reply, allowed or denied by mode); the pod's JSON, most of
 /// the body, is then not scanned twice on every request.
 pub fn review(body: &[u8], policy: &Policy, mode: Mode) -> Result<Reply, BadRequest> {
+    review_with(body, mode, |_| {
+        Selected::fallback(policy, Fallback::NotWatching)
+    })
+}
+
+/// [`review`] with the policy chosen per namespace: `select` gets the request's namespace and
+/// answers from cached state (see [`crate::selection`]). It is called once, and only for a
+/// pod CREATE.
+pub fn review_with<'p>(
+    body: &[u8],
+    mode: Mode,
+    select: impl FnOnce(&str) -> Selected<'p>,
+) -> Result<Reply, BadRequest> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(BadRequest::Empty);
     }
@@ -184,8 +218,14 @@ pub fn review(body: &[u8], policy: &Policy, mode: Mode) -> Result<Reply, BadRequ
         return Ok(match request {
             Some(RequestIn {
                 object: Some(pod), ..
-            }) => decide(reply, &pod, policy),
-            Some(_) => fail(reply, "request has no object".to_owned()),
+            }) => {
+                let (reply, selected) = choose(reply, Some(&pod), select);
+                decide(reply, &pod, selected)
+            }
+            Some(_) => fail(
+                choose(reply, None, select).0,
+                "request has no object".to_owned(),
+            ),
             None => respond(reply, None),
         });
     }
@@ -200,11 +240,43 @@ pub fn review(body: &[u8], policy: &Policy, mode: Mode) -> Result<Reply, BadRequ
             .object
             .map(|raw| serde_json::from_str::<PodView>(raw.get()))
         {
-            Some(Ok(pod)) => decide(reply, &pod, policy),
-            Some(Err(e)) => fail(reply, format!("pod could not be decoded: {e}")),
-            None => fail(reply, "request has no object".to_owned()),
+            Some(Ok(pod)) => {
+                let (reply, selected) = choose(reply, Some(&pod), select);
+                decide(reply, &pod, selected)
+            }
+            Some(Err(e)) => fail(
+                choose(reply, None, select).0,
+                format!("pod could not be decoded: {e}"),
+            ),
+            None => fail(
+                choose(reply, None, select).0,
+                "request has no object".to_owned(),
+            ),
         },
     )
+}
+
+/// Asks for the namespace's policy and sets the mode the pod is decided in.
+fn choose<'p>(
+    mut reply: Reply,
+    pod: Option<&PodView>,
+    select: impl FnOnce(&str) -> Selected<'p>,
+) -> (Reply, Selected<'p>) {
+    if reply.namespace.is_empty() {
+        let from_pod = pod.and_then(|p| p.metadata.namespace.clone());
+        reply.namespace = from_pod.unwrap_or_default();
+    }
+    let selected = select(&reply.namespace);
+    reply.policy = selected.policy.marker().to_owned();
+    reply.policy_mode = selected.mode;
+    reply.fallback = match selected.choice {
+        crate::selection::Choice::Fallback(why) => Some(why),
+        crate::selection::Choice::TracingPolicy(_) => None,
+    };
+    if selected.mode == PolicyMode::Enforce {
+        reply.mode = Mode::Enforce;
+    }
+    (reply, selected)
 }
 
 /// Checks the envelope and starts the reply. The request comes back only when it is a pod
@@ -226,6 +298,9 @@ fn accept<O>(review: ReviewIn<O>, mode: Mode) -> Result<(Reply, Option<RequestIn
         namespace: request.namespace.clone().unwrap_or_default(),
         pod: String::new(),
         mode,
+        policy: String::new(),
+        policy_mode: PolicyMode::Inject,
+        fallback: None,
         outcome: Outcome::NotPodCreate,
         warnings: Vec::new(),
         patch_bytes: 0,
@@ -247,10 +322,7 @@ fn accept<O>(review: ReviewIn<O>, mode: Mode) -> Result<(Reply, Option<RequestIn
     Ok((reply, Some(request)))
 }
 
-fn decide(mut reply: Reply, pod: &PodView, policy: &Policy) -> Reply {
-    if reply.namespace.is_empty() {
-        reply.namespace = pod.metadata.namespace.clone().unwrap_or_default();
-    }
+fn decide(mut reply: Reply, pod: &PodView, selected: Selected<'_>) -> Reply {
     reply.pod = pod.display_name();
     let decision = mutate::decide(
         pod,
@@ -258,14 +330,15 @@ fn decide(mut reply: Reply, pod: &PodView, policy: &Policy) -> Reply {
             namespace: &reply.namespace,
             mode: reply.mode,
         },
-        policy,
+        selected.policy,
     );
     respond(reply, Some(decision))
 }
 
 fn fail(mut reply: Reply, error: String) -> Reply {
     reply.outcome = Outcome::Failed {
-        denied: reply.mode == Mode::Enforce,
+        // Audit is a trial: it must never stop a pod, not even one it cannot read.
+        denied: reply.mode == Mode::Enforce && reply.policy_mode != PolicyMode::Audit,
     };
     reply.error = Some(error);
     respond(reply, None)
@@ -280,6 +353,12 @@ fn respond(mut reply: Reply, decision: Option<Decision>) -> Reply {
         reply.warnings = decision.warnings.iter().map(|w| warning(w)).collect();
         match &decision.action {
             Action::Skip(reason) => reply.outcome = Outcome::Skipped(*reason),
+            Action::Patch(_) if reply.policy_mode == PolicyMode::Audit => {
+                // The decision's own warnings describe changes that are not made: replaced by
+                // the one that says what would have been.
+                reply.warnings = vec![warning(&audit_message(&reply.policy, decision))];
+                reply.outcome = Outcome::Audited;
+            }
             Action::Patch(p) => {
                 // A patch of plain JSON values always serializes.
                 let json = serde_json::to_vec(p).expect("JSON patch serializes");
@@ -322,6 +401,35 @@ fn respond(mut reply: Reply, decision: Option<Decision>) -> Reply {
     reply.body = serde_json::to_vec(&out).expect("AdmissionReview serializes");
     reply.decision = decision;
     reply
+}
+
+/// The audit warning: which policy, and how many containers it would change.
+fn audit_message(marker: &str, decision: &Decision) -> String {
+    let name = marker.rsplit_once('@').map_or(marker, |(name, _)| name);
+    let changed = decision.report.as_ref().map_or(0, |r| {
+        r.containers
+            .iter()
+            .filter(|c| {
+                c.vars.iter().any(|v| {
+                    matches!(
+                        v.outcome,
+                        VarOutcome::Injected
+                            | VarOutcome::Merged(_)
+                            | VarOutcome::Replaced
+                            | VarOutcome::Moved
+                    )
+                })
+            })
+            .count()
+    });
+    let containers = if changed == 1 {
+        "container"
+    } else {
+        "containers"
+    };
+    format!(
+        "audit: policy {name} would inject tracing into {changed} {containers}; pod not changed"
+    )
 }
 
 /// Prefixes a warning with the webhook's name and keeps it within the API server's guideline.

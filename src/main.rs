@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use lightstep_tekton_webhook::{certs, preview, server};
+use lightstep_tekton_webhook::{certs, preview, server, tracing_policy};
 
 /// mimalloc instead of glibc's malloc: decoding a review allocates many small strings and maps,
 /// and glibc spent about a seventh of the server's CPU in malloc and free (consolidating its
@@ -29,6 +29,8 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Serve the webhook over HTTPS: POST /mutate, POST /enforce, GET /healthz, GET /readyz.
     Serve(Box<server::ServeArgs>),
+    /// Print the TracingPolicy CustomResourceDefinition (YAML), as manifests/base holds it.
+    Crd,
 }
 
 fn main() -> ExitCode {
@@ -37,5 +39,9 @@ fn main() -> ExitCode {
         Command::Mutate(args) => preview::run(args),
         Command::Certs(args) => certs::run(args),
         Command::Serve(args) => server::run(*args),
+        Command::Crd => {
+            print!("{}", tracing_policy::crd_yaml());
+            ExitCode::SUCCESS
+        }
     }
 }

@@ -7,10 +7,14 @@
 //!
 //! Validation happens once, at load; errors name the field (`exporter.protocol: ...`), so a
 //! platform team can fix a policy without reading this code. Everything here is pure.
+//!
+//! The parts of the spec also derive `JsonSchema`: the `TracingPolicy` custom resource
+//! ([`crate::tracing_policy`]) embeds them, so the file and the resource cannot drift apart.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -64,7 +68,7 @@ pub struct PolicySpec {
 }
 
 /// Keeps `token: null` apart from a missing `token` key.
-fn explicit_null<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+pub(crate) fn explicit_null<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,
@@ -72,7 +76,7 @@ where
     Option::<T>::deserialize(deserializer).map(Some)
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExporterSpec {
     pub endpoint: Option<String>,
@@ -82,7 +86,7 @@ pub struct ExporterSpec {
     pub traces_endpoint: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TokenSpec {
     pub secret_name: Option<String>,
@@ -91,13 +95,13 @@ pub struct TokenSpec {
     pub header: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SamplingSpec {
     pub ratio: Option<f64>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ContainersSpec {
     /// Inject into `sidecar-*` containers too.
@@ -106,7 +110,7 @@ pub struct ContainersSpec {
     pub exclude: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Profile {
     /// Lightstep ingest over gRPC with the `lightstep-access-token` Secret.
@@ -116,12 +120,17 @@ pub enum Profile {
     Otlp,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Protocol {
+    // The variants carry doc comments so the CRD schema gets a plain enum of strings (kube's
+    // schema rewriter hoists documented variants; undocumented ones leave a `null` in `enum`).
+    /// OTLP over gRPC.
     #[serde(rename = "grpc")]
     Grpc,
+    /// OTLP over HTTP with protobuf bodies.
     #[serde(rename = "http/protobuf")]
     HttpProtobuf,
+    /// OTLP over HTTP with JSON bodies.
     #[serde(rename = "http/json")]
     HttpJson,
 }
@@ -140,7 +149,7 @@ impl Protocol {
 /// How to treat a name that an `envFrom` source (ConfigMap or Secret) of the container may define.
 /// Kubernetes lets `env` win over `envFrom`, so injecting such a name would silently override the
 /// user's value; the webhook cannot read the source at admission time to find out.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EnvFromPolicy {
     /// Leave every setting an `envFrom` source could define to that source; only the per-run
@@ -165,7 +174,8 @@ pub struct Policy {
     pub propagators: String,
     pub resource_attributes: BTreeMap<String, String>,
     pub env_from: EnvFromPolicy,
-    /// `<name>@<fingerprint>`, computed once at resolve time: it is read on every admission.
+    /// `<name>@<fingerprint>` (`<name>@gen<generation>/<fingerprint>` for a TracingPolicy),
+    /// computed once at resolve time: it is read on every admission.
     #[serde(skip)]
     marker: String,
 }
@@ -464,6 +474,14 @@ impl Policy {
     /// The value of the `lightstep-tekton.io/injected` marker annotation.
     pub fn marker(&self) -> &str {
         &self.marker
+    }
+
+    /// Marks the policy as generation `generation` of the TracingPolicy of its name: the marker
+    /// becomes `<name>@gen<generation>/<fingerprint>`, so a pod tells which version of which
+    /// resource injected it (a file policy has no generation and keeps `<name>@<fingerprint>`).
+    pub fn with_generation(mut self, generation: i64) -> Policy {
+        self.marker = format!("{}@gen{generation}/{}", self.name, self.fingerprint());
+        self
     }
 }
 

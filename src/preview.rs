@@ -1,20 +1,35 @@
 //! `lightstep-tekton-webhook mutate`: the server's decision, on a file, without a cluster.
 //!
 //! Reads an AdmissionReview or a bare Pod (JSON or YAML, file or stdin), runs it through exactly
-//! the path the server uses ([`admission::review`]), and prints the JSON Patch, the patched pod,
-//! or the reply. A bare Pod is wrapped in a synthetic CREATE review first, so there is one path.
+//! the path the server uses ([`admission::review_with`]), and prints the JSON Patch, the patched
+//! pod, or the reply. A bare Pod is wrapped in a synthetic CREATE review first, so there is one
+//! path.
+//!
+//! With `--policy-dir`, TracingPolicy files stand in for the cluster's objects and
+//! `--namespace-labels` for the namespace's labels; the choice among them is the server's own
+//! ([`selection::select`]). A file that does not decode (an unknown field, a wrong type) is an
+//! error here, although the API server would prune unknown fields: a preview that silently
+//! differs from what was written would be worse. A policy that decodes but does not validate is
+//! reported and ignored, as the server ignores it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
+use serde::Deserialize as _;
 use serde_json::{Value, json};
 
 use crate::admission;
 use crate::mutate::Mode;
 use crate::policy::Policy;
+use crate::selection::{self, Fallback, Selected, Snapshot};
+use crate::tracing_policy::{self, FIRST_GENERATION, GROUP, KIND, VERSION};
+
+/// The label the API server puts on every namespace (Kubernetes 1.21 and later).
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// The uid given to the synthetic review that wraps a bare Pod.
 const PREVIEW_UID: &str = "00000000-0000-0000-0000-000000000000";
@@ -45,6 +60,32 @@ pub struct MutateArgs {
     /// Namespace of a bare Pod that does not name one.
     #[arg(long, short, default_value = "default")]
     pub namespace: String,
+
+    /// TracingPolicy files (*.yaml, *.yml, *.json; several documents per file) to choose from as
+    /// the server would; the --policy file or embedded default applies where none matches.
+    #[arg(long, value_name = "DIR")]
+    pub policy_dir: Option<PathBuf>,
+
+    /// Labels of the pod's namespace, for choosing among the --policy-dir policies
+    /// (kubernetes.io/metadata.name is added, as the API server does).
+    #[arg(long, value_name = "K=V,...", value_parser = parse_labels, requires = "policy_dir")]
+    pub namespace_labels: Option<BTreeMap<String, String>>,
+}
+
+/// Parses `k=v,k2=v2` (an empty value is allowed: `k=`).
+fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut labels = BTreeMap::new();
+    for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?}: expected KEY=VALUE"))?;
+        let k = k.trim();
+        if k.is_empty() {
+            return Err(format!("{pair:?}: empty key"));
+        }
+        labels.insert(k.to_owned(), v.trim().to_owned());
+    }
+    Ok(labels)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -88,6 +129,8 @@ pub enum PreviewError {
     },
     #[error("--policy {path}: {reason}")]
     Policy { path: String, reason: String },
+    #[error("--policy-dir {path}: {reason}")]
+    PolicyDir { path: String, reason: String },
     #[error("the patch does not apply to the pod: {0}")]
     Apply(String),
 }
@@ -133,11 +176,80 @@ pub fn load_policy(path: Option<&PathBuf>) -> Result<Policy, PreviewError> {
     })
 }
 
+/// Reads every TracingPolicy in a directory (not its subdirectories), in file name order.
+pub fn load_policy_dir(dir: &Path) -> Result<Snapshot, PreviewError> {
+    let error = |path: &Path, reason: String| PreviewError::PolicyDir {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| error(dir, e.to_string()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+        })
+        .collect();
+    files.sort();
+    let mut names = BTreeSet::new();
+    let mut resolutions = Vec::new();
+    for file in &files {
+        let text = fs::read_to_string(file).map_err(|e| error(file, e.to_string()))?;
+        for (index, document) in serde_norway::Deserializer::from_str(&text).enumerate() {
+            let at = |reason: String| error(file, format!("document {}: {reason}", index + 1));
+            let mut value = Value::deserialize(document).map_err(|e| at(e.to_string()))?;
+            if value.is_null() {
+                continue;
+            }
+            let api_version = value.get("apiVersion").and_then(Value::as_str);
+            let kind = value.get("kind").and_then(Value::as_str);
+            let expected = format!("{GROUP}/{VERSION}");
+            if api_version != Some(expected.as_str()) || kind != Some(KIND) {
+                return Err(at(format!(
+                    "expected apiVersion {expected}, kind {KIND}; got apiVersion {}, kind {}",
+                    api_version.unwrap_or("(none)"),
+                    kind.unwrap_or("(none)")
+                )));
+            }
+            // The API server gives a new object generation 1; a file usually names none.
+            if value.pointer("/metadata/generation").is_none()
+                && let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut)
+            {
+                meta.insert("generation".into(), json!(FIRST_GENERATION));
+            }
+            let tp = tracing_policy::decode(value).map_err(|e| at(e.to_string()))?;
+            let name = tp.metadata.name.clone().unwrap_or_default();
+            if !names.insert(name.clone()) {
+                return Err(at(format!(
+                    "a second TracingPolicy named {name:?} (names are unique in a cluster)"
+                )));
+            }
+            resolutions.push(tracing_policy::resolve(&tp));
+        }
+    }
+    Ok(Snapshot::build(resolutions))
+}
+
 /// Runs the preview and returns what to print.
 pub fn preview(args: &MutateArgs) -> Result<Preview, PreviewError> {
     let policy = load_policy(args.policy.as_ref())?;
+    let policies = match &args.policy_dir {
+        Some(dir) => Some(load_policy_dir(dir)?),
+        None => None,
+    };
     let (path, text) = read_input(&args.input)?;
-    preview_text(&path, &text, &policy, args)
+    preview_text(&path, &text, &policy, policies.as_ref(), args)
+}
+
+/// The namespace's labels as the preview assumes them.
+fn namespace_labels(args: &MutateArgs, namespace: &str) -> BTreeMap<String, String> {
+    let mut labels = args.namespace_labels.clone().unwrap_or_default();
+    labels
+        .entry(NAMESPACE_NAME_LABEL.to_owned())
+        .or_insert_with(|| namespace.to_owned());
+    labels
 }
 
 fn read_input(input: &str) -> Result<(String, String), PreviewError> {
@@ -164,6 +276,7 @@ pub fn preview_text(
     path: &str,
     text: &str,
     policy: &Policy,
+    policies: Option<&Snapshot>,
     args: &MutateArgs,
 ) -> Result<Preview, PreviewError> {
     let document = parse_document(path, text)?;
@@ -212,11 +325,15 @@ pub fn preview_text(
     };
     // Serializing a parsed JSON value cannot fail.
     let body = serde_json::to_vec(&review_doc).expect("JSON value serializes");
-    let reply = admission::review(&body, policy, args.mode.into()).map_err(|source| {
-        PreviewError::Review {
-            path: path.into(),
-            source,
+    let reply = admission::review_with(&body, args.mode.into(), |namespace| match policies {
+        Some(snapshot) => {
+            selection::select(snapshot, Some(&namespace_labels(args, namespace)), policy)
         }
+        None => Selected::fallback(policy, Fallback::NotWatching),
+    })
+    .map_err(|source| PreviewError::Review {
+        path: path.into(),
+        source,
     })?;
 
     let mut notes = String::new();
@@ -230,14 +347,31 @@ pub fn preview_text(
         notes.push_str(&format!("{}: {error}\n", reply.outcome.as_str()));
     }
     if args.explain {
+        if reply.decision.is_some() {
+            let source = match &args.policy {
+                Some(p) => format!("--policy {}", p.display()),
+                None => "the embedded default".to_owned(),
+            };
+            let labels = namespace_labels(args, &reply.namespace);
+            notes.push_str(&selection::explain(
+                policies,
+                &reply.namespace,
+                Some(&labels),
+                policy,
+                &source,
+            ));
+        }
         match reply.decision.as_ref().and_then(|d| d.report.as_ref()) {
             Some(report) => notes.push_str(&report.to_string()),
             None => notes.push_str("not a Tekton TaskRun pod (no tekton.dev/taskRun label)\n"),
         }
     }
 
+    // What the server sends: no patch in audit mode, although the decision has one.
     let patch = match reply.decision.as_ref().map(|d| &d.action) {
-        Some(crate::mutate::Action::Patch(p)) => p.clone(),
+        Some(crate::mutate::Action::Patch(p)) if reply.outcome == admission::Outcome::Patched => {
+            p.clone()
+        }
         _ => json_patch::Patch(Vec::new()),
     };
     let output = match args.output {

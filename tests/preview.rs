@@ -189,3 +189,240 @@ fn bad_input_gets_one_line_and_a_non_zero_exit() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/file.json"));
 }
+
+/// A directory of TracingPolicy files for `--policy-dir`, removed on drop.
+struct PolicyDir(std::path::PathBuf);
+
+impl PolicyDir {
+    fn new(tag: &str, files: &[(&str, &str)]) -> PolicyDir {
+        let dir = std::env::temp_dir().join(format!("ltw-policy-dir-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        PolicyDir(dir)
+    }
+
+    fn arg(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for PolicyDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const TEAM_POLICIES: &str = r#"
+apiVersion: lightstep-tekton.io/v1alpha1
+kind: TracingPolicy
+metadata: {name: prod-b}
+spec:
+  priority: 10
+  namespaceSelector: {matchLabels: {env: prod}}
+  profile: otlp
+  exporter: {endpoint: "http://b.obs:4317"}
+---
+apiVersion: lightstep-tekton.io/v1alpha1
+kind: TracingPolicy
+metadata: {name: prod-a, generation: 3}
+spec:
+  priority: 10
+  namespaceSelector:
+    matchExpressions: [{key: env, operator: In, values: [prod, staging]}]
+  profile: otlp
+  exporter: {endpoint: "http://a.obs:4317"}
+"#;
+
+const BROKEN_POLICY: &str = r#"
+apiVersion: lightstep-tekton.io/v1alpha1
+kind: TracingPolicy
+metadata: {name: zz-broken}
+spec: {priority: 50, sampling: {ratio: 9}}
+"#;
+
+#[test]
+fn policy_dir_chooses_by_priority_then_name_and_explains_why() {
+    let dir = PolicyDir::new(
+        "choose",
+        &[("team.yaml", TEAM_POLICIES), ("broken.yml", BROKEN_POLICY)],
+    );
+    let out = mutate(
+        &[
+            "--policy-dir",
+            dir.arg(),
+            "--namespace-labels",
+            "env=prod,team=x",
+            "--output",
+            "pod",
+            "--explain",
+            &path("tekton-taskrun-standalone.json"),
+        ],
+        None,
+    );
+    let pod = validated_pod(&stdout_json(&out));
+    // Same priority: prod-a sorts first. The step's own endpoint is kept (inject mode).
+    let marker = &pod.metadata.annotations.as_ref().unwrap()["lightstep-tekton.io/injected"];
+    assert!(marker.starts_with("prod-a@gen3/"), "{marker}");
+    let explain = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        explain.contains("policy: TracingPolicy prod-a (generation 3, priority 10, mode inject)"),
+        "{explain}"
+    );
+    assert!(
+        explain.contains("also matches: prod-b: not chosen, same priority 10"),
+        "{explain}"
+    );
+    assert!(
+        explain.contains(
+            "ignored: TracingPolicy zz-broken (generation 1) is invalid: spec.sampling.ratio"
+        ),
+        "{explain}"
+    );
+
+    // Another namespace: nothing matches, the embedded default applies, and says so.
+    let out = mutate(
+        &[
+            "--policy-dir",
+            dir.arg(),
+            "--namespace-labels",
+            "env=dev",
+            "--explain",
+            &path("tekton-taskrun-standalone.json"),
+        ],
+        None,
+    );
+    stdout_json(&out);
+    let explain = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        explain.contains("policy: lightstep-default from the embedded default, mode inject: no valid TracingPolicy selects namespace team-b"),
+        "{explain}"
+    );
+
+    // kubernetes.io/metadata.name is there, as on a cluster.
+    let by_name = PolicyDir::new(
+        "by-name",
+        &[(
+            "p.json",
+            r#"{"apiVersion": "lightstep-tekton.io/v1alpha1", "kind": "TracingPolicy",
+                "metadata": {"name": "team-b-only"},
+                "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "team-b"}}}}"#,
+        )],
+    );
+    let out = mutate(
+        &[
+            "--policy-dir",
+            by_name.arg(),
+            "--output",
+            "pod",
+            &path("tekton-taskrun-standalone.json"),
+        ],
+        None,
+    );
+    let pod = validated_pod(&stdout_json(&out));
+    let marker = &pod.metadata.annotations.as_ref().unwrap()["lightstep-tekton.io/injected"];
+    assert!(marker.starts_with("team-b-only@gen1/"), "{marker}");
+}
+
+#[test]
+fn policy_dir_in_audit_mode_shows_the_servers_empty_reply() {
+    let dir = PolicyDir::new(
+        "audit",
+        &[(
+            "audit.yaml",
+            "apiVersion: lightstep-tekton.io/v1alpha1\nkind: TracingPolicy\nmetadata: {name: trial}\nspec: {mode: audit}\n",
+        )],
+    );
+    let out = mutate(
+        &[
+            "--policy-dir",
+            dir.arg(),
+            "--output",
+            "review",
+            &path("tekton-pipeline-task-traced.json"),
+        ],
+        None,
+    );
+    let reply = stdout_json(&out);
+    assert_eq!(reply["response"]["allowed"], true);
+    assert!(reply["response"].get("patch").is_none(), "{reply}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(
+            "warning: lightstep-tekton: audit: policy trial would inject tracing into 1 container"
+        ),
+        "{err}"
+    );
+    let out = mutate(
+        &[
+            "--policy-dir",
+            dir.arg(),
+            &path("tekton-pipeline-task-traced.json"),
+        ],
+        None,
+    );
+    assert_eq!(stdout_json(&out), Value::Array(Vec::new()));
+}
+
+#[test]
+fn policy_dir_refuses_what_would_not_decode_in_one_line() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "apiVersion: lightstep-tekton.io/v1alpha1\nkind: TracingPolicy\nmetadata: {name: t}\nspec: {exporter: {endpont: 'http://x:4317'}}\n",
+            "spec.exporter",
+        ),
+        (
+            "apiVersion: lightstep-tekton.io/v1alpha1\nkind: TracingPolicy\nmetadata: {name: t}\nspec: {mode: shadow}\n",
+            "spec.mode",
+        ),
+        (
+            "apiVersion: lightstep-tekton.io/v1\nkind: TracingPolicy\nmetadata: {name: t}\nspec: {}\n",
+            "expected apiVersion lightstep-tekton.io/v1alpha1",
+        ),
+        (
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: t}\n",
+            "kind TracingPolicy",
+        ),
+        (
+            "apiVersion: lightstep-tekton.io/v1alpha1\nkind: TracingPolicy\nmetadata: {name: t}\nspec: {}\n---\napiVersion: lightstep-tekton.io/v1alpha1\nkind: TracingPolicy\nmetadata: {name: t}\nspec: {}\n",
+            "document 2: a second TracingPolicy named \"t\"",
+        ),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let dir = PolicyDir::new(&format!("bad{i}"), &[("p.yaml", text)]);
+        let out = mutate(
+            &[
+                "--policy-dir",
+                dir.arg(),
+                &path("tekton-taskrun-standalone.json"),
+            ],
+            None,
+        );
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("--policy-dir"), "{err}");
+        assert!(err.contains(expected), "{text}: {err}");
+    }
+    // --namespace-labels needs --policy-dir, and pairs.
+    let out = mutate(
+        &["--namespace-labels", "a=b", &path("plain-pod.json")],
+        None,
+    );
+    assert_ne!(out.status.code(), Some(0));
+    let dir = PolicyDir::new("labels", &[]);
+    let out = mutate(
+        &[
+            "--policy-dir",
+            dir.arg(),
+            "--namespace-labels",
+            "novalue",
+            &path("plain-pod.json"),
+        ],
+        None,
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KEY=VALUE"));
+}

@@ -1,0 +1,527 @@
+//! The `TracingPolicy` custom resource: a policy as a cluster object, per team and environment.
+//!
+//! `TracingPolicy` (group `lightstep-tekton.io`, version `v1alpha1`, cluster-scoped) holds what
+//! the file policy holds (the same field names, through the same [`crate::policy`] types), plus
+//! `namespaceSelector`, `priority` and `mode`. The CRD is generated from these types
+//! ([`crd`], printed by `lightstep-tekton-webhook crd`), so the schema the API server enforces
+//! and the decoder here cannot disagree; `manifests/base/crd-tracingpolicy.yaml` is that output
+//! and a test fails when the two drift.
+//!
+//! Everything here is pure: decoding an object ([`decode`]), resolving it into a validated
+//! [`Resolved`] policy ([`resolve`]), matching namespace labels ([`NamespaceSelector`]) and
+//! computing the `status` the webhook reports ([`desired_status`]). Choosing among policies is
+//! [`crate::selection`]'s job; watching them is [`crate::cluster`]'s.
+//!
+//! Trade-offs:
+//! - The spec keeps `deny_unknown_fields`, like the file policy, so a typo in a file previewed
+//!   with `mutate --policy-dir` is an error. On a cluster the API server prunes unknown fields
+//!   first; an object that still does not decode (a CRD newer than the webhook) is kept apart as
+//!   invalid, with the decoder's message in its status, instead of failing the whole watch.
+//! - A policy that decodes but does not validate (say `sampling.ratio: 1.5`) is accepted by the
+//!   API server (the schema has no ranges) and never applied by the webhook; its status says
+//!   which field is wrong. Putting the rules into the schema as well would duplicate them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::core::DynamicObject;
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{
+    ContainersSpec, EnvFromPolicy, ExporterSpec, Policy, PolicyError, PolicySpec, Profile,
+    SamplingSpec, TokenSpec, explicit_null,
+};
+
+pub const GROUP: &str = "lightstep-tekton.io";
+pub const VERSION: &str = "v1alpha1";
+pub const KIND: &str = "TracingPolicy";
+/// The resource name in URLs and RBAC rules (`tracingpolicies`, `tracingpolicies/status`).
+pub const PLURAL: &str = "tracingpolicies";
+/// The condition type the webhook maintains on every TracingPolicy.
+pub const CONDITION_VALID: &str = "Valid";
+/// The generation the API server gives a new object; used for files that name none.
+pub const FIRST_GENERATION: i64 = 1;
+
+/// A tracing policy for the namespaces its selector matches. Where several match, the highest
+/// `priority` wins, then the smallest name; where none matches, the webhook's file or embedded
+/// policy applies.
+#[derive(CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "lightstep-tekton.io",
+    version = "v1alpha1",
+    kind = "TracingPolicy",
+    plural = "tracingpolicies",
+    status = "TracingPolicyStatus",
+    doc = "Tracing settings for the Tekton TaskRun pods of the namespaces it selects.",
+    printcolumn = r#"{"name":"Priority","type":"integer","jsonPath":".spec.priority"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Valid","type":"string","jsonPath":".status.conditions[?(@.type==\"Valid\")].status"}"#,
+    printcolumn = r#"{"name":"Namespaces","type":"integer","jsonPath":".status.matchedNamespaces"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingPolicySpec {
+    /// The namespaces this policy is for, by their labels (matchLabels, and matchExpressions
+    /// with In, NotIn, Exists, DoesNotExist). Absent or empty: every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Where several policies match a namespace, the highest priority applies; on a tie, the
+    /// policy whose name sorts first.
+    #[serde(default)]
+    pub priority: i32,
+    /// `inject` (as the namespace's webhook path says), `enforce` (always enforce) or `audit`
+    /// (decide, warn and count, but change nothing).
+    #[serde(default)]
+    pub mode: PolicyMode,
+    /// Where the defaults come from: `lightstep` (the default) or `otlp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Profile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exporter: Option<ExporterSpec>,
+    /// The access-token Secret reference. `null` turns the token off (any profile).
+    #[serde(
+        default,
+        deserialize_with = "explicit_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(with = "Option<TokenSpec>")]
+    pub token: Option<Option<TokenSpec>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<SamplingSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containers: Option<ContainersSpec>,
+    /// Template for `OTEL_SERVICE_NAME`, e.g. `"{pipeline|task|taskRun}"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    /// Values of `OTEL_PROPAGATORS`, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub propagators: Option<Vec<String>>,
+    /// Extra static resource attributes, e.g. `deployment.environment.name: prod`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_attributes: Option<BTreeMap<String, String>>,
+    /// What to do with names that a container's `envFrom` source may define.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_from: Option<EnvFromPolicy>,
+}
+
+/// How a TracingPolicy is applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    /// Inject, or enforce where the namespace uses the enforcing webhook (`/enforce`).
+    #[default]
+    Inject,
+    /// Enforce the policy's exporter and token whichever webhook path is called.
+    Enforce,
+    /// Decide as `inject` would, but never patch nor deny: a warning and a metric only.
+    Audit,
+}
+
+impl PolicyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyMode::Inject => "inject",
+            PolicyMode::Enforce => "enforce",
+            PolicyMode::Audit => "audit",
+        }
+    }
+}
+
+/// What the webhook reports on each TracingPolicy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingPolicyStatus {
+    /// `Valid`: whether the webhook can apply the policy, and if not, which field is wrong.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// How many namespaces the selector matches now (0 for an invalid policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched_namespaces: Option<i64>,
+}
+
+/// Why a TracingPolicy cannot be applied. The field is a path in the object (`spec.sampling.ratio`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct Invalid {
+    pub field: String,
+    pub reason: String,
+    /// `InvalidSpec` (decodes, does not validate) or `Undecodable` (does not match the schema).
+    pub kind: InvalidKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidKind {
+    Undecodable,
+    InvalidSpec,
+}
+
+impl InvalidKind {
+    /// The condition reason (CamelCase, as Kubernetes conventions ask).
+    pub fn reason(self) -> &'static str {
+        match self {
+            InvalidKind::Undecodable => "Undecodable",
+            InvalidKind::InvalidSpec => "InvalidSpec",
+        }
+    }
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Invalid {
+    Invalid {
+        field: field.into(),
+        reason: reason.into(),
+        kind: InvalidKind::InvalidSpec,
+    }
+}
+
+/// A TracingPolicy that validated: everything admission needs, decided once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub name: String,
+    pub generation: i64,
+    pub priority: i32,
+    pub mode: PolicyMode,
+    pub selector: NamespaceSelector,
+    /// The resolved policy; its marker is `<name>@gen<generation>/<fingerprint>`.
+    pub policy: Policy,
+}
+
+/// A TracingPolicy that did not validate, kept to report it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub name: String,
+    pub generation: i64,
+    pub error: Invalid,
+}
+
+/// Decodes a TracingPolicy from JSON, naming the path of the first problem
+/// (`spec.exporter.endpont: unknown field ...`).
+pub fn decode(value: serde_json::Value) -> Result<TracingPolicy, Invalid> {
+    serde_path_to_error::deserialize::<_, TracingPolicy>(value).map_err(|e| {
+        let path = e.path().to_string();
+        Invalid {
+            field: if path == "." { "object".into() } else { path },
+            reason: e.into_inner().to_string(),
+            kind: InvalidKind::Undecodable,
+        }
+    })
+}
+
+/// Validates a TracingPolicy and resolves its spec (see [`Policy::resolve`]).
+pub fn resolve(tp: &TracingPolicy) -> Result<Resolved, Rejected> {
+    let name = tp.metadata.name.clone().unwrap_or_default();
+    let generation = tp.metadata.generation.unwrap_or(FIRST_GENERATION);
+    let reject = |error: Invalid| Rejected {
+        name: name.clone(),
+        generation,
+        error,
+    };
+    if name.is_empty() {
+        return Err(reject(invalid("metadata.name", "must be set")));
+    }
+    let selector = NamespaceSelector::compile(tp.spec.namespace_selector.as_ref())
+        .map_err(|e| reject(e.within("spec.namespaceSelector")))?;
+    let spec = &tp.spec;
+    let policy_spec = PolicySpec {
+        name: Some(name.clone()),
+        profile: spec.profile,
+        exporter: spec.exporter.clone(),
+        token: spec.token.clone(),
+        sampling: spec.sampling.clone(),
+        containers: spec.containers.clone(),
+        service_name: spec.service_name.clone(),
+        propagators: spec.propagators.clone(),
+        resource_attributes: spec.resource_attributes.clone(),
+        env_from: spec.env_from,
+    };
+    let policy = Policy::resolve(policy_spec).map_err(|e| {
+        reject(match e {
+            PolicyError::Invalid { field, reason } => invalid(format!("spec.{field}"), reason),
+            PolicyError::Syntax(reason) => invalid("spec", reason),
+        })
+    })?;
+    Ok(Resolved {
+        name: name.clone(),
+        generation,
+        priority: spec.priority,
+        mode: spec.mode,
+        selector,
+        policy: policy.with_generation(generation),
+    })
+}
+
+/// Decodes and resolves an object as the watch delivers it. An object that does not decode is
+/// rejected with the decoder's message rather than dropped, so its status can say why.
+pub fn resolve_object(object: &DynamicObject) -> Result<Resolved, Rejected> {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    let generation = object.metadata.generation.unwrap_or(FIRST_GENERATION);
+    // A DynamicObject is plain JSON: it always serializes.
+    let value = serde_json::to_value(object).expect("object serializes");
+    let tp = decode(value).map_err(|error| Rejected {
+        name,
+        generation,
+        error,
+    })?;
+    resolve(&tp)
+}
+
+/// A compiled `namespaceSelector`: Kubernetes' label selector semantics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NamespaceSelector {
+    requirements: Vec<Requirement>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Requirement {
+    In(String, BTreeSet<String>),
+    NotIn(String, BTreeSet<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+/// Kubernetes' limit on a label key's name part and on a label value (a DNS label's length).
+const LABEL_PART_MAX: usize = 63;
+/// Kubernetes' limit on a label key's prefix (a DNS subdomain's length).
+const LABEL_PREFIX_MAX: usize = 253;
+
+impl NamespaceSelector {
+    /// Compiles a selector, refusing what the API server would refuse in a built-in selector:
+    /// unknown operators, `In`/`NotIn` without values, `Exists`/`DoesNotExist` with values, and
+    /// malformed keys or values. `None` and an empty selector match every namespace.
+    pub fn compile(selector: Option<&LabelSelector>) -> Result<NamespaceSelector, Invalid> {
+        let mut requirements = Vec::new();
+        let Some(selector) = selector else {
+            return Ok(NamespaceSelector { requirements });
+        };
+        for (key, value) in selector.match_labels.iter().flatten() {
+            check_key(key).map_err(|r| invalid(format!("matchLabels.{key}"), r))?;
+            check_value(value).map_err(|r| invalid(format!("matchLabels.{key}"), r))?;
+            requirements.push(Requirement::In(
+                key.clone(),
+                BTreeSet::from([value.clone()]),
+            ));
+        }
+        for (i, expr) in selector.match_expressions.iter().flatten().enumerate() {
+            let at = |part: &str| format!("matchExpressions[{i}].{part}");
+            check_key(&expr.key).map_err(|r| invalid(at("key"), r))?;
+            let values: BTreeSet<String> = expr.values.iter().flatten().cloned().collect();
+            for v in &values {
+                check_value(v).map_err(|r| invalid(at("values"), r))?;
+            }
+            let key = expr.key.clone();
+            let requirement = match expr.operator.as_str() {
+                "In" | "NotIn" if values.is_empty() => {
+                    return Err(invalid(
+                        at("values"),
+                        format!("must not be empty with operator {}", expr.operator),
+                    ));
+                }
+                "Exists" | "DoesNotExist" if !values.is_empty() => {
+                    return Err(invalid(
+                        at("values"),
+                        format!("must be empty with operator {}", expr.operator),
+                    ));
+                }
+                "In" => Requirement::In(key, values),
+                "NotIn" => Requirement::NotIn(key, values),
+                "Exists" => Requirement::Exists(key),
+                "DoesNotExist" => Requirement::DoesNotExist(key),
+                other => {
+                    return Err(invalid(
+                        at("operator"),
+                        format!("{other:?} is not one of In, NotIn, Exists, DoesNotExist"),
+                    ));
+                }
+            };
+            requirements.push(requirement);
+        }
+        Ok(NamespaceSelector { requirements })
+    }
+
+    /// Whether a namespace with these labels is selected: every requirement holds (`NotIn` and
+    /// `DoesNotExist` hold for a missing key, as in Kubernetes).
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.requirements.iter().all(|r| match r {
+            Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
+            Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
+            Requirement::Exists(k) => labels.contains_key(k),
+            Requirement::DoesNotExist(k) => !labels.contains_key(k),
+        })
+    }
+
+    /// Whether the selector selects every namespace.
+    pub fn is_everything(&self) -> bool {
+        self.requirements.is_empty()
+    }
+}
+
+impl fmt::Display for NamespaceSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.requirements.is_empty() {
+            return f.write_str("every namespace");
+        }
+        let join = |vs: &BTreeSet<String>| vs.iter().cloned().collect::<Vec<_>>().join(",");
+        let parts: Vec<String> = self
+            .requirements
+            .iter()
+            .map(|r| match r {
+                Requirement::In(k, vs) if vs.len() == 1 => format!("{k}={}", join(vs)),
+                Requirement::In(k, vs) => format!("{k} in ({})", join(vs)),
+                Requirement::NotIn(k, vs) => format!("{k} notin ({})", join(vs)),
+                Requirement::Exists(k) => k.clone(),
+                Requirement::DoesNotExist(k) => format!("!{k}"),
+            })
+            .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+impl Invalid {
+    fn within(mut self, parent: &str) -> Invalid {
+        self.field = format!("{parent}.{}", self.field);
+        self
+    }
+}
+
+/// A label key: an optional DNS-subdomain prefix and `/`, then a name of 1 to 63 characters
+/// (alphanumerics, `-`, `_`, `.`, alphanumeric at both ends).
+fn check_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix {
+        let ok = !p.is_empty()
+            && p.len() <= LABEL_PREFIX_MAX
+            && p.split('.').all(|l| {
+                !l.is_empty()
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            });
+        if !ok {
+            return Err(format!("{key:?}: the prefix must be a DNS subdomain"));
+        }
+    }
+    if name.is_empty() || !is_label_part(name) {
+        return Err(format!("{key:?} is not a valid label key"));
+    }
+    Ok(())
+}
+
+fn check_value(value: &str) -> Result<(), String> {
+    if value.is_empty() || is_label_part(value) {
+        Ok(())
+    } else {
+        Err(format!("{value:?} is not a valid label value"))
+    }
+}
+
+fn is_label_part(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    s.len() <= LABEL_PART_MAX
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+/// The status the webhook wants on a TracingPolicy, given its resolution and the labels of
+/// every namespace. `previous` keeps `lastTransitionTime` while the condition's status stays the
+/// same; `now` is used only when it changes, so the result is a pure function of its inputs.
+pub fn desired_status<'a>(
+    resolution: Result<&Resolved, &Rejected>,
+    namespaces: impl IntoIterator<Item = &'a BTreeMap<String, String>>,
+    previous: Option<&TracingPolicyStatus>,
+    now: &Time,
+) -> TracingPolicyStatus {
+    let (status, reason, message, generation, matched) = match resolution {
+        Ok(r) => {
+            let matched = namespaces
+                .into_iter()
+                .filter(|labels| r.selector.matches(labels))
+                .count();
+            (
+                "True",
+                "Resolved",
+                format!("applied to the namespaces it matches ({})", r.selector),
+                r.generation,
+                matched,
+            )
+        }
+        Err(rejected) => (
+            "False",
+            rejected.error.kind.reason(),
+            format!("never applied: {}", rejected.error),
+            rejected.generation,
+            0,
+        ),
+    };
+    let last_transition_time = previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == CONDITION_VALID))
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    TracingPolicyStatus {
+        conditions: vec![Condition {
+            type_: CONDITION_VALID.to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message,
+            observed_generation: Some(generation),
+            last_transition_time,
+        }],
+        matched_namespaces: Some(matched as i64),
+    }
+}
+
+/// Whether a status must be written: anything but the transition times differs. Two replicas
+/// compute the same status at different times; comparing times would make them overwrite each
+/// other forever.
+pub fn status_differs(
+    current: Option<&TracingPolicyStatus>,
+    desired: &TracingPolicyStatus,
+) -> bool {
+    let Some(current) = current else {
+        return true;
+    };
+    let key = |s: &TracingPolicyStatus| {
+        (
+            s.matched_namespaces,
+            s.conditions
+                .iter()
+                .map(|c| {
+                    (
+                        c.type_.clone(),
+                        c.status.clone(),
+                        c.reason.clone(),
+                        c.message.clone(),
+                        c.observed_generation,
+                    )
+                })
+                .collect::<Vec<_>>(),
+        )
+    };
+    key(current) != key(desired)
+}
+
+/// The CustomResourceDefinition, generated from the types above.
+pub fn crd()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    TracingPolicy::crd()
+}
+
+/// The header of the generated YAML: says where it comes from, so nobody edits it by hand.
+pub const CRD_HEADER: &str = "# Generated by `lightstep-tekton-webhook crd` from src/tracing_policy.rs; do not edit.\n\
+# Regenerate: cargo run --quiet -- crd > manifests/base/crd-tracingpolicy.yaml\n";
+
+/// The CRD as the YAML file `manifests/base/crd-tracingpolicy.yaml` holds.
+pub fn crd_yaml() -> String {
+    // The CRD is plain data: it always serializes.
+    let body = serde_norway::to_string(&crd()).expect("CRD serializes");
+    format!("{CRD_HEADER}{body}")
+}
