@@ -986,7 +986,17 @@ pub fn run(args: ServeArgs) -> ExitCode {
         if args.dev {
             print_dev_hint(&args, server.local_addr());
         }
-        server.run(shutdown_signal()).await;
+        server
+            .run(async {
+                shutdown_signal().await;
+                // A second signal means "now": skip the delay and the drain.
+                tokio::spawn(async {
+                    shutdown_signal().await;
+                    eprintln!("second signal: exiting without draining");
+                    std::process::exit(1);
+                });
+            })
+            .await;
         Ok::<(), ServeError>(())
     });
     // Flush spans while the runtime's workers still run the exporter task.
