@@ -20,7 +20,8 @@
 //! Shutdown (SIGTERM, Ctrl-C, or the future given to [`Server::run`] in tests): `/readyz` turns
 //! 503 at once, the server keeps serving for `--shutdown-delay` so the endpoint controller can
 //! take the pod out of the Service, then stops accepting, lets each connection finish the request
-//! it is on (hyper's graceful shutdown), and waits at most `--drain-timeout` for them.
+//! it is on (hyper's graceful shutdown), and waits at most `--drain-timeout` for them. A second
+//! signal exits at once.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
