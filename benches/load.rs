@@ -5,7 +5,7 @@
 //! cargo bench --bench load                       # the three standard scenarios (about 40 s)
 //! cargo bench --bench load -- --scenario throughput --concurrency 32 --duration 20
 //! cargo bench --bench load -- --scenario custom --rate 5000 --fixture tests/fixtures/plain-pod.json
-//! cargo bench --bench load -- --target 127.0.0.1:8443 --ca .dev-certs/ca.crt --server-pid 1234
+//! cargo bench --bench load -- --target 127.0.0.1:8443 --ca certs/dev/ca.crt --server-pid 1234
 //! ```
 //!
 //! Without `--target`, it starts the release binary (`serve --dev` on 127.0.0.1, fresh

@@ -4,7 +4,7 @@
 //! (borrowing the pod's JSON until it is known to be a pod create), asks the caller which policy
 //! applies to the request's namespace (a [`Selected`], from cached state: no I/O here), calls
 //! [`mutate::decide`], and maps every outcome, errors included, to a response in one place
-//! ([`respond`]):
+//! (`respond`):
 //!
 //! | outcome | inject mode | enforce mode | audit (policy mode) |
 //! |---|---|---|---|
