@@ -77,6 +77,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// default connection limit.
 const READ_BUFFER: usize = 32 * 1024;
 
+/// Where `serve --dev` keeps its certificates unless `--dev-dir` says otherwise (git-ignored).
+const DEV_CERTS_DIR: &str = "certs/dev";
+
 /// The fixture `serve --dev` suggests posting: a PipelineRun task pod with Tekton tracing on.
 const DEV_FIXTURE: &str = "tests/fixtures/tekton-pipeline-task-traced.json";
 
@@ -135,7 +138,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub dev: bool,
 
-    /// Where --dev keeps its certificates [default: .dev-certs].
+    /// Where --dev keeps its certificates [default: certs/dev].
     #[arg(long, value_name = "DIR", requires = "dev")]
     pub dev_dir: Option<PathBuf>,
 
@@ -893,7 +896,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ServeError> {
         let dir = args
             .dev_dir
             .clone()
-            .unwrap_or_else(|| PathBuf::from(".dev-certs"));
+            .unwrap_or_else(|| PathBuf::from(DEV_CERTS_DIR));
         let paths = certs::ensure_dev(&dir)?;
         (
             TlsPaths {
@@ -1021,7 +1024,7 @@ fn print_dev_hint(args: &ServeArgs, addr: SocketAddr) {
     let dir = args
         .dev_dir
         .clone()
-        .unwrap_or_else(|| PathBuf::from(".dev-certs"));
+        .unwrap_or_else(|| PathBuf::from(DEV_CERTS_DIR));
     let host = if addr.ip().is_unspecified() {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
     } else {
