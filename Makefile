@@ -19,7 +19,7 @@ IMAGE ?= ghcr.io/lightstep/lightstep-tekton-webhook:0.1.0
 LOAD_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help build test lint run certs manifests deploy undeploy bench image
+.PHONY: help build test lint run certs crd manifests deploy undeploy bench image
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ run: ## Serve on https://127.0.0.1:8443 with development certificates and the de
 certs: ## Make (or rotate) the CA and serving certificate for the self-signed overlay
 	$(CARGO) run --locked --quiet -- certs --service $(SERVICE) --namespace $(NAMESPACE) \
 		--days $(CERT_DAYS) --out $(CERTS_DIR) >/dev/null
+
+crd: ## Regenerate manifests/base/crd-tracingpolicy.yaml from the Rust types (a test checks it)
+	$(CARGO) run --locked --quiet -- crd > manifests/base/crd-tracingpolicy.yaml
 
 # The self-signed overlay cannot build without certificates; make them once if missing.
 $(CERTS_DIR)/tls.crt:

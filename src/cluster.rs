@@ -241,13 +241,36 @@ pub fn api_resource() -> ApiResource {
     ApiResource::erase::<TracingPolicy>(&())
 }
 
-/// Connects with the in-cluster service account, or KUBECONFIG outside a cluster.
-pub async fn connect() -> Result<Client, ClusterError> {
-    Client::try_default().await.map_err(ClusterError::Connect)
+/// The API connection and the caches it fills: what `serve --watch-tracing-policies` starts.
+pub struct Watch {
+    client: Client,
+    caches: Caches,
+}
+
+impl Watch {
+    /// Configures the client from the in-cluster service account, or KUBECONFIG outside a
+    /// cluster. Nothing is requested yet: an unreachable API server is retried by [`Watch::run`].
+    pub async fn connect() -> Result<Watch, ClusterError> {
+        let client = Client::try_default().await.map_err(ClusterError::Connect)?;
+        Ok(Watch {
+            client,
+            caches: Caches::new(),
+        })
+    }
+
+    /// The read side, for the server's admission path and readiness.
+    pub fn cluster(&self) -> Arc<Cluster> {
+        self.caches.cluster()
+    }
+
+    /// Watches and writes statuses until the task is aborted.
+    pub async fn run(self) {
+        run(self.client, self.caches).await
+    }
 }
 
 /// Watches both resources into `caches` and writes statuses, until the task is aborted.
-pub async fn run(client: Client, mut caches: Caches) {
+async fn run(client: Client, mut caches: Caches) {
     let status_writer = tokio::spawn(write_statuses(client.clone(), caches.cluster()));
     let policies = watcher::watcher(
         Api::<DynamicObject>::all_with(client.clone(), &api_resource()),

@@ -50,9 +50,11 @@ use tracing::Instrument as _;
 
 use crate::admission;
 use crate::certs;
+use crate::cluster::{self, Cluster};
 use crate::mutate::Mode;
 use crate::policy::Policy;
 use crate::reload::{Change, FileSet};
+use crate::selection::{Fallback, Selected};
 use crate::telemetry::{self, LogFormat, Metrics, Rejection, ReloadKind};
 use crate::tls::{self, TlsPaths, TlsStore};
 
@@ -123,6 +125,14 @@ pub struct ServeArgs {
     /// changes; an invalid new version is refused and the previous one kept.
     #[arg(long, value_name = "FILE", env = "LIGHTSTEP_TEKTON_POLICY")]
     pub policy: Option<PathBuf>,
+
+    /// Choose each pod's policy among the cluster's TracingPolicies (watched, with the
+    /// namespaces' labels; needs the in-cluster service account or KUBECONFIG); --policy applies
+    /// where none matches. /readyz waits until both are listed.
+    #[arg(long, env = "LIGHTSTEP_TEKTON_WATCH_TRACING_POLICIES", value_name = "BOOL",
+          action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true")]
+    pub watch_tracing_policies: bool,
 
     /// Address of the plain-HTTP metrics endpoint (/metrics) [default: 0.0.0.0:9090;
     /// 127.0.0.1:9090 with --dev].
@@ -200,6 +210,8 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     pub tls: TlsPaths,
     pub policy: Option<PathBuf>,
+    /// Watch TracingPolicies and namespaces (see [`cluster`]).
+    pub watch_tracing_policies: bool,
     pub limits: Limits,
     pub reload_interval: Duration,
     pub shutdown_delay: Duration,
@@ -215,6 +227,7 @@ impl Settings {
             metrics_listen: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)),
             tls,
             policy: None,
+            watch_tracing_policies: false,
             limits: Limits::default(),
             reload_interval: Duration::from_millis(100),
             shutdown_delay: Duration::ZERO,
@@ -242,6 +255,8 @@ pub enum ServeError {
     Runtime(std::io::Error),
     #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// The policy being served, and the file it came from.
@@ -304,6 +319,8 @@ fn parse_policy(bytes: &[u8]) -> Result<Policy, String> {
 /// What the handlers share.
 struct AppState {
     policy: Arc<PolicyStore>,
+    /// The watch caches, with `--watch-tracing-policies`.
+    cluster: Option<Arc<Cluster>>,
     metrics: Arc<Metrics>,
     ready: AtomicBool,
     limits: Limits,
@@ -316,6 +333,7 @@ pub struct Server {
     metrics_listener: Option<TcpListener>,
     tls: Arc<TlsStore>,
     state: Arc<AppState>,
+    watch: Option<cluster::Watch>,
 }
 
 impl Server {
@@ -323,6 +341,10 @@ impl Server {
     pub async fn bind(settings: Settings) -> Result<Server, ServeError> {
         let tls = Arc::new(TlsStore::load(settings.tls.clone())?);
         let policy = Arc::new(PolicyStore::load(settings.policy.clone())?);
+        let watch = match settings.watch_tracing_policies {
+            true => Some(cluster::Watch::connect().await?),
+            false => None,
+        };
         let metrics = Arc::new(Metrics::new());
         metrics.set_certificate_expiry(tls.identity().not_after);
         let listener =
@@ -349,6 +371,7 @@ impl Server {
         };
         let state = Arc::new(AppState {
             policy,
+            cluster: watch.as_ref().map(|w| w.cluster()),
             metrics,
             ready: AtomicBool::new(false),
             limits: settings.limits.clone(),
@@ -359,6 +382,7 @@ impl Server {
             metrics_listener,
             tls,
             state,
+            watch,
         })
     }
 
@@ -387,7 +411,9 @@ impl Server {
             metrics_listener,
             tls,
             state,
+            watch,
         } = self;
+        let watcher = watch.map(|w| tokio::spawn(w.run()));
         let (drain_tx, drain_rx) = watch::channel(false);
         let permits = Arc::new(Semaphore::new(settings.limits.max_connections as usize));
 
@@ -408,6 +434,7 @@ impl Server {
             certificate_not_after = tls.identity().not_after,
             client_auth = settings.tls.client_ca.is_some(),
             policy = %settings.policy.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded default".into()),
+            watch_tracing_policies = watcher.is_some(),
             "serving"
         );
 
@@ -444,6 +471,9 @@ impl Server {
         poller.abort();
         if let Some(m) = metrics_server {
             m.abort();
+        }
+        if let Some(w) = watcher {
+            w.abort();
         }
     }
 }
@@ -770,10 +800,13 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if state.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ok\n").into_response()
-    } else {
+    if !state.ready.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else if state.cluster.as_ref().is_some_and(|c| !c.synced()) {
+        let waiting = "waiting for the first list of TracingPolicies and namespaces\n";
+        (StatusCode::SERVICE_UNAVAILABLE, waiting).into_response()
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
     }
 }
 
@@ -831,10 +864,16 @@ async fn admit(state: &AppState, mode: Mode, headers: &HeaderMap, body: Body) ->
 
     let started = Instant::now();
     let policy = state.policy.current();
+    let snapshot = state.cluster.as_ref().map(|c| c.snapshot());
+    // Cached state only: choosing a policy makes no API call.
+    let select = |namespace: &str| match (&state.cluster, &snapshot) {
+        (Some(cluster), Some(snapshot)) => cluster.select(snapshot, namespace, &policy),
+        _ => Selected::fallback(&policy, Fallback::NotWatching),
+    };
     // `review` is written not to panic; if a bug makes it, this request fails alone.
     let result = span.in_scope(|| {
         std::panic::catch_unwind(AssertUnwindSafe(|| {
-            admission::review(&bytes, &policy, mode)
+            admission::review_with(&bytes, mode, select)
         }))
     });
     match result {
@@ -926,6 +965,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ServeError> {
         metrics_listen: Some(metrics_listen),
         tls,
         policy: args.policy.clone(),
+        watch_tracing_policies: args.watch_tracing_policies,
         limits: Limits {
             max_body: MAX_BODY,
             max_connections: args.max_connections,
@@ -1054,6 +1094,7 @@ mod tests {
     fn state() -> Arc<AppState> {
         Arc::new(AppState {
             policy: Arc::new(PolicyStore::load(None).unwrap()),
+            cluster: None,
             metrics: Arc::new(Metrics::new()),
             ready: AtomicBool::new(true),
             limits: Limits::default(),

@@ -37,6 +37,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::admission::{Outcome, Reply};
 use crate::mutate::Mode;
+use crate::selection::Fallback;
 
 /// The name spans are reported under when `OTEL_SERVICE_NAME` does not say otherwise.
 const SERVICE_NAME: &str = env!("CARGO_PKG_NAME");
@@ -308,7 +309,7 @@ impl Metrics {
         let admissions = Family::<ModeOutcome, Counter>::default();
         registry.register(
             "admissions",
-            "AdmissionReviews answered, by mode (inject, enforce) and outcome (patched, skipped, denied, allowed-on-error)",
+            "AdmissionReviews answered, by mode (inject, enforce) and outcome (patched, skipped, denied, allowed-on-error, audited)",
             admissions.clone(),
         );
         let skips = Family::<ModeReason, Counter>::default();
@@ -467,6 +468,8 @@ pub fn record_admission(metrics: &Metrics, reply: &Reply, elapsed: Duration) {
                 mode = %mode,
                 decision = %decision,
                 duration_ms,
+                policy = (!reply.policy.is_empty()).then_some(reply.policy.as_str()),
+                policy_fallback = reply.fallback.filter(|f| *f != Fallback::NotWatching).map(Fallback::as_str),
                 skip_reason = reply.outcome.skip_reason(),
                 warnings,
                 patch_bytes = (reply.patch_bytes > 0).then_some(reply.patch_bytes),

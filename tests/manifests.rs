@@ -4,6 +4,9 @@
 //! reads, the certificates `certs` makes). A cluster would find a mismatch only at admission
 //! time, as failed TaskRuns; these tests find it before.
 //!
+//! The TracingPolicy CRD is checked against the code that generates it (and that it is a
+//! structural schema the API server accepts), and the RBAC against what the code needs.
+//!
 //! kubectl comes from `$KUBECTL` (default `kubectl`); `.ci/run` installs it on a fresh machine.
 
 use std::collections::BTreeMap;
@@ -19,10 +22,13 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use lightstep_tekton_webhook::certs;
 use lightstep_tekton_webhook::policy::Policy;
+use lightstep_tekton_webhook::tracing_policy::{self, TracingPolicy};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::Deserialize;
@@ -189,6 +195,9 @@ struct Install {
     config_maps: Vec<ConfigMap>,
     secrets: Vec<Secret>,
     webhook_configs: Vec<MutatingWebhookConfiguration>,
+    crds: Vec<CustomResourceDefinition>,
+    cluster_roles: Vec<ClusterRole>,
+    cluster_role_bindings: Vec<ClusterRoleBinding>,
     cert_manager: Vec<Value>,
 }
 
@@ -208,6 +217,15 @@ impl Install {
                 ("v1", "Secret") => install.secrets.push(typed(object)),
                 ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
                     install.webhook_configs.push(typed(object))
+                }
+                ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+                    install.crds.push(typed(object))
+                }
+                ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+                    install.cluster_roles.push(typed(object))
+                }
+                ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                    install.cluster_role_bindings.push(typed(object))
                 }
                 ("cert-manager.io/v1", "Issuer" | "Certificate") => {
                     assert!(object["metadata"]["name"].is_string(), "{object}");
@@ -305,6 +323,7 @@ fn check_common(install: &Install) {
     );
     assert_eq!(install.service_accounts.len(), 1);
     let account = &install.service_accounts[0];
+    // Only the webhook's own pods get the account's token (the Deployment asks for it).
     assert_eq!(account.automount_service_account_token, Some(false));
 
     // Deployment: two replicas, the ServiceAccount, spread, restricted security context.
@@ -315,7 +334,7 @@ fn check_common(install: &Install) {
     assert!(selects_pods(spec.selector.match_labels.as_ref().unwrap()));
     let pod = spec.template.spec.as_ref().unwrap();
     assert_eq!(pod.service_account_name, account.metadata.name);
-    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_eq!(pod.automount_service_account_token, Some(true));
     let spread = pod
         .topology_spread_constraints
         .as_ref()
@@ -471,6 +490,11 @@ fn check_common(install: &Install) {
         "manifests/base/policy.yaml drifted from src/default-policy.yaml"
     );
 
+    // The server watches TracingPolicies and namespaces, with the RBAC for exactly that.
+    assert_eq!(flags["watch-tracing-policies"], "true");
+    check_rbac(install, account);
+    check_crd(install);
+
     // No token anywhere in the install: only the example file holds a placeholder.
     assert!(
         install
@@ -480,6 +504,149 @@ fn check_common(install: &Install) {
     );
 
     check_webhooks(install);
+}
+
+/// The ClusterRole grants what the watch caches and the status writer use, nothing else (above
+/// all nothing on Secrets), and is bound to the webhook's ServiceAccount only.
+fn check_rbac(install: &Install, account: &ServiceAccount) {
+    assert_eq!(install.cluster_roles.len(), 1);
+    let role = &install.cluster_roles[0];
+    let rule = |group: &str, resource: &str, verbs: &[&str]| PolicyRule {
+        api_groups: Some(vec![group.to_string()]),
+        resources: Some(vec![resource.to_string()]),
+        verbs: verbs.iter().map(|v| v.to_string()).collect(),
+        ..PolicyRule::default()
+    };
+    let status = format!("{}/status", tracing_policy::PLURAL);
+    let expected = vec![
+        rule("", "namespaces", &["get", "list", "watch"]),
+        rule(
+            tracing_policy::GROUP,
+            tracing_policy::PLURAL,
+            &["get", "list", "watch"],
+        ),
+        rule(tracing_policy::GROUP, &status, &["update"]),
+    ];
+    assert_eq!(
+        role.rules.as_ref().unwrap(),
+        &expected,
+        "manifests/base/rbac.yaml: the ClusterRole must grant exactly what the webhook uses"
+    );
+    assert!(role.aggregation_rule.is_none());
+    let everything = serde_json::to_string(role).unwrap();
+    assert!(!everything.contains("secrets") && !everything.contains('*'));
+
+    assert_eq!(install.cluster_role_bindings.len(), 1);
+    let binding = &install.cluster_role_bindings[0];
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(binding.role_ref.api_group, "rbac.authorization.k8s.io");
+    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
+    let subjects = binding.subjects.as_ref().unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(Some(&subjects[0].name), account.metadata.name.as_ref());
+    assert_eq!(subjects[0].namespace, account.metadata.namespace);
+}
+
+/// The installed CRD is the one the code generates, names what the code and the RBAC use, and
+/// is a structural schema (the API server refuses a v1 CRD whose schema is not).
+fn check_crd(install: &Install) {
+    assert_eq!(install.crds.len(), 1);
+    let crd = &install.crds[0];
+    assert_eq!(
+        crd,
+        &tracing_policy::crd(),
+        "manifests/base/crd-tracingpolicy.yaml differs from the code; regenerate it with `make crd` \
+         (`cargo run --quiet -- crd > manifests/base/crd-tracingpolicy.yaml`)"
+    );
+    let spec = &crd.spec;
+    assert_eq!(spec.group, tracing_policy::GROUP);
+    assert_eq!(spec.names.plural, tracing_policy::PLURAL);
+    assert_eq!(spec.names.kind, tracing_policy::KIND);
+    assert_eq!(spec.scope, "Cluster");
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some(format!("{}.{}", tracing_policy::PLURAL, tracing_policy::GROUP).as_str())
+    );
+    assert_eq!(spec.versions.len(), 1);
+    let version = &spec.versions[0];
+    assert_eq!(version.name, tracing_policy::VERSION);
+    assert!(version.served && version.storage);
+    assert!(
+        version.subresources.as_ref().unwrap().status.is_some(),
+        "status is a subresource: the RBAC grants update on tracingpolicies/status only"
+    );
+    {
+        use kube::Resource as _;
+        assert_eq!(TracingPolicy::group(&()), tracing_policy::GROUP);
+        assert_eq!(TracingPolicy::plural(&()), tracing_policy::PLURAL);
+        assert_eq!(TracingPolicy::version(&()), tracing_policy::VERSION);
+    }
+    let schema = serde_json::to_value(
+        version
+            .schema
+            .as_ref()
+            .unwrap()
+            .open_api_v3_schema
+            .as_ref()
+            .unwrap(),
+    )
+    .unwrap();
+    check_structural(&schema, "openAPIV3Schema", true);
+}
+
+/// The rules of a structural schema that a generated schema could break (Kubernetes'
+/// apiextensions validation): every node has a type, `properties` and `additionalProperties`
+/// are not combined, and no `anyOf`/`oneOf`/`allOf`/`not` carries types, defaults or nullability.
+fn check_structural(node: &Value, at: &str, typed_required: bool) {
+    let object = node
+        .as_object()
+        .unwrap_or_else(|| panic!("{at}: not an object"));
+    let preserves = object.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true))
+        || object.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true));
+    if typed_required && !preserves {
+        assert!(object.contains_key("type"), "{at}: no type");
+    }
+    assert!(
+        !(object.contains_key("properties") && object.contains_key("additionalProperties")),
+        "{at}: properties and additionalProperties together"
+    );
+    assert_ne!(
+        object.get("additionalProperties"),
+        Some(&Value::Bool(false)),
+        "{at}: additionalProperties: false"
+    );
+    if let Some(values) = object.get("enum") {
+        assert!(
+            values.as_array().unwrap().iter().all(|v| !v.is_null()),
+            "{at}: null in enum"
+        );
+    }
+    for key in ["$ref", "definitions", "$schema"] {
+        assert!(!object.contains_key(key), "{at}: {key}");
+    }
+    for (key, child) in object {
+        match key.as_str() {
+            "properties" => {
+                for (name, property) in child.as_object().unwrap() {
+                    check_structural(property, &format!("{at}.{name}"), typed_required);
+                }
+            }
+            "items" | "additionalProperties" if child.is_object() => {
+                check_structural(child, &format!("{at}[]"), typed_required)
+            }
+            "anyOf" | "oneOf" | "allOf" => {
+                for (i, branch) in child.as_array().unwrap().iter().enumerate() {
+                    let branch_at = format!("{at}.{key}[{i}]");
+                    for banned in ["type", "nullable", "default", "additionalProperties"] {
+                        assert!(branch.get(banned).is_none(), "{branch_at}: {banned}");
+                    }
+                    check_structural(branch, &branch_at, false);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 fn check_webhooks(install: &Install) {
@@ -794,6 +961,41 @@ fn rotating_with_certs_keeps_the_previous_ca_trusted_for_one_round() {
 }
 
 #[test]
+fn crd_file_is_what_the_crd_command_prints() {
+    let output = Command::new(BIN).arg("crd").output().unwrap();
+    assert!(output.status.success());
+    let printed = String::from_utf8(output.stdout).unwrap();
+    let file = fs::read_to_string(manifests_dir().join("base/crd-tracingpolicy.yaml")).unwrap();
+    assert!(
+        printed == file,
+        "manifests/base/crd-tracingpolicy.yaml is not what `lightstep-tekton-webhook crd` prints; \
+         regenerate it with `make crd` (`cargo run --quiet -- crd > manifests/base/crd-tracingpolicy.yaml`)"
+    );
+    // And what it prints is a CRD k8s-openapi reads, equal to the generated one.
+    let crd: CustomResourceDefinition = serde_norway::from_str(&printed).unwrap();
+    assert_eq!(crd, tracing_policy::crd());
+}
+
+#[test]
+fn example_tracing_policy_decodes_and_is_valid() {
+    let text = fs::read_to_string(manifests_dir().join("tracingpolicy.example.yaml")).unwrap();
+    let value: Value = serde_norway::from_str(&text).unwrap();
+    let policy = tracing_policy::decode(value).unwrap();
+    let resolved = tracing_policy::resolve(&policy).unwrap();
+    assert_eq!(resolved.mode, tracing_policy::PolicyMode::Audit);
+    // Not part of any kustomization: applying the install never turns on a policy.
+    for kustomization in ["base", "overlays/cert-manager", "overlays/self-signed"] {
+        let k = fs::read_to_string(
+            manifests_dir()
+                .join(kustomization)
+                .join("kustomization.yaml"),
+        )
+        .unwrap();
+        assert!(!k.contains("tracingpolicy.example"), "{kustomization}");
+    }
+}
+
+#[test]
 fn example_token_secret_matches_the_default_policy_and_holds_no_token() {
     let text = fs::read_to_string(manifests_dir().join("base/token-secret.example.yaml")).unwrap();
     let object: Value = serde_norway::from_str(&text).unwrap();
@@ -898,6 +1100,10 @@ fn serve_like_the_deployment(install: &Install, tmp: &TempDir) -> Served {
             }
             if arg.starts_with("--metrics-listen=") {
                 return format!("--metrics-listen={metrics}");
+            }
+            // There is no API server here; tests/cluster.rs covers the watch caches.
+            if arg.starts_with("--watch-tracing-policies=") {
+                return "--watch-tracing-policies=false".to_string();
             }
             let mut arg = arg.clone();
             for (mount_path, dir) in &mapped {

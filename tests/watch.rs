@@ -1,0 +1,451 @@
+//! `serve --watch-tracing-policies` against a stand-in API server: the binary lists and watches
+//! TracingPolicies and namespaces through kube's client, turns ready only once both lists are
+//! in, decides from what it saw, writes each policy's status, and asks the API server for
+//! nothing the install's ClusterRole does not grant.
+//!
+//! The stand-in speaks just enough of the Kubernetes API over plain HTTP (a kubeconfig points
+//! the binary at it): list and watch for the two resources, and PUT on the status subresource.
+//! Its watches stay open and silent, as a quiet cluster's do.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde::Deserialize as _;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lightstep-tekton-webhook");
+/// How long any wait may take before the test fails: far above what any step needs.
+const DEADLINE: Duration = Duration::from_secs(60);
+const POLICIES: &str = "/apis/lightstep-tekton.io/v1alpha1/tracingpolicies";
+const NAMESPACES: &str = "/api/v1/namespaces";
+
+/// One request the stand-in received.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    query: String,
+    body: Vec<u8>,
+}
+
+/// The stand-in API server: answers lists once `open` is set, keeps watches open.
+struct FakeApi {
+    addr: SocketAddr,
+    open: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl FakeApi {
+    fn start(policies: Vec<Value>, namespaces: Vec<Value>) -> FakeApi {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (o, s) = (open.clone(), seen.clone());
+        let lists = Arc::new((policies, namespaces));
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (o, s, lists) = (o.clone(), s.clone(), lists.clone());
+                std::thread::spawn(move || serve_connection(stream, &o, &s, &lists));
+            }
+        });
+        FakeApi { addr, open, seen }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn serve_connection(
+    stream: TcpStream,
+    open: &AtomicBool,
+    seen: &Mutex<Vec<Seen>>,
+    lists: &(Vec<Value>, Vec<Value>),
+) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or_default().to_string();
+        let target = parts.next().unwrap_or_default().to_string();
+        let mut length = 0;
+        loop {
+            let mut header = String::new();
+            reader.read_line(&mut header).unwrap();
+            if header.trim().is_empty() {
+                break;
+            }
+            if let Some((k, v)) = header.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap();
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let request = Seen {
+            method: method.clone(),
+            path: path.to_string(),
+            query: query.to_string(),
+            body: body.clone(),
+        };
+        seen.lock().unwrap().push(request);
+        let watching = query
+            .split('&')
+            .any(|p| p == "watch=true" || p == "watch=1");
+        if method == "GET" && (path == POLICIES || path == NAMESPACES) {
+            while !open.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if watching {
+                // A quiet cluster: the watch stays open and sends nothing.
+                let _ = writer.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+                );
+                std::thread::sleep(Duration::from_secs(600));
+                return;
+            }
+            let list = if path == POLICIES {
+                json!({"apiVersion": "lightstep-tekton.io/v1alpha1", "kind": "TracingPolicyList",
+                       "metadata": {"resourceVersion": "10"}, "items": lists.0})
+            } else {
+                json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+                       "metadata": {"resourceVersion": "10"}, "items": lists.1})
+            };
+            respond(&mut writer, 200, &serde_json::to_vec(&list).unwrap());
+        } else if method == "PUT" && path.starts_with(POLICIES) && path.ends_with("/status") {
+            respond(&mut writer, 200, &body);
+        } else {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                "code": 404, "reason": "NotFound", "message": "not here"});
+            respond(&mut writer, 404, &serde_json::to_vec(&status).unwrap());
+        }
+    }
+}
+
+fn respond(writer: &mut TcpStream, code: u16, body: &[u8]) {
+    let head = format!(
+        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let _ = writer.write_all(head.as_bytes());
+    let _ = writer.write_all(body);
+}
+
+/// A scratch directory removed at the end of the test.
+struct TestDir(PathBuf);
+
+impl TestDir {
+    fn new() -> TestDir {
+        let dir = std::env::temp_dir().join(format!("ltw-watch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TestDir(dir)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Served(Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// One HTTPS request (connection closed after it); the status and the body.
+fn https(
+    addr: SocketAddr,
+    ca: &[u8],
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connection =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("127.0.0.1").unwrap())
+            .unwrap();
+    let mut tls = rustls::StreamOwned::new(connection, TcpStream::connect(addr)?);
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes())?;
+    tls.write_all(body)?;
+    let mut response = Vec::new();
+    match tls.read_to_end(&mut response) {
+        Ok(_) => {}
+        // The server closes without close_notify after `Connection: close`; what came is whole.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => return Err(e),
+    }
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete response");
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = response[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(end) = data.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..end]).unwrap().trim(), 16).unwrap();
+        data = &data[end + 2..];
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+    out
+}
+
+fn policy(name: &str, generation: i64, spec: Value) -> Value {
+    json!({"apiVersion": "lightstep-tekton.io/v1alpha1", "kind": "TracingPolicy",
+           "metadata": {"name": name, "generation": generation, "resourceVersion": "7",
+                        "uid": format!("uid-{name}")},
+           "spec": spec})
+}
+
+fn namespace(name: &str, labels: &[(&str, &str)]) -> Value {
+    let mut all: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    all.insert("kubernetes.io/metadata.name", name);
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+           "metadata": {"name": name, "labels": all}})
+}
+
+/// Whether the install's ClusterRole grants a request: (API group, resource, verb).
+fn granted(role: &ClusterRole, group: &str, resource: &str, verb: &str) -> bool {
+    role.rules.iter().flatten().any(|r| {
+        r.api_groups.iter().flatten().any(|g| g == group)
+            && r.resources.iter().flatten().any(|x| x == resource)
+            && r.verbs.iter().any(|v| v == verb)
+    })
+}
+
+fn install_cluster_role() -> ClusterRole {
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("manifests/base/rbac.yaml"),
+    )
+    .unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .find(|v| v["kind"] == "ClusterRole")
+        .map(|v| serde_json::from_value(v).unwrap())
+        .expect("a ClusterRole in rbac.yaml")
+}
+
+fn eventually<T>(what: &str, log: &dyn Fn() -> String, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "never: {what}\n{}", log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn serve_watches_decides_from_the_caches_writes_status_and_stays_within_its_rbac() {
+    let api = FakeApi::start(
+        vec![
+            policy(
+                "prod",
+                3,
+                json!({"priority": 10, "namespaceSelector": {"matchLabels": {"env": "prod"}},
+                       "profile": "otlp", "exporter": {"endpoint": "http://collector.obs:4317"}}),
+            ),
+            policy("broken", 2, json!({"sampling": {"ratio": 5}})),
+        ],
+        vec![
+            namespace(
+                "ci-prod",
+                &[("env", "prod"), ("lightstep-tekton.io/inject", "enabled")],
+            ),
+            namespace("ci-dev", &[("env", "dev")]),
+        ],
+    );
+    let dir = TestDir::new();
+    let kubeconfig = dir.0.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{}\"}}\n\
+             users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\n\
+             current-context: fake\n",
+            api.addr
+        ),
+    )
+    .unwrap();
+    let (listen, metrics) = (free_port(), free_port());
+    let log_path = dir.0.join("serve.log");
+    let served = Served(
+        Command::new(BIN)
+            .args(["serve", "--dev", "--watch-tracing-policies"])
+            .arg(format!("--dev-dir={}", dir.0.join("certs").display()))
+            .arg(format!("--listen={listen}"))
+            .arg(format!("--metrics-listen={metrics}"))
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info")
+            .env_remove("LIGHTSTEP_TEKTON_POLICY")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let ca_path = dir.0.join("certs/ca.crt");
+    let ca = eventually("the dev CA", &log, || std::fs::read(&ca_path).ok());
+
+    // Serving, but not ready: the lists have not been answered.
+    let (status, body) = eventually("the listener", &log, || {
+        https(listen, &ca, "GET", "/readyz", b"").ok()
+    });
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(https(listen, &ca, "GET", "/readyz", b"").unwrap().0, 503);
+
+    api.open.store(true, Ordering::SeqCst);
+    eventually("ready", &log, || {
+        (https(listen, &ca, "GET", "/readyz", b"").ok()?.0 == 200).then_some(())
+    });
+
+    // Decisions come from the caches: the TracingPolicy in ci-prod, the default in ci-dev.
+    let object = fixture("tekton-taskrun-standalone.json")["request"]["object"].clone();
+    let reads = || api.seen().iter().filter(|r| r.method == "GET").count();
+    let reads_before = reads();
+    for (ns, expected_prefix) in [("ci-prod", "prod@gen3/"), ("ci-dev", "lightstep-default@")] {
+        let (status, body) = https(
+            listen,
+            &ca,
+            "POST",
+            "/mutate",
+            &review_of("uid-w", ns, &object),
+        )
+        .unwrap();
+        assert_eq!(status, 200);
+        let (_, patch) = check_reply(&body, "uid-w");
+        let pod = validated_pod(&apply(&object, &patch));
+        let marker = &pod.metadata.annotations.as_ref().unwrap()["lightstep-tekton.io/injected"];
+        assert!(marker.starts_with(expected_prefix), "{ns}: {marker}");
+    }
+    assert_eq!(reads(), reads_before, "admission read from the API server");
+
+    // Each policy's status is written: valid with its count, or invalid naming the field.
+    let statuses = eventually("both statuses written", &log, || {
+        let puts: BTreeMap<String, Value> = api
+            .seen()
+            .into_iter()
+            .filter(|r| r.method == "PUT")
+            .map(|r| (r.path.clone(), serde_json::from_slice(&r.body).unwrap()))
+            .collect();
+        (puts.len() == 2).then_some(puts)
+    });
+    let prod = &statuses[&format!("{POLICIES}/prod/status")];
+    assert_eq!(
+        prod["metadata"]["resourceVersion"], "7",
+        "a conditional write"
+    );
+    assert_eq!(prod["kind"], "TracingPolicy");
+    assert_eq!(prod["status"]["matchedNamespaces"], 1);
+    assert_eq!(prod["status"]["conditions"][0]["status"], "True");
+    assert_eq!(prod["status"]["conditions"][0]["observedGeneration"], 3);
+    let broken = &statuses[&format!("{POLICIES}/broken/status")];
+    assert_eq!(broken["status"]["conditions"][0]["status"], "False");
+    assert!(
+        broken["status"]["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.sampling.ratio")
+    );
+
+    // Every call the server made is one the ClusterRole grants.
+    let seen = api.seen();
+    let role = install_cluster_role();
+    for r in &seen {
+        let watch = r
+            .query
+            .split('&')
+            .any(|p| p == "watch=true" || p == "watch=1");
+        let (group, resource, verb) = match (r.method.as_str(), r.path.as_str()) {
+            ("GET", NAMESPACES) => ("", "namespaces", if watch { "watch" } else { "list" }),
+            ("GET", POLICIES) => (
+                "lightstep-tekton.io",
+                "tracingpolicies",
+                if watch { "watch" } else { "list" },
+            ),
+            ("PUT", p) if p.starts_with(POLICIES) && p.ends_with("/status") => {
+                ("lightstep-tekton.io", "tracingpolicies/status", "update")
+            }
+            other => panic!("unexpected API request {other:?}"),
+        };
+        assert!(
+            granted(&role, group, resource, verb),
+            "{} {}?{} needs {verb} on {group}/{resource}, which rbac.yaml does not grant",
+            r.method,
+            r.path,
+            r.query
+        );
+    }
+    // Both watches were started (not only the lists).
+    for path in [POLICIES, NAMESPACES] {
+        assert!(
+            seen.iter()
+                .any(|r| r.path == path && r.query.contains("watch=")),
+            "no watch on {path}"
+        );
+    }
+    drop(served);
+}
