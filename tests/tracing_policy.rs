@@ -12,6 +12,7 @@ use lightstep_tekton_webhook::admission::{self, Outcome};
 use lightstep_tekton_webhook::mutate::{MARKER_ANNOTATION, Mode};
 use lightstep_tekton_webhook::policy::Policy;
 use lightstep_tekton_webhook::selection::{self, Choice, Fallback, Snapshot};
+use lightstep_tekton_webhook::telemetry;
 use lightstep_tekton_webhook::tracing_policy::{
     self, InvalidKind, PolicyMode, Resolved, TracingPolicy, TracingPolicyStatus, desired_status,
     status_differs,
@@ -566,6 +567,22 @@ fn audit_patches_nothing_warns_and_counts_on_every_fixture_and_both_paths() {
         }
     }
     assert!(audited >= 12, "only {audited} audited");
+
+    // Counted apart from patched pods in the metrics.
+    let (reply, _, _) = admit(
+        "tekton-taskrun-standalone.json",
+        &audit,
+        &prod,
+        Mode::Inject,
+    );
+    let metrics = telemetry::Metrics::new();
+    telemetry::record_admission(&metrics, &reply, std::time::Duration::from_micros(80));
+    let text = metrics.encode();
+    assert!(
+        text.contains("admissions_total{mode=\"inject\",outcome=\"audited\"} 1"),
+        "{text}"
+    );
+    assert!(!text.contains("outcome=\"patched\""), "{text}");
 }
 
 #[test]
