@@ -2,7 +2,7 @@
 //! labels and the fallback (the `--policy` file, or the embedded default).
 //!
 //! The rule, in full:
-//! 1. Only valid TracingPolicies take part (those [`tracing_policy::resolve`] accepts); an
+//! 1. Only valid TracingPolicies take part (those [`crate::tracing_policy::resolve`] accepts); an
 //!    invalid one never applies, whatever its priority.
 //! 2. Among those whose `namespaceSelector` matches the namespace's labels, the highest
 //!    `priority` wins.
