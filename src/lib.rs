@@ -12,6 +12,26 @@
 //! with a Kubernetes client, keeps them and the namespaces' labels in watch caches. The preview
 //! command ([`preview`]) runs the same path on a file so platform teams can see a patch before
 //! they install anything.
+//!
+//! The whole decision, as the server runs it for one review:
+//!
+//! ```
+//! use lightstep_tekton_webhook::admission::{self, Outcome};
+//! use lightstep_tekton_webhook::mutate::Mode;
+//! use lightstep_tekton_webhook::policy::Policy;
+//!
+//! let review = br#"{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+//!   "request": {"uid": "7f0c", "namespace": "ci", "operation": "CREATE",
+//!     "kind": {"group": "", "version": "v1", "kind": "Pod"},
+//!     "object": {"metadata": {"name": "build-pod", "labels": {
+//!         "tekton.dev/taskRun": "build", "tekton.dev/taskRunUID": "0b5c1e9a"}},
+//!       "spec": {"containers": [{"name": "step-compile", "image": "golang"}]}}}}"#;
+//! let reply = admission::review(review, &Policy::embedded_default(), Mode::Inject).unwrap();
+//! assert_eq!(reply.outcome, Outcome::Patched);
+//! assert_eq!(reply.uid, "7f0c");
+//! let body = String::from_utf8(reply.body).unwrap();
+//! assert!(body.contains(r#""patchType":"JSONPatch""#));
+//! ```
 #![forbid(unsafe_code)]
 
 pub mod admission;
