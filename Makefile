@@ -17,9 +17,13 @@ IMAGE ?= ghcr.io/lightstep/lightstep-tekton-webhook:0.1.0
 # Arguments for the load tool, e.g. LOAD_ARGS="--scenario throughput --concurrency 32";
 # none runs its three standard scenarios (`cargo bench --bench load -- --help`).
 LOAD_ARGS ?=
+# Seconds per fuzz target for `make fuzz`, and arguments for the soak run, e.g.
+# SOAK_ARGS="--duration 600 --rate 400" (`cargo bench --bench soak -- --help`).
+FUZZ_SECONDS ?= 120
+SOAK_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help build test lint run certs crd manifests deploy undeploy bench image
+.PHONY: help build test lint run certs crd manifests deploy undeploy bench soak fuzz image
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -67,6 +71,20 @@ undeploy: $(if $(filter self-signed,$(OVERLAY)),$(CERTS_DIR)/tls.crt) ## Delete 
 bench: ## Benchmark the decision (criterion), then load-test the HTTPS server (LOAD_ARGS=...)
 	$(CARGO) bench --locked --bench decide
 	$(CARGO) bench --locked --bench load -- $(LOAD_ARGS)
+
+soak: ## Soak two replicas for 3 minutes under rotation, policy rewrites and restarts (SOAK_ARGS=...)
+	$(CARGO) bench --locked --bench soak -- $(SOAK_ARGS)
+
+# cargo-fuzz on the nightly toolchain (`cargo install cargo-fuzz --locked`). No sanitizer: the
+# crate forbids unsafe code, and without ASan the targets run several times faster. The seeds are
+# committed in fuzz/seeds/; what libFuzzer finds goes to fuzz/corpus/ and fuzz/artifacts/.
+FUZZ_RUN = cargo +nightly fuzz run --sanitizer none --debug-assertions
+fuzz: ## Fuzz the review path and the policy parser, FUZZ_SECONDS each (nightly, cargo-fuzz)
+	@mkdir -p fuzz/corpus/review fuzz/corpus/policy
+	$(FUZZ_RUN) review $(CURDIR)/fuzz/corpus/review $(CURDIR)/fuzz/seeds/review -- -dict=$(CURDIR)/fuzz/review.dict \
+		-timeout=10 -rss_limit_mb=2048 -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
+	$(FUZZ_RUN) policy $(CURDIR)/fuzz/corpus/policy $(CURDIR)/fuzz/seeds/policy -- -dict=$(CURDIR)/fuzz/policy.dict \
+		-timeout=10 -rss_limit_mb=2048 -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
 
 image: ## Build the container image (needs Docker with BuildKit)
 	$(DOCKER) build -t $(IMAGE) .

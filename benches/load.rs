@@ -34,12 +34,10 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::AsyncBufReadExt as _;
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
+
+mod https;
+use https::{client_config, connect};
 
 /// The "16 KB fixtures" are the Tekton pods between these sizes (14 to 28 KB): the plain pods
 /// (3 KB, skipped at once) would flatter the figures, and the 40-step pod (360 KB) is its own
@@ -232,7 +230,7 @@ async fn run(args: Args) -> Result<(), String> {
         );
     }
     if let Some(pid) = pid {
-        match peak_rss_kib(pid) {
+        match https::proc_status_kib(pid, "VmHWM") {
             Some(kib) => {
                 let mb = kib as f64 * 1024.0 / 1e6;
                 let ok = mb < 50.0;
@@ -350,7 +348,7 @@ async fn drive(
         let fixtures = fixtures.clone();
         let path = path.to_owned();
         tasks.push(tokio::spawn(async move {
-            let mut sender = connect(addr, &tls).await?;
+            let mut sender = connect(addr, &tls).await.map_err(|e| e.to_string())?;
             let mut latencies = Vec::new();
             let mut errors = 0usize;
             let mut next = worker;
@@ -386,7 +384,7 @@ async fn drive(
                 } else {
                     errors += 1;
                     // A broken connection is replaced so the run goes on.
-                    sender = connect(addr, &tls).await?;
+                    sender = connect(addr, &tls).await.map_err(|e| e.to_string())?;
                 }
             }
             Ok::<_, String>((latencies, errors))
@@ -407,54 +405,6 @@ async fn drive(
         seconds,
         latencies,
     })
-}
-
-async fn connect(
-    addr: SocketAddr,
-    tls: &Arc<rustls::ClientConfig>,
-) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let stream = TlsConnector::from(tls.clone())
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .map_err(|e| format!("TLS to {addr}: {e}"))?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    Ok(sender)
-}
-
-fn client_config(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots
-            .add(cert.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Arc::new(config))
-}
-
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// The server this tool started.
