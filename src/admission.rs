@@ -230,7 +230,7 @@ pub fn review_with<'p>(
         });
     }
     let review: ReviewIn<&RawValue> =
-        serde_json::from_slice(body).map_err(|e| BadRequest::Json(e.to_string()))?;
+        serde_json::from_slice(body).map_err(|e| BadRequest::Json(without_values(&e)))?;
     let (reply, request) = accept(review, mode)?;
     let Some(request) = request else {
         return Ok(respond(reply, None));
@@ -246,7 +246,7 @@ pub fn review_with<'p>(
             }
             Some(Err(e)) => fail(
                 choose(reply, None, select).0,
-                format!("pod could not be decoded: {e}"),
+                format!("pod could not be decoded: {}", without_values(&e)),
             ),
             None => fail(
                 choose(reply, None, select).0,
@@ -284,8 +284,8 @@ fn choose<'p>(
 fn accept<O>(review: ReviewIn<O>, mode: Mode) -> Result<(Reply, Option<RequestIn<O>>), BadRequest> {
     if review.api_version != API_VERSION || review.kind != KIND {
         return Err(BadRequest::NotAdmissionReview {
-            api_version: review.api_version,
-            kind: review.kind,
+            api_version: clipped(review.api_version),
+            kind: clipped(review.kind),
         });
     }
     let request = review.request.ok_or(BadRequest::NoRequest)?;
@@ -432,6 +432,49 @@ fn audit_message(marker: &str, decision: &Decision) -> String {
     )
 }
 
+/// A caller's string as quoted in an error: enough to recognise, not megabytes into the log.
+fn clipped(mut s: String) -> String {
+    const MAX: usize = 64;
+    if s.len() > MAX {
+        let mut cut = MAX;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+/// A decoding error without the values it quotes. serde's messages quote the offending string
+/// (`invalid type: string "…", expected a sequence`), and these messages go to the log and to
+/// the caller: whatever a caller put in a mistyped field (a token, megabytes of text) must not be
+/// copied there. Found by the secret-grep test in tests/server.rs.
+fn without_values(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    let mut out = String::with_capacity(message.len().min(256));
+    let mut quote = None;
+    for c in message.chars() {
+        match quote {
+            Some(q) if c == q => {
+                out.push(c);
+                quote = None;
+            }
+            Some(_) => {}
+            None => {
+                if c == '"' || c == '`' {
+                    out.push(c);
+                    out.push('…');
+                    quote = Some(c);
+                } else {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Prefixes a warning with the webhook's name and keeps it within the API server's guideline.
 fn warning(message: &str) -> String {
     let mut w = format!("{WARNING_PREFIX}{message}");
@@ -557,6 +600,27 @@ mod tests {
             .unwrap();
         assert_eq!(patch.len(), reply.patch_bytes);
         let _: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    }
+
+    #[test]
+    fn decoding_errors_do_not_quote_the_input() {
+        let secret = "lsat_7Hq2v9XkR4mN8pW3zL6yT1cB5dJ0fG2s";
+        let body = review_of(json!({"metadata": {"name": "p"}, "spec": {"containers": secret}}));
+        let reply = review(&body, &policy(), Mode::Enforce).unwrap();
+        let error = reply.error.unwrap();
+        assert!(error.contains("expected a sequence"), "{error}");
+        assert!(!error.contains(secret), "{error}");
+        let bad = format!(
+            r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":"{secret}"}}"#
+        );
+        let err = review(bad.as_bytes(), &policy(), Mode::Inject).unwrap_err();
+        assert!(matches!(err, BadRequest::Json(_)), "{err}");
+        assert!(!err.to_string().contains(secret), "{err}");
+        // A wrong apiVersion is quoted, but only its start.
+        let long = "x".repeat(1 << 20);
+        let bad = format!(r#"{{"apiVersion":"{long}","kind":"AdmissionReview"}}"#);
+        let err = review(bad.as_bytes(), &policy(), Mode::Inject).unwrap_err();
+        assert!(err.to_string().len() < 300, "{err}");
     }
 
     #[test]

@@ -74,6 +74,11 @@ const DEV_METRICS_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCA
 /// the loop does not spin while connections close.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// Largest request head (request line and headers) accepted; more gets 431 and the connection
+/// is closed. The API server sends a few hundred bytes; hyper's own bound would be its ~400 KB
+/// read buffer. (hyper also answers 431 past 100 headers, its default, kept.)
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
 /// Bytes read from the socket at a time. rustls reads 4 KiB at a time; a buffer under it turns
 /// the five `recvfrom` calls of a 16 KB review into one. 32 KiB per connection is 8 MiB at the
 /// default connection limit.
@@ -585,6 +590,7 @@ impl Connection {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
+            .max_header_size(MAX_HEADER_BYTES)
             .keep_alive(true);
         let writes = Arc::new(WriteClock::new());
         let conn = http.serve_connection(

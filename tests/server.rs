@@ -1007,3 +1007,380 @@ async fn a_client_that_stops_reading_its_replies_is_cut_off() {
     let (status, _) = post_once(server.addr, &config, "/mutate", fixtures()[0].1.clone()).await;
     assert_eq!(status, 200);
 }
+
+/// More silent connections than `--max-connections` (some after their TLS handshake, the rest
+/// not even that) cannot keep an honest client out: each holds its slot only until its timeout,
+/// then it is cut off, and the client waiting in the accept queue is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_beyond_the_limit_cannot_starve_a_client() {
+    const SLOTS: u32 = 4;
+    let dir = TestDir::new("idle");
+    let b = bundle();
+    let mut settings = Settings::local(write_pair(&dir, &b));
+    settings.limits.max_connections = SLOTS;
+    settings.limits.handshake_timeout = Duration::from_secs(1);
+    settings.limits.header_timeout = Duration::from_secs(1);
+    let server = Running::start(settings).await;
+    let config = client_config(&[&b.ca_cert_pem], None);
+
+    // Every slot taken by a client that completed TLS and then sends nothing...
+    let mut silent_tls = Vec::new();
+    for _ in 0..SLOTS {
+        silent_tls.push(connect(server.addr, &config).await.unwrap());
+    }
+    // ...and twice as many behind them in the accept queue that never start TLS.
+    let mut silent_tcp = Vec::new();
+    for _ in 0..2 * SLOTS {
+        silent_tcp.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+
+    // The honest client queues behind all of them and is served once their timeouts free slots.
+    let body = fixtures()[0].1.clone();
+    let (status, _) =
+        tokio::time::timeout(DEADLINE, post_once(server.addr, &config, "/mutate", body))
+            .await
+            .expect("an honest client was kept out by idle connections");
+    assert_eq!(status, 200);
+
+    // Every silent connection was cut off (EOF or reset), none is held open.
+    for mut s in silent_tls {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "a silent TLS connection was kept open");
+    }
+    for mut s in silent_tcp {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "a silent TCP connection was kept open");
+    }
+    eventually("no connection left open", || async {
+        server
+            .metric("lightstep_tekton_webhook_open_connections")
+            .await
+            == 0.0
+    })
+    .await;
+    assert!(
+        server
+            .metric("lightstep_tekton_webhook_tls_handshake_failures_total")
+            .await
+            >= (2 * SLOTS) as f64
+    );
+}
+
+/// A request head over `MAX_HEADER_BYTES` gets 431 and its connection closed; others are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_head_is_refused() {
+    use lightstep_tekton_webhook::server::MAX_HEADER_BYTES;
+    let dir = TestDir::new("big-head");
+    let b = bundle();
+    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let config = client_config(&[&b.ca_cert_pem], None);
+
+    let mut s = connect(server.addr, &config).await.unwrap();
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nhost: x\r\nx-padding: {}\r\ncontent-length: 0\r\n\r\n",
+        "a".repeat(MAX_HEADER_BYTES + 1)
+    );
+    // The server may answer and close before it has read all of it.
+    let _ = s.write_all(head.as_bytes()).await;
+    let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut s))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 431);
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
+        .await
+        .expect("the connection is closed after 431");
+
+    // A head just under the limit is fine.
+    let mut ok = Client::connect(server.addr, &config).await.unwrap();
+    let request = hyper::Request::post("/mutate")
+        .header("host", "localhost")
+        .header("x-padding", "a".repeat(MAX_HEADER_BYTES / 2))
+        .body(Full::new(Bytes::from(fixtures()[0].1.clone())))
+        .unwrap();
+    let response = ok.sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+/// TLS 1.2 is offered only with AEAD suites (each TLS 1.2 suite the client knows is tried
+/// alone); TLS 1.3 works; and the only application protocol is HTTP/1.1: a client that offers
+/// ALPN `h2` only is refused, one that offers both gets `http/1.1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_offers_aead_suites_on_1_2_and_1_3_and_http1_only() {
+    let dir = TestDir::new("tls-params");
+    let b = bundle();
+    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(b.ca_cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let client = |suites: Vec<rustls::SupportedCipherSuite>,
+                  versions: &[&'static rustls::SupportedProtocolVersion],
+                  alpn: &[&[u8]]| {
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: suites,
+            ..rustls::crypto::ring::default_provider()
+        };
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    };
+
+    let mut accepted = Vec::new();
+    for suite in rustls::crypto::ring::ALL_CIPHER_SUITES {
+        if suite.version() != &rustls::version::TLS12 {
+            continue;
+        }
+        let config = client(vec![*suite], &[&rustls::version::TLS12], &[]);
+        if let Ok(tls) = connect(server.addr, &config).await {
+            let (_, conn) = tls.get_ref();
+            assert_eq!(
+                conn.protocol_version(),
+                Some(rustls::ProtocolVersion::TLSv1_2)
+            );
+            let negotiated = conn.negotiated_cipher_suite().unwrap().suite();
+            let name = format!("{negotiated:?}");
+            assert!(
+                name.contains("_GCM_") || name.contains("CHACHA20_POLY1305"),
+                "TLS 1.2 suite without AEAD: {name}"
+            );
+            accepted.push(name);
+        }
+    }
+    assert!(!accepted.is_empty(), "no TLS 1.2 suite accepted");
+
+    let tls13 = client(
+        rustls::crypto::ring::DEFAULT_CIPHER_SUITES.to_vec(),
+        &[&rustls::version::TLS13],
+        &[],
+    );
+    let tls = connect(server.addr, &tls13).await.unwrap();
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+
+    let suites = rustls::crypto::ring::DEFAULT_CIPHER_SUITES.to_vec();
+    let versions: &[&'static rustls::SupportedProtocolVersion] =
+        &[&rustls::version::TLS13, &rustls::version::TLS12];
+    let h2_only = client(suites.clone(), versions, &[b"h2"]);
+    let refused = connect(server.addr, &h2_only)
+        .await
+        .expect_err("a client offering only h2 was accepted");
+    assert!(
+        refused.to_string().contains("NoApplicationProtocol"),
+        "{refused}"
+    );
+    let both = client(suites, versions, &[b"h2", b"http/1.1"]);
+    let tls = connect(server.addr, &both).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+}
+
+/// A real-looking token, planted where a user could put one: an annotation, env values (one as
+/// the user's own OTLP headers), and a field of the wrong type. It may come back only inside
+/// the pod where the user put it (`mutate --output pod`), never in anything the webhook makes:
+/// replies, patches, error replies, logs in text and JSON (at debug), /metrics, `--explain`.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_output_of_a_run_contains_a_secret_value() {
+    use std::process::Stdio;
+    use tokio::io::AsyncBufReadExt;
+    const TOKEN: &str = "lsat_7Hq2v9XkR4mN8pW3zL6yT1cB5dJ0fG2s";
+    let dir = TestDir::new("secret");
+    let mut review: Value = serde_json::from_slice(
+        &fixtures()
+            .into_iter()
+            .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
+            .unwrap()
+            .1,
+    )
+    .unwrap();
+    let object = &mut review["request"]["object"];
+    object["metadata"]["annotations"]["team.example.com/debug-token"] = TOKEN.into();
+    let env = object["spec"]["containers"][0]["env"]
+        .as_array_mut()
+        .unwrap();
+    env.push(serde_json::json!({"name": "MY_TOKEN", "value": TOKEN}));
+    env.push(serde_json::json!({"name": "OTEL_EXPORTER_OTLP_HEADERS",
+                                "value": format!("lightstep-access-token={TOKEN}")}));
+    env.push(serde_json::json!({"name": "LS_ACCESS_TOKEN", "value": TOKEN}));
+    env.push(serde_json::json!({"name": "API_KEY",
+                                "valueFrom": {"secretKeyRef": {"name": "api", "key": "key"}}}));
+    let planted = serde_json::to_vec(&review).unwrap();
+    let in_input = String::from_utf8_lossy(&planted).matches(TOKEN).count();
+    // The token where a string does not belong: the decoder's error would quote it.
+    let mut mistyped = review.clone();
+    mistyped["request"]["object"]["spec"]["containers"] = TOKEN.into();
+    let mistyped = serde_json::to_vec(&mistyped).unwrap();
+    let not_a_review = format!(
+        r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":"{TOKEN}"}}"#
+    )
+    .into_bytes();
+
+    let mut outputs: Vec<(String, String)> = Vec::new();
+    for format in ["text", "json"] {
+        let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut child =
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_lightstep-tekton-webhook"))
+                .args([
+                    "serve",
+                    "--dev",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--log-format",
+                    format,
+                ])
+                .arg("--metrics-listen")
+                .arg(metrics_addr.to_string())
+                .arg("--dev-dir")
+                .arg(dir.path("certs"))
+                .env("RUST_LOG", "debug")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let logs = tokio::spawn(async move {
+            let mut out = Vec::new();
+            let _ = stderr.read_to_end(&mut out).await;
+            String::from_utf8_lossy(&out).into_owned()
+        });
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addr = None;
+        while let Some(line) = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            if let Some(rest) = line.strip_prefix("Development server on https://") {
+                addr = rest.split_whitespace().next().map(|a| a.parse().unwrap());
+                break;
+            }
+        }
+        let addr: SocketAddr = addr.unwrap();
+        let ca = std::fs::read_to_string(dir.path("certs").join("ca.crt")).unwrap();
+        let config = client_config(&[&ca], None);
+        let mut client = Client::connect(addr, &config).await.unwrap();
+        for path in ["/mutate", "/enforce"] {
+            let (status, body) = client.post(path, planted.clone()).await.unwrap();
+            assert_eq!(status, 200);
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            let patch = base64::engine::general_purpose::STANDARD
+                .decode(v["response"]["patch"].as_str().unwrap())
+                .unwrap();
+            // Every reference the patch adds is a reference only.
+            let ops: Value = serde_json::from_slice(&patch).unwrap();
+            let text = ops.to_string();
+            // Enforce mode replaces the user's exporter settings and token with the policy's.
+            if path == "/enforce" {
+                assert!(text.contains("secretKeyRef"), "no token reference: {text}");
+            }
+            for op in ops.as_array().unwrap() {
+                let values = match &op["value"] {
+                    Value::Array(a) => a.clone(),
+                    other => vec![other.clone()],
+                };
+                for e in values {
+                    if e.get("valueFrom").is_some() {
+                        assert!(e.get("value").is_none(), "value beside valueFrom: {e}");
+                    }
+                }
+            }
+            outputs.push((
+                format!("{path} reply ({format})"),
+                String::from_utf8_lossy(&body).into(),
+            ));
+            outputs.push((
+                format!("{path} patch ({format})"),
+                String::from_utf8_lossy(&patch).into(),
+            ));
+            for (what, body) in [("mistyped", &mistyped), ("not a review", &not_a_review)] {
+                let (status, body) = client.post(path, body.clone()).await.unwrap();
+                assert!(status == 200 || status == 400, "{what}: {status}");
+                outputs.push((
+                    format!("{path} {what} reply ({format})"),
+                    String::from_utf8_lossy(&body).into(),
+                ));
+            }
+        }
+        let mut tcp = TcpStream::connect(metrics_addr).await.unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut page = Vec::new();
+        tcp.read_to_end(&mut page).await.unwrap();
+        let page = String::from_utf8(page).unwrap();
+        assert!(
+            page.contains("allowed-on-error") || page.contains("denied"),
+            "{page}"
+        );
+        outputs.push((format!("/metrics ({format})"), page));
+
+        let pid = child.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        tokio::time::timeout(DEADLINE, child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        let logs = tokio::time::timeout(DEADLINE, logs).await.unwrap().unwrap();
+        assert!(logs.contains("pod could not be decoded"), "{logs}");
+        outputs.push((format!("log ({format})"), logs));
+    }
+
+    // The preview command, on the same inputs.
+    let planted_file = dir.path("planted.json");
+    std::fs::write(&planted_file, &planted).unwrap();
+    let mistyped_file = dir.path("mistyped.json");
+    std::fs::write(&mistyped_file, &mistyped).unwrap();
+    let mutate = |args: &[&str], file: &Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lightstep-tekton-webhook"))
+            .arg("mutate")
+            .args(args)
+            .arg(file)
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for mode in ["inject", "enforce"] {
+        for output in ["patch", "review"] {
+            let (stdout, stderr) = mutate(
+                &["--explain", "--mode", mode, "--output", output],
+                &planted_file,
+            );
+            assert!(stderr.contains("step-"), "no explanation: {stderr}");
+            outputs.push((format!("mutate --output {output} --mode {mode}"), stdout));
+            outputs.push((format!("mutate --explain --mode {mode}"), stderr));
+        }
+        let (stdout, stderr) = mutate(&["--mode", mode], &mistyped_file);
+        outputs.push((format!("mutate mistyped --mode {mode}"), stdout + &stderr));
+        // The patched pod echoes the user's pod: the token only where the user put it.
+        let (pod, _) = mutate(&["--mode", mode, "--output", "pod"], &planted_file);
+        let in_pod = pod.matches(TOKEN).count();
+        // (Enforce mode replaces the user's own token and headers, so it may be fewer.)
+        assert!(
+            in_pod <= in_input,
+            "the token was copied within the pod: {in_pod} times, {in_input} in the input"
+        );
+    }
+
+    for (what, text) in &outputs {
+        assert!(!text.contains(TOKEN), "{what} contains the token:\n{text}");
+    }
+}
