@@ -350,6 +350,19 @@ fn check_common(install: &Install) {
     }
     let pod_security = pod.security_context.as_ref().unwrap();
     assert_eq!(pod_security.run_as_non_root, Some(true));
+    // Not root, and the user the image itself declares (the kubelet checks runAsNonRoot only
+    // against a numeric user).
+    let user = pod_security.run_as_user.expect("runAsUser");
+    let group = pod_security.run_as_group.expect("runAsGroup");
+    assert!(user != 0 && group != 0, "runs as root");
+    let dockerfile =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile")).unwrap();
+    let image_user = dockerfile
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("USER "))
+        .last()
+        .expect("the Dockerfile sets USER");
+    assert_eq!(image_user.trim(), format!("{user}:{group}"));
     assert_eq!(
         pod_security.seccomp_profile.as_ref().unwrap().type_,
         "RuntimeDefault"
