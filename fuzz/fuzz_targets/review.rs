@@ -5,8 +5,9 @@
 //! (`tests/common/mod.rs`, included by path so the rules exist once). When the review carries a
 //! pod the API server could have sent (it decodes as a `Pod` and passes the validation the API
 //! server applies), the patch must apply to it, the result must still pass that validation, and
-//! a second review of the patched pod (`reinvocationPolicy: IfNeeded`) must give no patch.
-//! Inject mode never denies.
+//! a second review of the patched pod (`reinvocationPolicy: IfNeeded`) must give no patch; and
+//! that pod, re-encoded as the API server would send it, must be decided on (never "could not
+//! be decoded") with a patch that applies. Inject mode never denies.
 #![no_main]
 
 #[path = "../../tests/common/mod.rs"]
@@ -14,8 +15,9 @@ mod common;
 
 use std::sync::LazyLock;
 
+use k8s_openapi::api::core::v1::Pod;
 use libfuzzer_sys::fuzz_target;
-use lightstep_tekton_webhook::admission;
+use lightstep_tekton_webhook::admission::{self, Outcome};
 use lightstep_tekton_webhook::mutate::Mode;
 use lightstep_tekton_webhook::policy::Policy;
 use serde_json::Value;
@@ -42,11 +44,14 @@ fuzz_target!(|data: &[u8]| {
             continue;
         };
         // Only a pod the API server could have sent: one that decodes and is valid already.
-        let Ok(pod) = serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(object.clone())
-        else {
+        let Ok(pod) = serde_json::from_value::<Pod>(object.clone()) else {
             continue;
         };
-        if common::validate(&pod).is_err() || patch.0.is_empty() {
+        if common::validate(&pod).is_err() {
+            continue;
+        }
+        canonical_review(&pod, mode);
+        if patch.0.is_empty() {
             continue;
         }
         let patched = common::apply(object, &patch);
@@ -68,3 +73,21 @@ fuzz_target!(|data: &[u8]| {
         );
     }
 });
+
+/// The pod as the API server sends it (decoded, then encoded again: no nulls, no unknown fields,
+/// no duplicate keys): the webhook must decide on it (never "could not be decoded", which
+/// enforce mode turns into a refused pod), and its patch must apply and keep it valid.
+fn canonical_review(pod: &Pod, mode: Mode) {
+    let object = serde_json::to_value(pod).expect("a Pod serializes");
+    let body = common::review_of("uid-canonical", "ns", &object);
+    let reply = admission::review(&body, &POLICY, mode).expect("a canonical review is a review");
+    assert!(
+        !matches!(reply.outcome, Outcome::Failed { .. }),
+        "a valid pod could not be decided on: {:?}",
+        reply.error
+    );
+    let (_, patch) = common::check_reply(&reply.body, "uid-canonical");
+    if !patch.0.is_empty() {
+        common::validated_pod(&common::apply(&object, &patch));
+    }
+}
