@@ -623,6 +623,28 @@ mod tests {
         assert!(err.to_string().len() < 300, "{err}");
     }
 
+    /// A nesting bomb neither overflows the stack nor stops the reply: in a field the webhook
+    /// ignores it is skipped, in one it reads it hits serde_json's recursion limit.
+    #[test]
+    fn deeply_nested_json_gets_an_answer() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let ignored = format!(
+            r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","junk":{deep},"request":{{"uid":"u","object":{{"metadata":{{"name":"p","junk":{deep}}}}}}}}}"#
+        );
+        let reply = review(ignored.as_bytes(), &policy(), Mode::Enforce).unwrap();
+        assert_eq!(reply.outcome, Outcome::Skipped(SkipReason::NotTaskRunPod));
+        let read = format!(
+            r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{"uid":"u","object":{{"metadata":{{"labels":{deep}}}}}}}}}"#
+        );
+        let reply = review(read.as_bytes(), &policy(), Mode::Enforce);
+        assert!(
+            matches!(&reply, Err(BadRequest::Json(_)))
+                || matches!(&reply, Ok(r) if r.outcome == Outcome::Failed { denied: true }),
+            "{:?}",
+            reply.map(|r| r.outcome)
+        );
+    }
+
     #[test]
     fn warnings_are_prefixed_and_short() {
         let w = warning(&"x".repeat(300));

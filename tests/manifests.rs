@@ -360,7 +360,7 @@ fn check_common(install: &Install) {
     let image_user = dockerfile
         .lines()
         .filter_map(|l| l.trim().strip_prefix("USER "))
-        .last()
+        .next_back()
         .expect("the Dockerfile sets USER");
     assert_eq!(image_user.trim(), format!("{user}:{group}"));
     assert_eq!(
