@@ -253,6 +253,65 @@ async fn read_response<S: tokio::io::AsyncRead + Unpin>(
     Ok((status, body))
 }
 
+/// The real binary running `serve --dev` on a loopback port, certificates in `certs`.
+struct DevServer {
+    child: tokio::process::Child,
+    addr: std::net::SocketAddr,
+    /// Standard output after the line that named the address.
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl DevServer {
+    /// Starts it; `configure` adds arguments (at least `--metrics-listen`) and environment.
+    async fn start(
+        certs: &Path,
+        configure: impl FnOnce(&mut tokio::process::Command),
+    ) -> DevServer {
+        use std::process::Stdio;
+        use tokio::io::AsyncBufReadExt;
+        let mut command =
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_lightstep-tekton-webhook"));
+        command
+            .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--dev-dir"])
+            .arg(certs)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        configure(&mut command);
+        let mut child = command.spawn().unwrap();
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        loop {
+            let line = tokio::time::timeout(DEADLINE, stdout.next_line())
+                .await
+                .unwrap()
+                .unwrap()
+                .expect("serve --dev exited before naming its address");
+            if let Some(rest) = line.strip_prefix("Development server on https://") {
+                let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+                return DevServer {
+                    child,
+                    addr,
+                    stdout,
+                };
+            }
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap().to_string();
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+}
+
 /// Polls `check` until it holds or [`DEADLINE`] passes.
 async fn eventually<F, Fut>(what: &str, mut check: F)
 where
@@ -726,59 +785,23 @@ async fn shutdown_finishes_requests_in_flight_and_turns_readiness_off() {
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_zero() {
-    use std::process::Stdio;
-    use tokio::io::AsyncBufReadExt;
     let dir = TestDir::new("sigterm");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lightstep-tekton-webhook"))
-        .args([
-            "serve",
-            "--dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--dev-dir",
-        ])
-        .arg(dir.path("certs"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut url = None;
-    let mut curl = None;
-    while let Some(line) = tokio::time::timeout(DEADLINE, lines.next_line())
+    let mut server = DevServer::start(&dir.path("certs"), |c| {
+        c.args(["--metrics-listen", "127.0.0.1:0"]);
+    })
+    .await;
+    let curl = tokio::time::timeout(DEADLINE, server.stdout.next_line())
         .await
         .unwrap()
         .unwrap()
-    {
-        if let Some(rest) = line.strip_prefix("Development server on https://") {
-            url = rest.split_whitespace().next().map(str::to_owned);
-        }
-        if line.trim_start().starts_with("curl ") {
-            curl = Some(line);
-            break;
-        }
-    }
-    assert!(curl.unwrap().contains("/mutate"));
-    let addr: SocketAddr = url.unwrap().parse().unwrap();
+        .unwrap();
+    assert!(curl.trim_start().starts_with("curl "), "{curl}");
+    assert!(curl.contains("/mutate"), "{curl}");
     let ca = std::fs::read_to_string(dir.path("certs").join("ca.crt")).unwrap();
     let config = client_config(&[&ca], None);
-    let (status, _) = post_once(addr, &config, "/mutate", fixtures()[0].1.clone()).await;
+    let (status, _) = post_once(server.addr, &config, "/mutate", fixtures()[0].1.clone()).await;
     assert_eq!(status, 200);
-
-    let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(DEADLINE, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(server.terminate().await.code(), Some(0));
 }
 
 /// With the standard OTLP variables set, the server exports its spans, continuing the
@@ -786,8 +809,6 @@ async fn sigterm_exits_zero() {
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_go_to_the_otlp_endpoint_and_continue_traceparent() {
-    use std::process::Stdio;
-    use tokio::io::AsyncBufReadExt;
     // A collector that records what is posted to it.
     let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let collector_addr = collector.local_addr().unwrap();
@@ -811,44 +832,17 @@ async fn spans_go_to_the_otlp_endpoint_and_continue_traceparent() {
     });
 
     let dir = TestDir::new("otlp");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lightstep-tekton-webhook"))
-        .args([
-            "serve",
-            "--dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--dev-dir",
-        ])
-        .arg(dir.path("certs"))
-        .env(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://{collector_addr}"),
-        )
-        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .env_remove("OTEL_SDK_DISABLED")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut addr = None;
-    while let Some(line) = tokio::time::timeout(DEADLINE, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        if let Some(rest) = line.strip_prefix("Development server on https://") {
-            addr = rest
-                .split_whitespace()
-                .next()
-                .and_then(|a| a.parse::<SocketAddr>().ok());
-            break;
-        }
-    }
-    let addr = addr.unwrap();
+    let mut server = DevServer::start(&dir.path("certs"), |c| {
+        c.args(["--metrics-listen", "127.0.0.1:0"])
+            .env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://{collector_addr}"),
+            )
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("OTEL_SDK_DISABLED");
+    })
+    .await;
+    let addr = server.addr;
     let ca = std::fs::read_to_string(dir.path("certs").join("ca.crt")).unwrap();
     let config = client_config(&[&ca], None);
 
@@ -871,20 +865,7 @@ async fn spans_go_to_the_otlp_endpoint_and_continue_traceparent() {
         .unwrap();
     assert_eq!(status, 200);
     drop(s);
-
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let exit = tokio::time::timeout(DEADLINE, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit.code(), Some(0));
+    assert_eq!(server.terminate().await.code(), Some(0));
 
     // The span carries the caller's trace id (raw bytes in the protobuf).
     let want: Vec<u8> = (0..trace_id.len())
@@ -1191,7 +1172,6 @@ async fn tls_offers_aead_suites_on_1_2_and_1_3_and_http1_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_output_of_a_run_contains_a_secret_value() {
     use std::process::Stdio;
-    use tokio::io::AsyncBufReadExt;
     const TOKEN: &str = "lsat_7Hq2v9XkR4mN8pW3zL6yT1cB5dJ0fG2s";
     let dir = TestDir::new("secret");
     let mut review: Value = serde_json::from_slice(
@@ -1230,45 +1210,21 @@ async fn no_output_of_a_run_contains_a_secret_value() {
             .unwrap()
             .local_addr()
             .unwrap();
-        let mut child =
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_lightstep-tekton-webhook"))
-                .args([
-                    "serve",
-                    "--dev",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--log-format",
-                    format,
-                ])
+        let mut server = DevServer::start(&dir.path("certs"), |c| {
+            c.args(["--log-format", format])
                 .arg("--metrics-listen")
                 .arg(metrics_addr.to_string())
-                .arg("--dev-dir")
-                .arg(dir.path("certs"))
                 .env("RUST_LOG", "debug")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap();
-        let mut stderr = child.stderr.take().unwrap();
+                .stderr(Stdio::piped());
+        })
+        .await;
+        let mut stderr = server.child.stderr.take().unwrap();
         let logs = tokio::spawn(async move {
             let mut out = Vec::new();
             let _ = stderr.read_to_end(&mut out).await;
             String::from_utf8_lossy(&out).into_owned()
         });
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut addr = None;
-        while let Some(line) = tokio::time::timeout(DEADLINE, lines.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            if let Some(rest) = line.strip_prefix("Development server on https://") {
-                addr = rest.split_whitespace().next().map(|a| a.parse().unwrap());
-                break;
-            }
-        }
-        let addr: SocketAddr = addr.unwrap();
+        let addr = server.addr;
         let ca = std::fs::read_to_string(dir.path("certs").join("ca.crt")).unwrap();
         let config = client_config(&[&ca], None);
         let mut client = Client::connect(addr, &config).await.unwrap();
@@ -1327,15 +1283,7 @@ async fn no_output_of_a_run_contains_a_secret_value() {
         );
         outputs.push((format!("/metrics ({format})"), page));
 
-        let pid = child.id().unwrap().to_string();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        tokio::time::timeout(DEADLINE, child.wait())
-            .await
-            .unwrap()
-            .unwrap();
+        server.terminate().await;
         let logs = tokio::time::timeout(DEADLINE, logs).await.unwrap().unwrap();
         assert!(logs.contains("pod could not be decoded"), "{logs}");
         outputs.push((format!("log ({format})"), logs));
