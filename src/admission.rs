@@ -189,6 +189,27 @@ struct StatusOut {
     message: String,
 }
 
+/// A CREATE review of a pod, shaped as the API server sends it: what `mutate` wraps a bare Pod
+/// in, and what the tests and the fuzzer build their reviews with.
+pub fn pod_create_review(
+    uid: &str,
+    namespace: &str,
+    object: &serde_json::Value,
+) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace,
+            "operation": "CREATE",
+            "object": object,
+        }
+    })
+}
+
 /// Answers one AdmissionReview. Never panics on input; every `Ok` is a reply the API server
 /// accepts (v1, uid echoed, a patch only with its type).
 ///

@@ -295,18 +295,7 @@ pub fn preview_text(
                 .and_then(Value::as_str)
                 .unwrap_or(&args.namespace)
                 .to_owned();
-            let review = json!({
-                "apiVersion": admission::API_VERSION,
-                "kind": admission::KIND,
-                "request": {
-                    "uid": PREVIEW_UID,
-                    "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                    "resource": {"group": "", "version": "v1", "resource": "pods"},
-                    "namespace": namespace,
-                    "operation": "CREATE",
-                    "object": document,
-                }
-            });
+            let review = admission::pod_create_review(PREVIEW_UID, &namespace, &document);
             let object = document.clone();
             (review, object)
         }

@@ -212,17 +212,6 @@ pub fn position(pod: &Pod, container: &str, name: &str) -> Option<usize> {
 
 /// Wraps a pod object in a CREATE review.
 pub fn review_of(uid: &str, namespace: &str, object: &Value) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": namespace,
-            "operation": "CREATE",
-            "object": object,
-        }
-    }))
-    .unwrap()
+    let review = lightstep_tekton_webhook::admission::pod_create_review(uid, namespace, object);
+    serde_json::to_vec(&review).unwrap()
 }
