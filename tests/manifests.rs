@@ -19,7 +19,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhook, MutatingWebhookConfiguration};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, Secret, Service, ServiceAccount,
+    ConfigMap, Container, Namespace, PodSpec, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
@@ -244,9 +244,9 @@ impl Install {
         &self.deployments[0]
     }
 
-    fn container(&self) -> &Container {
-        let containers = &self
-            .deployment()
+    /// The pod template's spec of the Deployment.
+    fn pod_spec(&self) -> &PodSpec {
+        self.deployment()
             .spec
             .as_ref()
             .unwrap()
@@ -254,7 +254,10 @@ impl Install {
             .spec
             .as_ref()
             .unwrap()
-            .containers;
+    }
+
+    fn container(&self) -> &Container {
+        let containers = &self.pod_spec().containers;
         assert_eq!(containers.len(), 1);
         &containers[0]
     }
@@ -1057,15 +1060,7 @@ fn free_port() -> std::net::SocketAddr {
 
 fn serve_like_the_deployment(install: &Install, tmp: &TempDir) -> Served {
     let container = install.container();
-    let pod = install
-        .deployment()
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap();
+    let pod = install.pod_spec();
     // Materialize each mounted volume the way kubelet would: one file per key.
     let mut mapped = Vec::new();
     for mount in container.volume_mounts.as_ref().unwrap() {
