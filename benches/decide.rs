@@ -9,8 +9,8 @@ use std::path::Path;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lightstep_tekton_webhook::admission;
-use lightstep_tekton_webhook::mutate::{self, Mode};
-use lightstep_tekton_webhook::pod::PodView;
+use lightstep_tekton_webhook::admission::decide::{self, Mode};
+use lightstep_tekton_webhook::admission::pod::PodView;
 use lightstep_tekton_webhook::policy::Policy;
 
 const FIXTURES: &[&str] = &[
@@ -37,12 +37,12 @@ fn benches(c: &mut Criterion) {
         let body = load(name);
         let review: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let pod: PodView = serde_json::from_value(review["request"]["object"].clone()).unwrap();
-        let request = mutate::Request {
+        let request = decide::Request {
             namespace: "team-a",
             mode: Mode::Inject,
         };
         decide.bench_function(name.trim_end_matches(".json"), |b| {
-            b.iter(|| mutate::decide(black_box(&pod), request, &policy))
+            b.iter(|| decide::decide(black_box(&pod), request, &policy))
         });
     }
     decide.finish();

@@ -17,7 +17,7 @@
 //!
 //! ```
 //! use lightstep_tekton_webhook::admission::{self, Outcome};
-//! use lightstep_tekton_webhook::mutate::Mode;
+//! use lightstep_tekton_webhook::admission::decide::Mode;
 //! use lightstep_tekton_webhook::policy::Policy;
 //!
 //! let review = br#"{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
@@ -37,15 +37,7 @@
 pub mod admission;
 pub mod certs;
 pub mod cluster;
-pub mod mutate;
-pub mod pod;
+pub mod contract;
 pub mod policy;
-pub mod preview;
-pub mod reload;
-pub mod selection;
-pub mod server;
-pub mod tekton;
-pub mod telemetry;
-pub mod tls;
-pub mod trace_context;
-pub mod tracing_policy;
+pub mod runtime;
+pub mod serve;

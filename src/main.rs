@@ -4,7 +4,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use lightstep_tekton_webhook::{certs, preview, server, tracing_policy};
+use lightstep_tekton_webhook::admission::preview;
+use lightstep_tekton_webhook::policy::resource;
+use lightstep_tekton_webhook::{certs, serve};
 
 /// mimalloc instead of glibc's malloc: decoding a review allocates many small strings and maps,
 /// and glibc spent about a seventh of the server's CPU in malloc and free (consolidating its
@@ -29,7 +31,7 @@ enum Command {
     /// Write a CA and a serving certificate for the webhook's Service, and the caBundle.
     Certs(certs::CertsArgs),
     /// Serve the webhook over HTTPS: POST /mutate, POST /enforce, GET /healthz, GET /readyz.
-    Serve(Box<server::ServeArgs>),
+    Serve(Box<serve::ServeArgs>),
     /// Print the TracingPolicy CustomResourceDefinition (YAML), as manifests/base holds it.
     Crd,
 }
@@ -39,9 +41,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Mutate(args) => preview::run(args),
         Command::Certs(args) => certs::run(args),
-        Command::Serve(args) => server::run(*args),
+        Command::Serve(args) => serve::run(*args),
         Command::Crd => {
-            print!("{}", tracing_policy::crd_yaml());
+            print!("{}", resource::crd_yaml());
             ExitCode::SUCCESS
         }
     }

@@ -11,12 +11,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::core::{DynamicObject, PartialObjectMeta};
 use kube::runtime::watcher::Event;
+use lightstep_tekton_webhook::admission::decide::Mode;
 use lightstep_tekton_webhook::admission::{self, Outcome};
 use lightstep_tekton_webhook::cluster::{Caches, Cluster};
-use lightstep_tekton_webhook::mutate::Mode;
 use lightstep_tekton_webhook::policy::Policy;
-use lightstep_tekton_webhook::selection::Fallback;
-use lightstep_tekton_webhook::tracing_policy::TracingPolicyStatus;
+use lightstep_tekton_webhook::policy::resource::TracingPolicyStatus;
+use lightstep_tekton_webhook::policy::selection::Fallback;
 use serde_json::{Value, json};
 
 fn policy_object(name: &str, generation: i64, spec: Value) -> DynamicObject {

@@ -4,10 +4,10 @@
 mod common;
 
 use common::*;
+use lightstep_tekton_webhook::admission::decide::{Mode, SkipReason};
 use lightstep_tekton_webhook::admission::{self, Outcome};
-use lightstep_tekton_webhook::mutate::{Mode, SkipReason};
+use lightstep_tekton_webhook::contract::{derive_span_id, derive_trace_id};
 use lightstep_tekton_webhook::policy::Policy;
-use lightstep_tekton_webhook::trace_context::{derive_span_id, derive_trace_id};
 use serde_json::{Value, json};
 
 const TRACE_ID_LABEL: &str = "lightstep-tekton.io/trace-id";

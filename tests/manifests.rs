@@ -28,7 +28,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelecto
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use lightstep_tekton_webhook::certs;
 use lightstep_tekton_webhook::policy::Policy;
-use lightstep_tekton_webhook::tracing_policy::{self, TracingPolicy};
+use lightstep_tekton_webhook::policy::resource::{self, TracingPolicy};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::Deserialize;
@@ -533,15 +533,11 @@ fn check_rbac(install: &Install, account: &ServiceAccount) {
         verbs: verbs.iter().map(|v| v.to_string()).collect(),
         ..PolicyRule::default()
     };
-    let status = format!("{}/status", tracing_policy::PLURAL);
+    let status = format!("{}/status", resource::PLURAL);
     let expected = vec![
         rule("", "namespaces", &["get", "list", "watch"]),
-        rule(
-            tracing_policy::GROUP,
-            tracing_policy::PLURAL,
-            &["get", "list", "watch"],
-        ),
-        rule(tracing_policy::GROUP, &status, &["update"]),
+        rule(resource::GROUP, resource::PLURAL, &["get", "list", "watch"]),
+        rule(resource::GROUP, &status, &["update"]),
     ];
     assert_eq!(
         role.rules.as_ref().unwrap(),
@@ -571,22 +567,22 @@ fn check_crd(install: &Install) {
     let crd = &install.crds[0];
     assert_eq!(
         crd,
-        &tracing_policy::crd(),
+        &resource::crd(),
         "manifests/base/crd-tracingpolicy.yaml differs from the code; regenerate it with `make crd` \
          (`cargo run --quiet -- crd > manifests/base/crd-tracingpolicy.yaml`)"
     );
     let spec = &crd.spec;
-    assert_eq!(spec.group, tracing_policy::GROUP);
-    assert_eq!(spec.names.plural, tracing_policy::PLURAL);
-    assert_eq!(spec.names.kind, tracing_policy::KIND);
+    assert_eq!(spec.group, resource::GROUP);
+    assert_eq!(spec.names.plural, resource::PLURAL);
+    assert_eq!(spec.names.kind, resource::KIND);
     assert_eq!(spec.scope, "Cluster");
     assert_eq!(
         crd.metadata.name.as_deref(),
-        Some(format!("{}.{}", tracing_policy::PLURAL, tracing_policy::GROUP).as_str())
+        Some(format!("{}.{}", resource::PLURAL, resource::GROUP).as_str())
     );
     assert_eq!(spec.versions.len(), 1);
     let version = &spec.versions[0];
-    assert_eq!(version.name, tracing_policy::VERSION);
+    assert_eq!(version.name, resource::VERSION);
     assert!(version.served && version.storage);
     assert!(
         version.subresources.as_ref().unwrap().status.is_some(),
@@ -594,9 +590,9 @@ fn check_crd(install: &Install) {
     );
     {
         use kube::Resource as _;
-        assert_eq!(TracingPolicy::group(&()), tracing_policy::GROUP);
-        assert_eq!(TracingPolicy::plural(&()), tracing_policy::PLURAL);
-        assert_eq!(TracingPolicy::version(&()), tracing_policy::VERSION);
+        assert_eq!(TracingPolicy::group(&()), resource::GROUP);
+        assert_eq!(TracingPolicy::plural(&()), resource::PLURAL);
+        assert_eq!(TracingPolicy::version(&()), resource::VERSION);
     }
     let schema = serde_json::to_value(
         version
@@ -989,16 +985,16 @@ fn crd_file_is_what_the_crd_command_prints() {
     );
     // And what it prints is a CRD k8s-openapi reads, equal to the generated one.
     let crd: CustomResourceDefinition = serde_norway::from_str(&printed).unwrap();
-    assert_eq!(crd, tracing_policy::crd());
+    assert_eq!(crd, resource::crd());
 }
 
 #[test]
 fn example_tracing_policy_decodes_and_is_valid() {
     let text = fs::read_to_string(manifests_dir().join("tracingpolicy.example.yaml")).unwrap();
     let value: Value = serde_norway::from_str(&text).unwrap();
-    let policy = tracing_policy::decode(value).unwrap();
-    let resolved = tracing_policy::resolve(&policy).unwrap();
-    assert_eq!(resolved.mode, tracing_policy::PolicyMode::Audit);
+    let policy = resource::decode(value).unwrap();
+    let resolved = resource::resolve(&policy).unwrap();
+    assert_eq!(resolved.mode, resource::PolicyMode::Audit);
     // Not part of any kustomization: applying the install never turns on a policy.
     for kustomization in ["base", "overlays/cert-manager", "overlays/self-signed"] {
         let k = fs::read_to_string(

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use lightstep_tekton_webhook::admission;
-use lightstep_tekton_webhook::mutate::Mode;
+use lightstep_tekton_webhook::admission::decide::Mode;
 use lightstep_tekton_webhook::policy::Policy;
 use sha2::{Digest, Sha256};
 

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use common::*;
 use lightstep_tekton_webhook::admission;
-use lightstep_tekton_webhook::mutate::Mode;
+use lightstep_tekton_webhook::admission::decide::Mode;
 use lightstep_tekton_webhook::policy::Policy;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};

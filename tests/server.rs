@@ -14,8 +14,8 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use lightstep_tekton_webhook::certs;
-use lightstep_tekton_webhook::server::{Server, Settings};
-use lightstep_tekton_webhook::tls::TlsPaths;
+use lightstep_tekton_webhook::runtime::tls::TlsPaths;
+use lightstep_tekton_webhook::serve::{Server, Settings};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
@@ -1052,7 +1052,7 @@ async fn idle_connections_beyond_the_limit_cannot_starve_a_client() {
 /// A request head over `MAX_HEADER_BYTES` gets 431 and its connection closed; others are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_request_head_is_refused() {
-    use lightstep_tekton_webhook::server::MAX_HEADER_BYTES;
+    use lightstep_tekton_webhook::serve::MAX_HEADER_BYTES;
     let dir = TestDir::new("big-head");
     let b = bundle();
     let server = Running::start(Settings::local(write_pair(&dir, &b))).await;

@@ -8,20 +8,20 @@ use std::collections::BTreeMap;
 use common::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use lightstep_tekton_webhook::admission::decide::{MARKER_ANNOTATION, Mode};
 use lightstep_tekton_webhook::admission::{self, Outcome};
-use lightstep_tekton_webhook::mutate::{MARKER_ANNOTATION, Mode};
 use lightstep_tekton_webhook::policy::Policy;
-use lightstep_tekton_webhook::selection::{self, Choice, Fallback, Snapshot};
-use lightstep_tekton_webhook::telemetry;
-use lightstep_tekton_webhook::tracing_policy::{
+use lightstep_tekton_webhook::policy::resource::{
     self, InvalidKind, PolicyMode, Resolved, TracingPolicy, TracingPolicyStatus, desired_status,
     status_differs,
 };
+use lightstep_tekton_webhook::policy::selection::{self, Choice, Fallback, Snapshot};
+use lightstep_tekton_webhook::runtime::telemetry;
 use serde_json::{Value, json};
 
 /// A TracingPolicy from its name, generation and spec (JSON, as written in YAML).
 fn tp(name: &str, generation: i64, spec: Value) -> TracingPolicy {
-    tracing_policy::decode(json!({
+    resource::decode(json!({
         "apiVersion": "lightstep-tekton.io/v1alpha1",
         "kind": "TracingPolicy",
         "metadata": {"name": name, "generation": generation},
@@ -31,7 +31,7 @@ fn tp(name: &str, generation: i64, spec: Value) -> TracingPolicy {
 }
 
 fn resolved(name: &str, priority: i32, selector: Value) -> Resolved {
-    tracing_policy::resolve(&tp(
+    resource::resolve(&tp(
         name,
         1,
         json!({"priority": priority, "namespaceSelector": selector}),
@@ -283,7 +283,7 @@ fn invalid_policies_never_apply_and_say_which_field_is_wrong() {
     for (spec, field) in cases {
         let mut spec = spec.clone();
         spec["priority"] = json!(1000);
-        let rejected = tracing_policy::resolve(&tp("broken", 4, spec.clone())).unwrap_err();
+        let rejected = resource::resolve(&tp("broken", 4, spec.clone())).unwrap_err();
         assert_eq!(rejected.error.field, *field, "{spec}");
         assert_eq!(rejected.error.kind, InvalidKind::InvalidSpec);
         assert_eq!((rejected.name.as_str(), rejected.generation), ("broken", 4));
@@ -295,7 +295,7 @@ fn invalid_policies_never_apply_and_say_which_field_is_wrong() {
             chosen(&snapshot, &labels(&[("a", "1")]), &fallback),
             Some("good")
         );
-        let alone = Snapshot::build([tracing_policy::resolve(&tp("broken", 4, spec.clone()))]);
+        let alone = Snapshot::build([resource::resolve(&tp("broken", 4, spec.clone()))]);
         let selected = selection::select(&alone, Some(&labels(&[])), &fallback);
         assert_eq!(selected.choice, Choice::Fallback(Fallback::NoMatch));
     }
@@ -303,7 +303,7 @@ fn invalid_policies_never_apply_and_say_which_field_is_wrong() {
 
 #[test]
 fn undecodable_documents_name_the_path() {
-    let err = tracing_policy::decode(json!({
+    let err = resource::decode(json!({
         "apiVersion": "lightstep-tekton.io/v1alpha1", "kind": "TracingPolicy",
         "metadata": {"name": "typo"},
         "spec": {"exporter": {"endpont": "http://x:4317"}}
@@ -313,7 +313,7 @@ fn undecodable_documents_name_the_path() {
     assert!(err.field.starts_with("spec.exporter"), "{err}");
     assert!(err.reason.contains("endpont"), "{err}");
 
-    let err = tracing_policy::decode(json!({
+    let err = resource::decode(json!({
         "apiVersion": "lightstep-tekton.io/v1alpha1", "kind": "TracingPolicy",
         "metadata": {"name": "m"}, "spec": {"mode": "shadow"}
     }))
@@ -323,11 +323,11 @@ fn undecodable_documents_name_the_path() {
 
 #[test]
 fn the_marker_names_the_policy_and_its_generation() {
-    let r = tracing_policy::resolve(&tp("team-a", 7, json!({}))).unwrap();
+    let r = resource::resolve(&tp("team-a", 7, json!({}))).unwrap();
     let fingerprint = r.policy.fingerprint();
     assert_eq!(r.policy.marker(), format!("team-a@gen7/{fingerprint}"));
     // The same spec at another generation is another marker; the fingerprint stays.
-    let r8 = tracing_policy::resolve(&tp("team-a", 8, json!({}))).unwrap();
+    let r8 = resource::resolve(&tp("team-a", 8, json!({}))).unwrap();
     assert_eq!(r8.policy.fingerprint(), fingerprint);
     assert_ne!(r8.policy.marker(), r.policy.marker());
     // A file policy keeps <name>@<fingerprint>.
@@ -340,9 +340,9 @@ fn the_marker_names_the_policy_and_its_generation() {
 
 #[test]
 fn token_null_in_a_tracing_policy_turns_the_token_off() {
-    let off = tracing_policy::resolve(&tp("t", 1, json!({"token": null}))).unwrap();
+    let off = resource::resolve(&tp("t", 1, json!({"token": null}))).unwrap();
     assert!(off.policy.token.is_none());
-    let default = tracing_policy::resolve(&tp("t", 1, json!({}))).unwrap();
+    let default = resource::resolve(&tp("t", 1, json!({}))).unwrap();
     assert!(default.policy.token.is_some());
 }
 
@@ -360,7 +360,7 @@ fn status_says_valid_or_which_field_and_counts_matched_namespaces() {
     let t0 = time("2026-11-25T10:00:00Z");
     let t1 = time("2026-11-25T11:00:00Z");
 
-    let valid = tracing_policy::resolve(&tp(
+    let valid = resource::resolve(&tp(
         "prod",
         3,
         json!({"namespaceSelector": {"matchLabels": {"env": "prod"}}}),
@@ -386,7 +386,7 @@ fn status_says_valid_or_which_field_and_counts_matched_namespaces() {
     assert!(status_differs(Some(&status), &fewer));
 
     // The policy turns invalid: False, the field named, no namespaces, a new transition time.
-    let invalid = tracing_policy::resolve(&tp(
+    let invalid = resource::resolve(&tp(
         "prod",
         4,
         json!({"namespaceSelector": {"matchLabels": {"env": "prod"}}, "sampling": {"ratio": 7}}),
@@ -413,7 +413,7 @@ fn status_says_valid_or_which_field_and_counts_matched_namespaces() {
 #[test]
 fn status_round_trips_through_its_schema() {
     let status = desired_status(
-        tracing_policy::resolve(&tp("p", 1, json!({}))).as_ref(),
+        resource::resolve(&tp("p", 1, json!({}))).as_ref(),
         &[labels(&[])],
         None,
         &time("2026-11-25T10:00:00Z"),
@@ -452,7 +452,7 @@ fn admit(
 }
 
 fn otlp_policy(name: &str, mode: &str) -> Snapshot {
-    Snapshot::build([tracing_policy::resolve(&tp(
+    Snapshot::build([resource::resolve(&tp(
         name,
         5,
         json!({
@@ -658,7 +658,7 @@ fn the_spec_holds_every_field_of_the_file_policy_and_three_more() {
     file_fields.extend(["mode", "namespaceSelector", "priority"].map(String::from));
     file_fields.sort();
 
-    let crd = serde_json::to_value(tracing_policy::crd()).unwrap();
+    let crd = serde_json::to_value(resource::crd()).unwrap();
     let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
     let crd_fields: Vec<String> = spec["properties"]
         .as_object()

@@ -13,7 +13,7 @@ use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use lightstep_tekton_webhook::admission;
-use lightstep_tekton_webhook::mutate::Mode;
+use lightstep_tekton_webhook::admission::decide::Mode;
 use lightstep_tekton_webhook::policy::{
     ContainersSpec, ExporterSpec, Policy, PolicySpec, Profile, SamplingSpec, TokenSpec,
 };

@@ -10,7 +10,7 @@
 //! Everything here is pure: decoding an object ([`decode`]), resolving it into a validated
 //! [`Resolved`] policy ([`resolve`]), matching namespace labels ([`NamespaceSelector`]) and
 //! computing the `status` the webhook reports ([`desired_status`]). Choosing among policies is
-//! [`crate::selection`]'s job; watching them is [`crate::cluster`]'s.
+//! [`crate::policy::selection`]'s job; watching them is [`crate::cluster`]'s.
 //!
 //! Trade-offs:
 //! - The spec keeps `deny_unknown_fields`, like the file policy, so a typo in a file previewed

@@ -3,7 +3,7 @@
 //! This is the only module that knows the `admission.k8s.io/v1` shapes. It decodes the request
 //! (borrowing the pod's JSON until it is known to be a pod create), asks the caller which policy
 //! applies to the request's namespace (a [`Selected`], from cached state: no I/O here), calls
-//! [`mutate::decide`], and maps every outcome, errors included, to a response in one place
+//! [`decide::decide`], and maps every outcome, errors included, to a response in one place
 //! (`respond`):
 //!
 //! | outcome | inject mode | enforce mode | audit (policy mode) |
@@ -16,7 +16,7 @@
 //! The mode a pod is decided in is the path's (`/mutate` inject, `/enforce` enforce), except that
 //! a TracingPolicy in mode `enforce` enforces on either path, and one in mode `audit` decides as
 //! the path says but never patches and never denies. Audit lives here rather than in
-//! [`mutate::decide`] because it changes only the response, not the decision: the decision stays
+//! [`decide::decide`] because it changes only the response, not the decision: the decision stays
 //! pure and identical, which is what makes an audit run a faithful trial of the policy.
 //!
 //! A body that is not a v1 AdmissionReview at all has no uid to answer to: [`BadRequest`], which
@@ -27,11 +27,11 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::mutate::{self, Action, Decision, Mode, SkipReason, VarOutcome};
-use crate::pod::PodView;
+use crate::admission::decide::{self, Action, Decision, Mode, SkipReason, VarOutcome};
+use crate::admission::pod::PodView;
 use crate::policy::Policy;
-use crate::selection::{Fallback, Selected};
-use crate::tracing_policy::PolicyMode;
+use crate::policy::resource::PolicyMode;
+use crate::policy::selection::{Fallback, Selected};
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
@@ -224,7 +224,7 @@ pub fn review(body: &[u8], policy: &Policy, mode: Mode) -> Result<Reply, BadRequ
 }
 
 /// [`review`] with the policy chosen per namespace: `select` gets the request's namespace and
-/// answers from cached state (see [`crate::selection`]). It is called once, and only for a
+/// answers from cached state (see [`crate::policy::selection`]). It is called once, and only for a
 /// pod CREATE.
 pub fn review_with<'p>(
     body: &[u8],
@@ -291,8 +291,8 @@ fn choose<'p>(
     reply.policy = selected.policy.marker().to_owned();
     reply.policy_mode = selected.mode;
     reply.fallback = match selected.choice {
-        crate::selection::Choice::Fallback(why) => Some(why),
-        crate::selection::Choice::TracingPolicy(_) => None,
+        crate::policy::selection::Choice::Fallback(why) => Some(why),
+        crate::policy::selection::Choice::TracingPolicy(_) => None,
     };
     if selected.mode == PolicyMode::Enforce {
         reply.mode = Mode::Enforce;
@@ -345,9 +345,9 @@ fn accept<O>(review: ReviewIn<O>, mode: Mode) -> Result<(Reply, Option<RequestIn
 
 fn decide(mut reply: Reply, pod: &PodView, selected: Selected<'_>) -> Reply {
     reply.pod = pod.display_name();
-    let decision = mutate::decide(
+    let decision = decide::decide(
         pod,
-        mutate::Request {
+        decide::Request {
             namespace: &reply.namespace,
             mode: reply.mode,
         },

@@ -35,9 +35,9 @@ use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
+use crate::admission::decide::Mode;
 use crate::admission::{Outcome, Reply};
-use crate::mutate::Mode;
-use crate::selection::Fallback;
+use crate::policy::selection::Fallback;
 
 /// The name spans are reported under when `OTEL_SERVICE_NAME` does not say otherwise.
 const SERVICE_NAME: &str = env!("CARGO_PKG_NAME");

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::pod::PodView;
+use crate::admission::pod::PodView;
 
 pub const TASK_RUN: &str = "tekton.dev/taskRun";
 pub const TASK_RUN_UID: &str = "tekton.dev/taskRunUID";

@@ -2,7 +2,7 @@
 //! labels and the fallback (the `--policy` file, or the embedded default).
 //!
 //! The rule, in full:
-//! 1. Only valid TracingPolicies take part (those [`crate::tracing_policy::resolve`] accepts); an
+//! 1. Only valid TracingPolicies take part (those [`crate::policy::resource::resolve`] accepts); an
 //!    invalid one never applies, whatever its priority.
 //! 2. Among those whose `namespaceSelector` matches the namespace's labels, the highest
 //!    `priority` wins.
@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::policy::Policy;
-use crate::tracing_policy::{PolicyMode, Rejected, Resolved};
+use crate::policy::resource::{PolicyMode, Rejected, Resolved};
 
 /// The TracingPolicies at one point in time, resolved and in the order selection tries them.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -23,10 +23,10 @@ use serde::Deserialize as _;
 use serde_json::{Value, json};
 
 use crate::admission;
-use crate::mutate::Mode;
+use crate::admission::decide::Mode;
 use crate::policy::Policy;
-use crate::selection::{self, Fallback, Selected, Snapshot};
-use crate::tracing_policy::{self, FIRST_GENERATION, GROUP, KIND, VERSION};
+use crate::policy::resource::{self, FIRST_GENERATION, GROUP, KIND, VERSION};
+use crate::policy::selection::{self, Fallback, Selected, Snapshot};
 
 /// The label the API server puts on every namespace (Kubernetes 1.21 and later).
 const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -219,14 +219,14 @@ pub fn load_policy_dir(dir: &Path) -> Result<Snapshot, PreviewError> {
             {
                 meta.insert("generation".into(), json!(FIRST_GENERATION));
             }
-            let tp = tracing_policy::decode(value).map_err(|e| at(e.to_string()))?;
+            let tp = resource::decode(value).map_err(|e| at(e.to_string()))?;
             let name = tp.metadata.name.clone().unwrap_or_default();
             if !names.insert(name.clone()) {
                 return Err(at(format!(
                     "a second TracingPolicy named {name:?} (names are unique in a cluster)"
                 )));
             }
-            resolutions.push(tracing_policy::resolve(&tp));
+            resolutions.push(resource::resolve(&tp));
         }
     }
     Ok(Snapshot::build(resolutions))
@@ -358,7 +358,9 @@ pub fn preview_text(
 
     // What the server sends: no patch in audit mode, although the decision has one.
     let patch = match reply.decision.as_ref().map(|d| &d.action) {
-        Some(crate::mutate::Action::Patch(p)) if reply.outcome == admission::Outcome::Patched => {
+        Some(crate::admission::decide::Action::Patch(p))
+            if reply.outcome == admission::Outcome::Patched =>
+        {
             p.clone()
         }
         _ => json_patch::Patch(Vec::new()),

@@ -9,7 +9,10 @@
 //! platform team can fix a policy without reading this code. Everything here is pure.
 //!
 //! The parts of the spec also derive `JsonSchema`: the `TracingPolicy` custom resource
-//! ([`crate::tracing_policy`]) embeds them, so the file and the resource cannot drift apart.
+//! ([`crate::policy::resource`]) embeds them, so the file and the resource cannot drift apart.
+
+pub mod resource;
+pub mod selection;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -38,8 +38,8 @@ use kube::{Client, Resource as _};
 use tokio::sync::Notify;
 
 use crate::policy::Policy;
-use crate::selection::{self, Selected, Snapshot};
-use crate::tracing_policy::{self, TracingPolicy, TracingPolicyStatus};
+use crate::policy::resource::{self, TracingPolicy, TracingPolicyStatus};
+use crate::policy::selection::{self, Selected, Snapshot};
 
 /// After a change, wait this long for more before computing statuses: a rollout that relabels
 /// many namespaces then costs one pass, and a status shows up within a couple of seconds.
@@ -113,14 +113,10 @@ impl Cluster {
                 .data
                 .get("status")
                 .and_then(|s| serde_json::from_value::<TracingPolicyStatus>(s.clone()).ok());
-            let resolution = tracing_policy::resolve_object(&object);
-            let desired = tracing_policy::desired_status(
-                resolution.as_ref(),
-                &namespaces,
-                current.as_ref(),
-                now,
-            );
-            if tracing_policy::status_differs(current.as_ref(), &desired) {
+            let resolution = resource::resolve_object(&object);
+            let desired =
+                resource::desired_status(resolution.as_ref(), &namespaces, current.as_ref(), now);
+            if resource::status_differs(current.as_ref(), &desired) {
                 let mut object = (*object).clone();
                 // Items of a list carry no apiVersion and kind; the status update needs them.
                 object.types = Some(TypeMeta {
@@ -200,7 +196,7 @@ impl Caches {
                 .policies
                 .state()
                 .iter()
-                .map(|o| tracing_policy::resolve_object(o)),
+                .map(|o| resource::resolve_object(o)),
         );
         let mut current = self
             .shared

@@ -27,10 +27,10 @@ use k8s_openapi::api::core::v1::{EnvFromSource, EnvVar, EnvVarSource, SecretKeyS
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Value, json};
 
-use crate::pod::{Container, PodView as Pod};
+use crate::admission::pod::{Container, PodView as Pod};
+use crate::contract::tekton::{TASK_RUN_SPAN_CONTEXT, TaskRunFacts};
+use crate::contract::{self, SpanContext};
 use crate::policy::{EnvFromPolicy, Policy, Protocol, TemplatePart};
-use crate::tekton::{TASK_RUN_SPAN_CONTEXT, TaskRunFacts};
-use crate::trace_context::{self, SpanContext};
 
 /// Annotation that opts a TaskRun (and so its pod) out: `lightstep-tekton.io/inject: "false"`.
 pub const OPT_OUT_ANNOTATION: &str = "lightstep-tekton.io/inject";
@@ -314,7 +314,7 @@ pub fn decide(pod: &Pod, request: Request<'_>, policy: &Policy) -> Decision {
 
 fn choose_context(facts: &TaskRunFacts<'_>, policy: &Policy) -> (SpanContext, TraceSource) {
     let malformed = match facts.span_context {
-        Some(json) => match trace_context::parse_span_context_annotation(json) {
+        Some(json) => match contract::parse_span_context_annotation(json) {
             Ok(context) => return (context, TraceSource::Tekton),
             Err(e) => Some(e.0),
         },
@@ -325,9 +325,9 @@ fn choose_context(facts: &TaskRunFacts<'_>, policy: &Policy) -> (SpanContext, Tr
         (None, Some(uid)) => ("tekton.dev/taskRunUID", uid),
         (None, None) => ("tekton.dev/taskRun (no uid label)", facts.task_run),
     };
-    let trace_id = trace_context::derive_trace_id(facts.run_uid());
-    let parent_id = trace_context::derive_span_id(facts.task_run_key(), facts.retry);
-    let flags = u8::from(trace_context::sampled(trace_id, policy.sampling_ratio));
+    let trace_id = contract::derive_trace_id(facts.run_uid());
+    let parent_id = contract::derive_span_id(facts.task_run_key(), facts.retry);
+    let flags = u8::from(contract::sampled(trace_id, policy.sampling_ratio));
     (
         SpanContext {
             trace_id,

@@ -49,14 +49,14 @@ use tokio::sync::{Semaphore, watch};
 use tracing::Instrument as _;
 
 use crate::admission;
+use crate::admission::decide::Mode;
 use crate::certs;
 use crate::cluster::{self, Cluster};
-use crate::mutate::Mode;
 use crate::policy::Policy;
-use crate::reload::{Change, FileSet};
-use crate::selection::{Fallback, Selected};
-use crate::telemetry::{self, LogFormat, Metrics, Rejection, ReloadKind};
-use crate::tls::{self, TlsPaths, TlsStore};
+use crate::policy::selection::{Fallback, Selected};
+use crate::runtime::reload::{Change, FileSet};
+use crate::runtime::telemetry::{self, LogFormat, Metrics, Rejection, ReloadKind};
+use crate::runtime::tls::{self, TlsPaths, TlsStore};
 
 /// Largest AdmissionReview accepted. The API server refuses objects over 3 MiB, and a review of
 /// an UPDATE carries two of them; a CREATE of the largest pod fits with room to spare.
