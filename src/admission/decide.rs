@@ -28,6 +28,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Value, json};
 
 use crate::admission::pod::{Container, PodView as Pod};
+pub use crate::contract::TraceSource;
 use crate::contract::tekton::{TASK_RUN_SPAN_CONTEXT, TaskRunFacts};
 use crate::contract::{self, SpanContext};
 use crate::policy::{EnvFromPolicy, Policy, Protocol, TemplatePart};
@@ -156,21 +157,6 @@ pub struct Report {
     pub metadata: Vec<MetadataReport>,
 }
 
-/// Where the trace id and parent came from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TraceSource {
-    /// Tekton's own span for the TaskRun (`tekton.dev/taskrunSpanContext`).
-    Tekton,
-    /// Derived from uids; `malformed` says why Tekton's annotation, if present, was not used.
-    Derived {
-        trace_from: &'static str,
-        trace_uid: String,
-        span_uid: String,
-        retry: u32,
-        malformed: Option<String>,
-    },
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContainerReport {
     pub name: String,
@@ -236,7 +222,7 @@ pub enum MetaOutcome {
 
 /// Decides what to do with a pod. See the module documentation for the rules.
 pub fn decide(pod: &Pod, request: Request<'_>, policy: &Policy) -> Decision {
-    let Some(facts) = TaskRunFacts::from_pod(pod) else {
+    let Some(facts) = pod.facts() else {
         return Decision {
             action: Action::Skip(SkipReason::NotTaskRunPod),
             warnings: Vec::new(),
@@ -260,7 +246,7 @@ pub fn decide(pod: &Pod, request: Request<'_>, policy: &Policy) -> Decision {
         }
     }
 
-    let (context, trace_source) = choose_context(&facts, policy);
+    let (context, trace_source) = contract::attempt_context(&facts, policy.sampling_ratio);
     let plan = Plan::new(pod, &facts, request, policy, &context);
 
     let mut ops = Vec::new();
@@ -310,39 +296,6 @@ pub fn decide(pod: &Pod, request: Request<'_>, policy: &Policy) -> Decision {
             metadata,
         }),
     }
-}
-
-fn choose_context(facts: &TaskRunFacts<'_>, policy: &Policy) -> (SpanContext, TraceSource) {
-    let malformed = match facts.span_context {
-        Some(json) => match contract::parse_span_context_annotation(json) {
-            Ok(context) => return (context, TraceSource::Tekton),
-            Err(e) => Some(e.0),
-        },
-        None => None,
-    };
-    let (trace_from, trace_uid) = match (facts.pipeline_run_uid, facts.task_run_uid) {
-        (Some(uid), _) => ("tekton.dev/pipelineRunUID", uid),
-        (None, Some(uid)) => ("tekton.dev/taskRunUID", uid),
-        (None, None) => ("tekton.dev/taskRun (no uid label)", facts.task_run),
-    };
-    let trace_id = contract::derive_trace_id(facts.run_uid());
-    let parent_id = contract::derive_span_id(facts.task_run_key(), facts.retry);
-    let flags = u8::from(contract::sampled(trace_id, policy.sampling_ratio));
-    (
-        SpanContext {
-            trace_id,
-            parent_id,
-            flags,
-            tracestate: None,
-        },
-        TraceSource::Derived {
-            trace_from,
-            trace_uid: trace_uid.to_owned(),
-            span_uid: facts.task_run_key().to_owned(),
-            retry: facts.retry,
-            malformed,
-        },
-    )
 }
 
 /// What one kind of variable is, for the precedence rules.
@@ -881,52 +834,19 @@ fn service_name(policy: &Policy, facts: &TaskRunFacts<'_>, namespace: &str) -> S
     }
 }
 
-/// The resource attributes of REFERENCE.md section 2, in a fixed order, values encoded.
+/// The run's attributes ([`contract::attributes`]) then the policy's own, values encoded.
 fn resource_attributes(
     pod: &Pod,
     facts: &TaskRunFacts<'_>,
     namespace: &str,
     policy: &Policy,
 ) -> Vec<(String, String)> {
-    let pac = &facts.pac;
-    let triggers = &facts.triggers;
-    let retry = (facts.retry > 0).then(|| facts.retry.to_string());
-    let candidates: [(&str, Option<&str>); 24] = [
-        ("cicd.pipeline.name", Some(facts.pipeline_name())),
-        (
-            "cicd.pipeline.run.id",
-            facts.pipeline_run_uid.or(facts.task_run_uid),
-        ),
-        ("cicd.pipeline.task.name", facts.task_name()),
-        ("cicd.pipeline.task.run.id", facts.task_run_uid),
-        ("cicd.pipeline.run.url.full", pac.log_url),
-        ("vcs.ref.head.revision", pac.sha),
-        ("vcs.repository.url.full", pac.repo_url),
-        ("vcs.ref.head.name", pac.source_branch),
-        ("vcs.ref.base.name", pac.branch),
-        ("vcs.change.id", pac.pull_request),
-        ("vcs.owner.name", pac.url_org),
-        ("vcs.repository.name", pac.url_repository),
-        ("vcs.provider.name", pac.git_provider),
-        (
-            "k8s.namespace.name",
-            Some(namespace).filter(|n| !n.is_empty()),
-        ),
-        ("k8s.pod.name", pod.metadata.name.as_deref()),
-        ("tekton.pipelinerun.name", facts.pipeline_run),
-        ("tekton.taskrun.name", Some(facts.task_run)),
-        ("tekton.taskrun.retry", retry.as_deref()),
-        ("tekton.pipeline.member_of", facts.member_of),
-        ("tekton.trigger.eventlistener", triggers.eventlistener),
-        ("tekton.trigger.name", triggers.trigger),
-        ("tekton.trigger.event.id", triggers.event_id),
-        ("tekton.pac.event.type", pac.event_type),
-        ("tekton.pac.sender", pac.sender),
-    ];
-    let mut out: Vec<(String, String)> = candidates
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| (k.to_owned(), encode_attribute(v))))
-        .collect();
+    let pod_name = pod.metadata.name.as_deref();
+    let mut out: Vec<(String, String)> =
+        contract::attributes::task_run_attributes(facts, namespace, pod_name)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), encode_attribute(&v)))
+            .collect();
     for (key, value) in &policy.resource_attributes {
         if !out.iter().any(|(k, _)| k == key) {
             out.push((key.clone(), encode_attribute(value)));

@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{EnvFromSource, EnvVar};
 use serde::Deserialize;
 
+use crate::contract::tekton::TaskRunFacts;
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodView {
@@ -54,6 +56,15 @@ impl PodView {
             (None, Some(prefix)) => format!("{prefix}*"),
             (None, None) => "<unnamed>".to_owned(),
         }
+    }
+
+    /// Tekton's facts about the TaskRun attempt this pod runs, or `None` for other pods.
+    pub fn facts(&self) -> Option<TaskRunFacts<'_>> {
+        TaskRunFacts::from_pod(
+            self.metadata.name.as_deref(),
+            self.metadata.labels.as_ref(),
+            self.metadata.annotations.as_ref(),
+        )
     }
 
     pub fn annotation(&self, key: &str) -> Option<&str> {

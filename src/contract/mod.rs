@@ -1,7 +1,24 @@
-//! The trace contract: how a Tekton run's ids are chosen, written once for every component.
+//! The trace contract: how every id of a Tekton run is chosen, written once for the webhook and
+//! the run-span exporter.
 //!
-//! Pure: no I/O, no clock, no async.
+//! - [`w3c`]: the id types, `traceparent`/`tracestate`, Tekton's span-context carriers;
+//! - [`ids`]: every id derivation (trace, PipelineRun span, TaskRun attempt span, step span) and
+//!   the sampling rule: the specification, with pinned values;
+//! - [`tekton`]: the facts of a TaskRun attempt, read alike from a pod and from the run objects,
+//!   and the rule that names a run;
+//! - [`context`]: which context an attempt's steps get (Tekton's or derived), and a step's;
+//! - [`attributes`]: the CICD/VCS attribute list both components put on their telemetry.
+//!
+//! Pure: no I/O, no clock, no async. Anything here that changes an id changes a public contract
+//! (`docs/trace-ids.md`).
+pub mod attributes;
+pub mod context;
+pub mod ids;
 pub mod tekton;
-mod w3c;
+pub mod w3c;
 
-pub use w3c::*;
+pub use context::{TraceSource, attempt_context, step_context};
+pub use ids::{
+    derive_pipeline_run_span_id, derive_span_id, derive_step_span_id, derive_trace_id, sampled,
+};
+pub use w3c::{SpanContext, SpanId, TraceId, parse_traceparent};

@@ -1,10 +1,13 @@
-//! Reading Tekton's facts off a TaskRun pod: the labels and annotations Tekton (and
-//! Pipelines-as-Code, and Triggers) copy from the TaskRun, and the retry number in the pod name.
-//! Pure; borrows from the pod, allocates nothing.
+//! Tekton's facts about one TaskRun attempt, read the same way from a pod and from the run
+//! objects, and the rules that name a run.
+//!
+//! Tekton copies a TaskRun's labels and annotations (and through them the PipelineRun's, and
+//! Pipelines-as-Code's and Triggers') onto its pod, and adds `tekton.dev/taskRun` and
+//! `tekton.dev/taskRunUID`; a retry's pod is named `<name>-pod-retryN`. So a pod at admission
+//! and a TaskRun object after it finished give the same [`TaskRunFacts`]: that is what lets the
+//! webhook and the exporter derive the same ids. Pure; borrows, allocates only the PaC keys.
 
 use std::collections::BTreeMap;
-
-use crate::admission::pod::PodView;
 
 pub const TASK_RUN: &str = "tekton.dev/taskRun";
 pub const TASK_RUN_UID: &str = "tekton.dev/taskRunUID";
@@ -30,7 +33,7 @@ pub struct TaskRunFacts<'a> {
     pub pipeline_run_uid: Option<&'a str>,
     pub pipeline_task: Option<&'a str>,
     pub member_of: Option<&'a str>,
-    /// The `N` of a `-pod-retryN` pod name; 0 for the first attempt.
+    /// The attempt: the `N` of a `-pod-retryN` pod name, 0 for the first attempt.
     pub retry: u32,
     pub span_context: Option<&'a str>,
     pub pac: PipelinesAsCode<'a>,
@@ -62,60 +65,65 @@ pub struct Triggers<'a> {
 }
 
 impl<'a> TaskRunFacts<'a> {
-    /// The facts of a TaskRun pod, or `None` when the pod has no `tekton.dev/taskRun` label.
-    pub fn from_pod(pod: &'a PodView) -> Option<TaskRunFacts<'a>> {
-        let labels = pod.metadata.labels.as_ref()?;
-        let annotations = pod.metadata.annotations.as_ref();
-        let label = |k: &str| non_empty(labels.get(k));
-        let annotation = |k: &str| non_empty(annotations.and_then(|a| a.get(k)));
-        // PaC sets most of its keys as labels but some as annotations, and has moved keys
-        // between the two over releases: read either.
-        let pac = |k: &str| {
-            let key = format!("{PAC}{k}");
-            label(&key).or_else(|| annotation(&key))
-        };
-        let task_run = label(TASK_RUN)?;
-        Some(TaskRunFacts {
-            task_run,
-            task_run_uid: label(TASK_RUN_UID),
-            task: label(TASK),
-            pipeline: label(PIPELINE),
-            pipeline_run: label(PIPELINE_RUN),
-            pipeline_run_uid: label(PIPELINE_RUN_UID),
-            pipeline_task: label(PIPELINE_TASK),
-            member_of: label(MEMBER_OF),
-            retry: pod.metadata.name.as_deref().map(retry_of).unwrap_or(0),
-            span_context: annotation(TASK_RUN_SPAN_CONTEXT),
-            pac: PipelinesAsCode {
-                sha: pac("sha"),
-                branch: pac("branch"),
-                source_branch: pac("source-branch"),
-                url_org: pac("url-org"),
-                url_repository: pac("url-repository"),
-                sender: pac("sender"),
-                event_type: pac("event-type"),
-                pull_request: pac("pull-request"),
-                git_provider: pac("git-provider"),
-                repo_url: pac("repo-url"),
-                log_url: pac("log-url"),
-            },
-            triggers: Triggers {
-                eventlistener: label(&format!("{TRIGGERS}eventlistener")),
-                trigger: label(&format!("{TRIGGERS}trigger")),
-                event_id: label(&format!("{TRIGGERS}triggers-eventid")),
-            },
-        })
+    /// The facts of a TaskRun pod, from its name and metadata, or `None` when the pod has no
+    /// `tekton.dev/taskRun` label.
+    pub fn from_pod(
+        pod_name: Option<&str>,
+        labels: Option<&'a Labels>,
+        annotations: Option<&'a Labels>,
+    ) -> Option<TaskRunFacts<'a>> {
+        let labels = labels?;
+        let task_run = non_empty(labels.get(TASK_RUN))?;
+        let task_run_uid = non_empty(labels.get(TASK_RUN_UID));
+        let attempt = pod_name.map(retry_of).unwrap_or(0);
+        Some(read(labels, annotations, task_run, task_run_uid, attempt))
     }
 
-    /// The uid that names the run's trace: the PipelineRun's, else the TaskRun's, else (a pod
-    /// created without Tekton's uid label) the TaskRun name.
+    /// The facts of one attempt of a TaskRun object: its `metadata.name` and `metadata.uid`,
+    /// its labels and annotations, and the attempt (the index of the attempt in
+    /// `status.retriesStatus`, or the list's length for the final attempt). Equal to
+    /// [`TaskRunFacts::from_pod`] on that attempt's pod.
+    pub fn from_task_run(
+        name: &'a str,
+        uid: Option<&'a str>,
+        labels: Option<&'a Labels>,
+        annotations: Option<&'a Labels>,
+        attempt: u32,
+    ) -> TaskRunFacts<'a> {
+        static EMPTY: Labels = Labels::new();
+        let uid = uid.filter(|u| !u.trim().is_empty());
+        read(labels.unwrap_or(&EMPTY), annotations, name, uid, attempt)
+    }
+
+    /// Which value names the run, and so its trace: the PipelineRun's uid, else the TaskRun's
+    /// uid, else (a pod created without Tekton's uid label) the TaskRun's name. This is the one
+    /// place the rule is written.
+    pub fn run_id(&self) -> RunId<'a> {
+        match (self.pipeline_run_uid, self.task_run_uid) {
+            (Some(uid), _) => RunId {
+                source: PIPELINE_RUN_UID,
+                value: uid,
+                is_uid: true,
+            },
+            (None, Some(uid)) => RunId {
+                source: TASK_RUN_UID,
+                value: uid,
+                is_uid: true,
+            },
+            (None, None) => RunId {
+                source: "tekton.dev/taskRun (no uid label)",
+                value: self.task_run,
+                is_uid: false,
+            },
+        }
+    }
+
+    /// The value the run's trace id is derived from (see [`TaskRunFacts::run_id`]).
     pub fn run_uid(&self) -> &'a str {
-        self.pipeline_run_uid
-            .or(self.task_run_uid)
-            .unwrap_or(self.task_run)
+        self.run_id().value
     }
 
-    /// The uid that names this TaskRun's span: its uid, else its name.
+    /// The value this TaskRun's span ids are derived from: its uid, else its name.
     pub fn task_run_key(&self) -> &'a str {
         self.task_run_uid.unwrap_or(self.task_run)
     }
@@ -144,6 +152,63 @@ impl<'a> TaskRunFacts<'a> {
     }
 }
 
+/// Which value names a run (see [`TaskRunFacts::run_id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunId<'a> {
+    /// The key it was read from, for explanations.
+    pub source: &'static str,
+    pub value: &'a str,
+    /// False when no uid was known and the TaskRun's name stands in.
+    pub is_uid: bool,
+}
+
+fn read<'a>(
+    labels: &'a Labels,
+    annotations: Option<&'a Labels>,
+    task_run: &'a str,
+    task_run_uid: Option<&'a str>,
+    retry: u32,
+) -> TaskRunFacts<'a> {
+    let label = |k: &str| non_empty(labels.get(k));
+    let annotation = |k: &str| non_empty(annotations.and_then(|a| a.get(k)));
+    // PaC sets most of its keys as labels but some as annotations, and has moved keys between
+    // the two over releases: read either.
+    let pac = |k: &str| {
+        let key = format!("{PAC}{k}");
+        label(&key).or_else(|| annotation(&key))
+    };
+    TaskRunFacts {
+        task_run,
+        task_run_uid,
+        task: label(TASK),
+        pipeline: label(PIPELINE),
+        pipeline_run: label(PIPELINE_RUN),
+        pipeline_run_uid: label(PIPELINE_RUN_UID),
+        pipeline_task: label(PIPELINE_TASK),
+        member_of: label(MEMBER_OF),
+        retry,
+        span_context: annotation(TASK_RUN_SPAN_CONTEXT),
+        pac: PipelinesAsCode {
+            sha: pac("sha"),
+            branch: pac("branch"),
+            source_branch: pac("source-branch"),
+            url_org: pac("url-org"),
+            url_repository: pac("url-repository"),
+            sender: pac("sender"),
+            event_type: pac("event-type"),
+            pull_request: pac("pull-request"),
+            git_provider: pac("git-provider"),
+            repo_url: pac("repo-url"),
+            log_url: pac("log-url"),
+        },
+        triggers: Triggers {
+            eventlistener: label(&format!("{TRIGGERS}eventlistener")),
+            trigger: label(&format!("{TRIGGERS}trigger")),
+            event_id: label(&format!("{TRIGGERS}triggers-eventid")),
+        },
+    }
+}
+
 fn non_empty(v: Option<&String>) -> Option<&str> {
     v.map(String::as_str).filter(|s| !s.trim().is_empty())
 }
@@ -160,7 +225,7 @@ pub fn retry_of(pod_name: &str) -> u32 {
     digits.parse().unwrap_or(0)
 }
 
-/// Label maps as read by [`TaskRunFacts::from_pod`]; exposed for tests that build pods.
+/// Label and annotation maps, as Kubernetes objects carry them.
 pub type Labels = BTreeMap<String, String>;
 
 #[cfg(test)]
@@ -179,23 +244,44 @@ mod tests {
 
     #[test]
     fn not_a_task_run_pod_without_the_label() {
-        let pod = PodView::default();
-        assert!(TaskRunFacts::from_pod(&pod).is_none());
-        let mut pod = PodView::default();
-        pod.metadata.labels = Some(Labels::from([(TASK_RUN.into(), " ".into())]));
-        assert!(TaskRunFacts::from_pod(&pod).is_none());
+        assert!(TaskRunFacts::from_pod(Some("p"), None, None).is_none());
+        let blank = Labels::from([(TASK_RUN.into(), " ".into())]);
+        assert!(TaskRunFacts::from_pod(Some("p"), Some(&blank), None).is_none());
     }
 
     #[test]
-    fn fallbacks() {
-        let mut pod = PodView::default();
-        pod.metadata.labels = Some(Labels::from([
-            (TASK_RUN.into(), "tr".into()),
-            (TASK_RUN_UID.into(), "u1".into()),
-        ]));
-        let f = TaskRunFacts::from_pod(&pod).unwrap();
-        assert_eq!(f.run_uid(), "u1");
+    fn the_run_is_named_by_the_pipeline_run_then_the_task_run() {
+        let mut labels = Labels::from([(TASK_RUN.into(), "tr".into())]);
+        let f = TaskRunFacts::from_pod(Some("tr-pod"), Some(&labels), None).unwrap();
+        assert_eq!((f.run_uid(), f.run_id().is_uid), ("tr", false));
         assert_eq!(f.pipeline_name(), "tr");
         assert_eq!(f.task_name(), None);
+        labels.insert(TASK_RUN_UID.into(), "u1".into());
+        let f = TaskRunFacts::from_pod(Some("tr-pod"), Some(&labels), None).unwrap();
+        assert_eq!((f.run_id().source, f.run_uid()), (TASK_RUN_UID, "u1"));
+        labels.insert(PIPELINE_RUN_UID.into(), "p1".into());
+        let f = TaskRunFacts::from_pod(Some("tr-pod"), Some(&labels), None).unwrap();
+        assert_eq!((f.run_id().source, f.run_uid()), (PIPELINE_RUN_UID, "p1"));
+        assert_eq!(f.task_run_key(), "u1");
+    }
+
+    #[test]
+    fn a_pod_and_its_task_run_give_the_same_facts() {
+        let run_labels = Labels::from([
+            (PIPELINE_RUN_UID.into(), "p1".into()),
+            (PIPELINE_TASK.into(), "build".into()),
+            (format!("{PAC}sha"), "abc".into()),
+        ]);
+        let annotations = Labels::from([(format!("{PAC}repo-url"), "https://x/y".into())]);
+        let object =
+            TaskRunFacts::from_task_run("tr", Some("u1"), Some(&run_labels), Some(&annotations), 2);
+        let mut pod_labels = run_labels.clone();
+        pod_labels.insert(TASK_RUN.into(), "tr".into());
+        pod_labels.insert(TASK_RUN_UID.into(), "u1".into());
+        let pod =
+            TaskRunFacts::from_pod(Some("tr-pod-retry2"), Some(&pod_labels), Some(&annotations))
+                .unwrap();
+        assert_eq!(object, pod);
+        assert_eq!(pod.pac.repo_url, Some("https://x/y"));
     }
 }

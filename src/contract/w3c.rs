@@ -1,18 +1,7 @@
-//! W3C trace context: parsing Tekton's span context, deriving ids from run uids, sampling.
-//!
-//! The derivation is a published contract (README, "How trace ids are chosen"): a component
-//! that emits spans for PipelineRuns and TaskRuns later must compute the same ids from the same
-//! uids, so the constants below never change without a new version tag in the hashed prefix.
-//! Everything here is pure.
+//! W3C trace context: the id types, `traceparent` and `tracestate`, and Tekton's span-context
+//! carriers. Pure.
 
 use std::fmt;
-
-use sha2::{Digest, Sha256};
-
-/// Hashed before a run uid to derive a trace id. Versioned so the scheme can change safely.
-const TRACE_ID_DOMAIN: &[u8] = b"lightstep-tekton-webhook/trace-id/v1\n";
-/// Hashed before a TaskRun uid and retry number to derive the TaskRun's span id.
-const SPAN_ID_DOMAIN: &[u8] = b"lightstep-tekton-webhook/span-id/v1\n";
 
 /// The W3C limit on the length of a `tracestate` value.
 const TRACESTATE_MAX_LEN: usize = 512;
@@ -158,53 +147,6 @@ pub fn parse_span_context_annotation(json: &str) -> Result<SpanContext, Malforme
     })
 }
 
-/// The trace id of a run: all TaskRuns of one PipelineRun pass the PipelineRun uid and so share
-/// one trace. `SHA-256(TRACE_ID_DOMAIN || uid)`, first 16 bytes.
-pub fn derive_trace_id(run_uid: &str) -> TraceId {
-    let digest = Sha256::new()
-        .chain_update(TRACE_ID_DOMAIN)
-        .chain_update(run_uid.as_bytes())
-        .finalize();
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&digest[..16]);
-    if id == [0; 16] {
-        // W3C forbids the all-zero id; the odds are 2^-128, but the contract must be total.
-        id[15] = 1;
-    }
-    TraceId(id)
-}
-
-/// The span id of one attempt of a TaskRun (retries get their own span):
-/// `SHA-256(SPAN_ID_DOMAIN || taskRunUID || "/" || retry)`, first 8 bytes, retry in decimal.
-pub fn derive_span_id(task_run_uid: &str, retry: u32) -> SpanId {
-    let digest = Sha256::new()
-        .chain_update(SPAN_ID_DOMAIN)
-        .chain_update(task_run_uid.as_bytes())
-        .chain_update(b"/")
-        .chain_update(retry.to_string().as_bytes())
-        .finalize();
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&digest[..8]);
-    if id == [0; 8] {
-        id[7] = 1;
-    }
-    SpanId(id)
-}
-
-/// The sampling decision for a trace, the same one OpenTelemetry's `TraceIdRatioBased` sampler
-/// makes (Go and Rust SDKs): the low 8 bytes of the trace id, big-endian, shifted right by one,
-/// compared with `ratio * 2^63`. Every pod of a run therefore agrees, and so does an SDK
-/// configured with the same ratio.
-pub fn sampled(trace_id: TraceId, ratio: f64) -> bool {
-    if ratio >= 1.0 {
-        return true;
-    }
-    let bound = (ratio.max(0.0) * (1u64 << 63) as f64) as u64;
-    let mut low = [0u8; 8];
-    low.copy_from_slice(&trace_id.0[8..]);
-    (u64::from_be_bytes(low) >> 1) < bound
-}
-
 fn hex_nibble(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -288,38 +230,5 @@ mod tests {
         assert!(parse_span_context_annotation("{}").is_err());
         assert!(parse_span_context_annotation("not json").is_err());
         assert!(parse_span_context_annotation(r#"{"traceparent":5}"#).is_err());
-    }
-
-    /// The derivation is a contract with other components: these values must never change.
-    #[test]
-    fn derivation_is_stable() {
-        let t = derive_trace_id("59eb5727-df8e-49fc-a564-75a1aef1d8df");
-        let s = derive_span_id("f51a1622-7726-451e-82d4-1422e51dfa8e", 0);
-        assert_eq!(t, derive_trace_id("59eb5727-df8e-49fc-a564-75a1aef1d8df"));
-        assert_ne!(s, derive_span_id("f51a1622-7726-451e-82d4-1422e51dfa8e", 1));
-        assert_ne!(t, derive_trace_id("f51a1622-7726-451e-82d4-1422e51dfa8e"));
-        // Pinned values: recompute with `printf '%s%s' "$DOMAIN" "$UID" | sha256sum`.
-        assert_eq!(t.to_string(), PINNED_TRACE_ID);
-        assert_eq!(s.to_string(), PINNED_SPAN_ID);
-    }
-
-    const PINNED_TRACE_ID: &str = "f3739f264459e0240e4b8665a676ca9d";
-    const PINNED_SPAN_ID: &str = "67ed4606d2753ce7";
-
-    #[test]
-    fn sampling_matches_the_ratio_sampler() {
-        let low = TraceId([0xff; 16]);
-        let high_bits_zero = TraceId([0; 16]);
-        assert!(sampled(low, 1.0));
-        assert!(!sampled(low, 0.0));
-        assert!(!sampled(high_bits_zero, 0.0));
-        assert!(sampled(high_bits_zero, 0.01));
-        assert!(!sampled(low, 0.99));
-        // Roughly the ratio over many derived ids.
-        let n = 4000;
-        let hits = (0..n)
-            .filter(|i| sampled(derive_trace_id(&format!("uid-{i}")), 0.25))
-            .count();
-        assert!((800..1200).contains(&hits), "{hits} of {n} sampled at 0.25");
     }
 }
