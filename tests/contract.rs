@@ -13,6 +13,15 @@ use serde_json::Value;
 
 type Map = BTreeMap<String, String>;
 
+/// One TaskRun attempt as the object tells it.
+struct Attempt {
+    name: String,
+    uid: String,
+    labels: Option<Map>,
+    annotations: Option<Map>,
+    attempt: u32,
+}
+
 fn runs_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/runs")
 }
@@ -21,9 +30,8 @@ fn map(v: &Value) -> Option<Map> {
     serde_json::from_value(v.clone()).ok()
 }
 
-/// Every TaskRun attempt of every captured run, by its pod's name: (name, uid, labels,
-/// annotations, attempt).
-fn attempts() -> BTreeMap<String, (String, String, Option<Map>, Option<Map>, u32)> {
+/// Every TaskRun attempt of every captured run, by its pod's name.
+fn attempts() -> BTreeMap<String, Attempt> {
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(runs_dir()).unwrap() {
         let path = entry.unwrap().path();
@@ -76,16 +84,16 @@ fn every_pod_and_its_task_run_attempt_agree_on_facts_context_and_attributes() {
         let pod: PodView = serde_json::from_value(review["request"]["object"].clone()).unwrap();
         let pod_name = pod.metadata.name.clone().unwrap();
         let namespace = review["request"]["namespace"].as_str().unwrap();
-        let (name, uid, labels, annotations, attempt) = attempts
+        let run = attempts
             .get(&pod_name)
             .unwrap_or_else(|| panic!("no TaskRun attempt ran pod {pod_name}"));
         let from_pod = pod.facts().expect("a TaskRun pod");
         let from_run = TaskRunFacts::from_task_run(
-            name,
-            Some(uid),
-            labels.as_ref(),
-            annotations.as_ref(),
-            *attempt,
+            &run.name,
+            Some(&run.uid),
+            run.labels.as_ref(),
+            run.annotations.as_ref(),
+            run.attempt,
         );
         assert_eq!(from_pod, from_run, "{pod_name}");
         assert_eq!(
