@@ -59,13 +59,13 @@ fn attempts() -> BTreeMap<String, Attempt> {
             pods.push((&item["status"]["podName"], retries.len() as u32));
             for (pod, attempt) in pods {
                 if let Some(pod) = pod.as_str().filter(|p| !p.is_empty()) {
-                    let row = (
-                        name.clone(),
-                        uid.clone(),
-                        labels.clone(),
-                        annotations.clone(),
+                    let row = Attempt {
+                        name: name.clone(),
+                        uid: uid.clone(),
+                        labels: labels.clone(),
+                        annotations: annotations.clone(),
                         attempt,
-                    );
+                    };
                     out.insert(pod.to_owned(), row);
                 }
             }
