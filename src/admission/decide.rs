@@ -356,7 +356,7 @@ impl<'p> Plan<'p> {
             name: OTEL_SERVICE_NAME,
             value: literal(
                 OTEL_SERVICE_NAME,
-                &service_name(policy, facts, request.namespace),
+                &service_name(policy, facts, request.namespace, escape_dollar),
             ),
             group: Group::Setting,
         });
@@ -812,7 +812,16 @@ fn escape_dollar(value: &str) -> String {
     value.replace('$', "$$")
 }
 
-fn service_name(policy: &Policy, facts: &TaskRunFacts<'_>, namespace: &str) -> String {
+/// `service.name` of a TaskRun attempt: the policy's template filled from the facts, else the
+/// TaskRun's name. `escape` is applied to every value read off the run (the webhook escapes `$`
+/// for the env list; the run-span exporter passes values through), so the steps' telemetry and
+/// the run spans land in one service.
+pub fn service_name(
+    policy: &Policy,
+    facts: &TaskRunFacts<'_>,
+    namespace: &str,
+    escape: fn(&str) -> String,
+) -> String {
     let mut out = String::new();
     for part in policy.service_name.parts() {
         match part {
@@ -822,20 +831,20 @@ fn service_name(policy: &Policy, facts: &TaskRunFacts<'_>, namespace: &str) -> S
                     .iter()
                     .find_map(|f| facts.template_field(f, namespace))
                 {
-                    out.push_str(&escape_dollar(value));
+                    out.push_str(&escape(value));
                 }
             }
         }
     }
     if out.trim().is_empty() {
-        escape_dollar(facts.task_run)
+        escape(facts.task_run)
     } else {
         out
     }
 }
 
 /// The run's attributes ([`contract::attributes`]) then the policy's own, values encoded.
-fn resource_attributes(
+pub fn resource_attributes(
     pod: &Pod,
     facts: &TaskRunFacts<'_>,
     namespace: &str,
