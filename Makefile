@@ -31,7 +31,7 @@ help: ## List the targets
 build: ## Build the release binary
 	$(CARGO) build --locked --release
 
-test: ## Run the unit, fixture, property, HTTP and manifest tests
+test: ## Run every test: unit, fixtures, properties, preview, server, manifests, tracing_policy, cluster, watch, docs
 	$(CARGO) test --locked
 
 lint: ## Check formatting and run clippy with warnings as errors
@@ -64,9 +64,25 @@ deploy: $(if $(filter self-signed,$(OVERLAY)),$(CERTS_DIR)/tls.crt) ## Apply an 
 
 # The webhook configuration goes first: with the Deployment gone but the enforced webhook still
 # registered, the API server would refuse every Tekton pod in enforced namespaces.
-undeploy: $(if $(filter self-signed,$(OVERLAY)),$(CERTS_DIR)/tls.crt) ## Delete what deploy applied (OVERLAY=cert-manager|self-signed)
+# Deleting needs no certificates: the self-signed overlay is the base plus the certificate Secret
+# (and a caBundle patch), so that overlay is deleted as those two, and an empty certs directory
+# is no reason to make a new CA. The Secret's name is fixed in that overlay's kustomization.
+# KEEP_TRACING_POLICIES=1 deletes by name everything but the CRD, whose deletion would take every
+# TracingPolicy in the cluster with it: the namespace (with all the namespaced objects of either
+# overlay), and the cluster-scoped RBAC.
+TLS_SECRET := lightstep-tekton-webhook-tls
+KEEP_TRACING_POLICIES ?=
+undeploy: ## Delete what deploy applied, the TracingPolicy CRD too unless KEEP_TRACING_POLICIES=1 (OVERLAY=cert-manager|self-signed)
 	$(KUBECTL) delete --ignore-not-found mutatingwebhookconfiguration $(SERVICE)
+ifneq ($(KEEP_TRACING_POLICIES),)
+	$(KUBECTL) delete --ignore-not-found namespace $(NAMESPACE)
+	$(KUBECTL) delete --ignore-not-found clusterrolebinding,clusterrole $(SERVICE)
+else ifeq ($(OVERLAY),self-signed)
+	$(KUBECTL) -n $(NAMESPACE) delete --ignore-not-found secret $(TLS_SECRET)
+	$(KUBECTL) delete --ignore-not-found -k manifests/base
+else
 	$(KUBECTL) delete --ignore-not-found -k manifests/overlays/$(OVERLAY)
+endif
 
 bench: ## Benchmark the decision (criterion), then load-test the HTTPS server (LOAD_ARGS=...)
 	$(CARGO) bench --locked --bench decide

@@ -1,7 +1,7 @@
 //! The whole request path minus HTTP: bytes → [`admission::review`] → the reply the server sends.
 //!
 //! For any input, in both modes: no panic, no hang, and an `Ok` reply obeys the API server's
-//! rules (REFERENCE.md section 3), checked by the same code the test suite uses
+//! rules (docs/apiserver-rules.md, section 3), checked by the same code the test suite uses
 //! (`tests/common/mod.rs`, included by path so the rules exist once). When the review carries a
 //! pod the API server could have sent (it decodes as a `Pod` and passes the validation the API
 //! server applies), the patch must apply to it, the result must still pass that validation, and

@@ -1,5 +1,5 @@
 //! Shared test support: loading the captured reviews, and the API server's rules for a patched
-//! pod (REFERENCE.md section 3), reproduced because there is no cluster to ask.
+//! pod (docs/apiserver-rules.md, section 3), reproduced because there is no cluster to ask.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
