@@ -1,6 +1,6 @@
 //! The process's Prometheus registry: one sub-registry per component, each with its own prefix.
 //!
-//! Every metric name starts with [`PREFIX`] and the component's name (`lightstep_tekton_webhook_`
+//! Every metric name starts with `PREFIX` and the component's name (`lightstep_tekton_webhook_`
 //! for the webhook), so dashboards can find a component's metrics and two components in one
 //! process cannot register the same name. The registry is built before serving and read-only
 //! after: components keep handles to their counters, and the admin port encodes the whole tree.

@@ -2,7 +2,7 @@
 //!
 //! Each answered AdmissionReview gets exactly one log line ([`record_admission`]) with uid,
 //! namespace, pod, mode, decision and duration, and each refused request one line
-//! ([`record_rejection`]); both count in the metrics. Nothing secret is logged or counted: the
+//! (`record_rejection`); both count in the metrics. Nothing secret is logged or counted: the
 //! reply's patch refers to the token Secret by name.
 //!
 //! The metrics live in the webhook's sub-registry of [`Registry`], under their historical names

@@ -1,13 +1,13 @@
 //! `lightstep-tekton-webhook serve`: the HTTPS endpoint kube-apiserver calls.
 //!
-//! Routes ([`routes`]): `POST /mutate` (inject mode), `POST /enforce` (enforce mode),
+//! Routes (`routes`): `POST /mutate` (inject mode), `POST /enforce` (enforce mode),
 //! `GET /healthz`, `GET /readyz`; metrics on the runtime's admin port (`GET /metrics`).
 //!
 //! This module is the command: its arguments, the settings they resolve to, and [`run`]. The
-//! rest is in rooms of its own: [`server`] binds and drains, [`listener`] accepts connections
-//! within limits, [`routes`] answers requests, [`metrics`] counts and logs them, and
-//! [`policy_store`] keeps the policy file current. The process around it (runtime, telemetry,
-//! signals, exit code) is [`crate::runtime::bootstrap`]'s.
+//! rest is in rooms of its own: `server` binds and drains, `listener` accepts connections
+//! within limits, `routes` answers requests, [`metrics`] counts and logs them, and
+//! `policy_store` keeps the policy file current. The process around it (runtime, telemetry,
+//! signals, exit code) is `crate::runtime::bootstrap`'s.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
