@@ -82,31 +82,31 @@ impl Bundle {
 /// Why certificates could not be made or written. The message names what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
-    #[error("certs: at least one DNS name or IP address is needed for the serving certificate")]
+    #[error("at least one DNS name or IP address is needed for the serving certificate")]
     NoNames,
-    #[error("certs: {name:?} is not a valid DNS name or IP address: {reason}")]
+    #[error("{name:?} is not a valid DNS name or IP address: {reason}")]
     InvalidName { name: String, reason: String },
-    #[error("certs: --days must be between 1 and {MAX_VALIDITY_DAYS}, not {0}")]
+    #[error("--days must be between 1 and {MAX_VALIDITY_DAYS}, not {0}")]
     InvalidValidity(u32),
-    #[error("certs: generating the {what}: {source}")]
+    #[error("generating the {what}: {source}")]
     Generate {
         what: &'static str,
         #[source]
         source: rcgen::Error,
     },
-    #[error("certs: {}: cannot create the directory: {source}", path.display())]
+    #[error("{}: cannot create the directory: {source}", path.display())]
     CreateDir {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("certs: {}: cannot write: {source}", path.display())]
+    #[error("{}: cannot write: {source}", path.display())]
     Write {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("certs: {}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read: {source}", path.display())]
     Read {
         path: PathBuf,
         #[source]
@@ -389,7 +389,7 @@ pub fn run(args: CertsArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }

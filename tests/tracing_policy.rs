@@ -16,7 +16,8 @@ use lightstep_tekton_webhook::policy::resource::{
     status_differs,
 };
 use lightstep_tekton_webhook::policy::selection::{self, Choice, Fallback, Snapshot};
-use lightstep_tekton_webhook::runtime::telemetry;
+use lightstep_tekton_webhook::runtime::metrics::Registry;
+use lightstep_tekton_webhook::serve::metrics::{WebhookMetrics, record_admission};
 use serde_json::{Value, json};
 
 /// A TracingPolicy from its name, generation and spec (JSON, as written in YAML).
@@ -575,9 +576,10 @@ fn audit_patches_nothing_warns_and_counts_on_every_fixture_and_both_paths() {
         &prod,
         Mode::Inject,
     );
-    let metrics = telemetry::Metrics::new();
-    telemetry::record_admission(&metrics, &reply, std::time::Duration::from_micros(80));
-    let text = metrics.encode();
+    let mut registry = Registry::new();
+    let metrics = WebhookMetrics::register(&mut registry);
+    record_admission(&metrics, &reply, std::time::Duration::from_micros(80));
+    let text = registry.encode();
     assert!(
         text.contains("admissions_total{mode=\"inject\",outcome=\"audited\"} 1"),
         "{text}"

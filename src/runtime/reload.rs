@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 /// What one poll found.
 #[derive(Debug)]
-pub enum Change {
+pub(crate) enum Change {
     /// The same contents (or the same read error) as last time.
     Unchanged,
     /// New contents, one entry per path, in the order given to [`FileSet::new`].
@@ -28,25 +28,25 @@ pub enum Change {
 
 /// A fixed set of paths read together, and the digest of what they held last time.
 #[derive(Debug)]
-pub struct FileSet {
+pub(crate) struct FileSet {
     paths: Vec<PathBuf>,
     last: Option<[u8; 32]>,
 }
 
 impl FileSet {
-    pub fn new(paths: Vec<PathBuf>) -> FileSet {
+    pub(crate) fn new(paths: Vec<PathBuf>) -> FileSet {
         FileSet { paths, last: None }
     }
 
     /// Reads every path now and remembers the contents as seen (used at startup).
-    pub fn read(&mut self) -> Result<Vec<Vec<u8>>, (PathBuf, io::Error)> {
+    pub(crate) fn read(&mut self) -> Result<Vec<Vec<u8>>, (PathBuf, io::Error)> {
         let contents = self.read_all()?;
         self.last = Some(digest(&contents));
         Ok(contents)
     }
 
     /// Reads every path and says whether anything differs from the last poll.
-    pub fn poll(&mut self) -> Change {
+    pub(crate) fn poll(&mut self) -> Change {
         match self.read_all() {
             Ok(contents) => {
                 let d = digest(&contents);
@@ -66,6 +66,12 @@ impl FileSet {
                 Change::Unreadable(message)
             }
         }
+    }
+
+    /// Makes the next poll report the contents as changed even if they are the same: for a
+    /// version refused for a reason that time alone can remove.
+    pub(crate) fn forget(&mut self) {
+        self.last = None;
     }
 
     fn read_all(&self) -> Result<Vec<Vec<u8>>, (PathBuf, io::Error)> {

@@ -8,8 +8,12 @@
 //! connections already open keep theirs. A new certificate/key pair (or CA) is built and checked
 //! completely before it replaces the old one, so a half-written or mismatched pair is refused and
 //! the last good configuration stays. Checks: the PEM parses, the key is the certificate's, and
-//! the certificate has not expired. The pair is never logged; errors name the file, not its
+//! the certificate is valid now (after its notBefore, before its notAfter). The pair is never logged; errors name the file, not its
 //! contents.
+//!
+//! A certificate refused only because it is not valid yet is read again at the next poll even
+//! though the files did not change: time alone makes it servable (an issuer whose clock runs a
+//! little ahead of ours), and the files may not change again before the old one expires.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -49,6 +53,8 @@ pub enum TlsError {
     BadCertificate { path: String, reason: String },
     #[error("--tls-cert {path}: the certificate expired (notAfter {not_after})")]
     Expired { path: String, not_after: String },
+    #[error("--tls-cert {path}: the certificate is not valid yet (notBefore {not_before})")]
+    NotYetValid { path: String, not_before: String },
     #[error("--tls-key {path}: no usable PEM private key: {reason}")]
     BadKey { path: String, reason: String },
     #[error("--tls-key {key} is not the key of the certificate in --tls-cert {cert}")]
@@ -61,10 +67,10 @@ pub enum TlsError {
 
 /// A validated configuration and what the metrics report about it.
 #[derive(Clone)]
-pub struct Identity {
-    pub config: Arc<ServerConfig>,
+pub(crate) struct Identity {
+    pub(crate) config: Arc<ServerConfig>,
     /// The certificate's notAfter, in seconds since the Unix epoch.
-    pub not_after: i64,
+    pub(crate) not_after: i64,
 }
 
 impl std::fmt::Debug for Identity {
@@ -77,7 +83,7 @@ impl std::fmt::Debug for Identity {
 
 /// What a reload attempt did.
 #[derive(Debug)]
-pub enum Reload {
+pub(crate) enum Reload {
     Unchanged,
     Applied {
         not_after: i64,
@@ -87,7 +93,7 @@ pub enum Reload {
 }
 
 /// The configuration being served, and the files it came from.
-pub struct TlsStore {
+pub(crate) struct TlsStore {
     paths: TlsPaths,
     files: Mutex<FileSet>,
     current: RwLock<Identity>,
@@ -95,7 +101,7 @@ pub struct TlsStore {
 
 impl TlsStore {
     /// Reads and validates the files; fails (before anything is bound) if they cannot be served.
-    pub fn load(paths: TlsPaths) -> Result<TlsStore, TlsError> {
+    pub(crate) fn load(paths: TlsPaths) -> Result<TlsStore, TlsError> {
         let mut files = FileSet::new(file_list(&paths));
         let contents = files.read().map_err(|(path, e)| TlsError::Read {
             flag: flag_of(&paths, &path),
@@ -111,11 +117,11 @@ impl TlsStore {
     }
 
     /// An acceptor for one new connection, with the configuration current now.
-    pub fn acceptor(&self) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.identity().config)
     }
 
-    pub fn identity(&self) -> Identity {
+    pub(crate) fn identity(&self) -> Identity {
         // A poisoned lock still holds a complete Identity: writers only assign.
         self.current
             .read()
@@ -124,7 +130,7 @@ impl TlsStore {
     }
 
     /// Re-reads the files and switches to them if they changed and are valid.
-    pub fn reload(&self) -> Reload {
+    pub(crate) fn reload(&self) -> Reload {
         let change = self.files.lock().unwrap_or_else(|e| e.into_inner()).poll();
         match change {
             Change::Unchanged => Reload::Unchanged,
@@ -135,7 +141,15 @@ impl TlsStore {
                     *self.current.write().unwrap_or_else(|e| e.into_inner()) = identity;
                     Reload::Applied { not_after }
                 }
-                Err(e) => Reload::Refused(e.to_string()),
+                Err(e) => {
+                    if matches!(e, TlsError::NotYetValid { .. }) {
+                        self.files
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .forget();
+                    }
+                    Reload::Refused(e.to_string())
+                }
             },
         }
     }
@@ -158,7 +172,7 @@ fn flag_of(paths: &TlsPaths, path: &PathBuf) -> &'static str {
 }
 
 /// Builds the server configuration from the contents of the cert, key and (optional) CA files.
-pub fn build(paths: &TlsPaths, contents: &[Vec<u8>]) -> Result<Identity, TlsError> {
+fn build(paths: &TlsPaths, contents: &[Vec<u8>]) -> Result<Identity, TlsError> {
     let cert_path = paths.cert.display().to_string();
     let key_path = paths.key.display().to_string();
     let chain = CertificateDer::pem_slice_iter(&contents[0])
@@ -203,21 +217,28 @@ pub fn build(paths: &TlsPaths, contents: &[Vec<u8>]) -> Result<Identity, TlsErro
     })
 }
 
-/// Parses the leaf certificate and refuses an expired one; returns its notAfter.
+/// Parses the leaf certificate and refuses one that is not valid now; returns its notAfter.
 fn check_validity(path: &str, leaf: &CertificateDer<'_>) -> Result<i64, TlsError> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(leaf).map_err(|e| TlsError::BadCertificate {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-    let not_after = cert.validity().not_after;
-    if not_after.timestamp() < x509_parser::time::ASN1Time::now().timestamp() {
-        return Err(TlsError::Expired {
+    let validity = cert.validity();
+    let now = x509_parser::time::ASN1Time::now().timestamp();
+    if validity.not_before.timestamp() > now {
+        return Err(TlsError::NotYetValid {
             path: path.to_owned(),
-            not_after: not_after.to_string(),
+            not_before: validity.not_before.to_string(),
         });
     }
-    Ok(not_after.timestamp())
+    if validity.not_after.timestamp() < now {
+        return Err(TlsError::Expired {
+            path: path.to_owned(),
+            not_after: validity.not_after.to_string(),
+        });
+    }
+    Ok(validity.not_after.timestamp())
 }
 
 fn client_verifier(
@@ -241,4 +262,81 @@ fn client_verifier(
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
         .map_err(|e| bad(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use rcgen::{CertificateParams, KeyPair};
+    use time::{Duration, OffsetDateTime};
+
+    use super::*;
+
+    /// A self-signed certificate for localhost valid from `from` to `until` (from now), and its
+    /// key, both PEM.
+    fn certificate(from: Duration, until: Duration) -> (String, String) {
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now + from;
+        params.not_after = now + until;
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn write(dir: &Path, (cert, key): &(String, String)) -> TlsPaths {
+        let paths = TlsPaths {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            client_ca: None,
+        };
+        std::fs::write(&paths.cert, cert).unwrap();
+        std::fs::write(&paths.key, key).unwrap();
+        paths
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tls-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_certificate_not_valid_yet_is_refused_at_startup_naming_the_flag() {
+        let dir = temp_dir("startup");
+        let paths = write(&dir, &certificate(Duration::days(1), Duration::days(30)));
+        let error = TlsStore::load(paths).err().expect("refused").to_string();
+        assert!(error.starts_with("--tls-cert "), "{error}");
+        assert!(error.contains("not valid yet (notBefore"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_reload_to_a_certificate_not_valid_yet_keeps_the_last_good_one_and_retries() {
+        let dir = temp_dir("reload");
+        let good = certificate(Duration::days(-1), Duration::days(30));
+        let paths = write(&dir, &good);
+        let store = TlsStore::load(paths).unwrap();
+        let served = store.identity().not_after;
+
+        write(&dir, &certificate(Duration::days(1), Duration::days(60)));
+        for _ in 0..2 {
+            // Read again at every poll: only time has to change for it to become servable.
+            match store.reload() {
+                Reload::Refused(reason) => assert!(reason.contains("not valid yet"), "{reason}"),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(store.identity().not_after, served);
+        }
+
+        // An expired one is refused once: time cannot fix it.
+        write(&dir, &certificate(Duration::days(-30), Duration::days(-1)));
+        assert!(matches!(store.reload(), Reload::Refused(r) if r.contains("expired")));
+        assert!(matches!(store.reload(), Reload::Unchanged));
+
+        write(&dir, &good);
+        assert!(matches!(store.reload(), Reload::Applied { not_after } if not_after == served));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

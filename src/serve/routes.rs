@@ -1,0 +1,263 @@
+//! The routes: `POST /mutate` (inject mode), `POST /enforce` (enforce mode), `GET /healthz`,
+//! `GET /readyz`.
+//!
+//! The handler is glue: read the body within limits, take the current policy, call
+//! [`admission::review_with`], record one log line and the metrics, send the reply. Everything a
+//! client can get wrong has an answer that does not involve the decision: 400 for a body that is
+//! not an AdmissionReview, 413 over the body limit, 408 for a body that stalls, 500 (for that
+//! request alone) if deciding panics. `/readyz` fails while shutting down and, with
+//! `--watch-tracing-policies`, until the caches have their first lists.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tracing::Instrument as _;
+
+use crate::admission;
+use crate::admission::decide::Mode;
+use crate::cluster::Cluster;
+use crate::policy::selection::{Fallback, Selected};
+use crate::serve::Limits;
+use crate::serve::metrics::{self, Rejection, WebhookMetrics};
+use crate::serve::policy_store::PolicyStore;
+
+/// What the handlers share.
+pub(super) struct AppState {
+    pub(super) policy: Arc<PolicyStore>,
+    /// The watch caches, with `--watch-tracing-policies`.
+    pub(super) cluster: Option<Arc<Cluster>>,
+    pub(super) metrics: Arc<WebhookMetrics>,
+    pub(super) ready: AtomicBool,
+    pub(super) limits: Limits,
+}
+
+pub(super) fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .route("/enforce", post(enforce))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+// The whole request rather than a `HeaderMap` extractor, which would copy the headers.
+async fn mutate(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    admit(&state, Mode::Inject, &parts.headers, body).await
+}
+
+async fn enforce(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    admit(&state, Mode::Enforce, &parts.headers, body).await
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if !state.ready.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else if state.cluster.as_ref().is_some_and(|c| !c.synced()) {
+        let waiting = "waiting for the first list of TracingPolicies and namespaces\n";
+        (StatusCode::SERVICE_UNAVAILABLE, waiting).into_response()
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
+    }
+}
+
+/// One AdmissionReview: read the body within limits, decide, record, reply.
+async fn admit(state: &AppState, mode: Mode, headers: &HeaderMap, body: Body) -> Response {
+    let span = metrics::admission_span(mode, headers);
+    let bytes = match read_body(&state.limits, headers, body)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(bytes) => bytes,
+        Err((rejection, detail)) => return reject(state, mode, rejection, &detail),
+    };
+
+    let started = Instant::now();
+    let policy = state.policy.current();
+    let snapshot = state.cluster.as_ref().map(|c| c.snapshot());
+    // Cached state only: choosing a policy makes no API call.
+    let select = |namespace: &str| match (&state.cluster, &snapshot) {
+        (Some(cluster), Some(snapshot)) => cluster.select(snapshot, namespace, &policy),
+        _ => Selected::fallback(&policy, Fallback::NotWatching),
+    };
+    // `review` is written not to panic; if a bug makes it, this request fails alone.
+    let result = span.in_scope(|| {
+        std::panic::catch_unwind(AssertUnwindSafe(|| {
+            admission::review_with(&bytes, mode, select)
+        }))
+    });
+    match result {
+        Ok(Ok(reply)) => {
+            span.record("uid", reply.uid.as_str());
+            span.record("decision", reply.outcome.as_str());
+            metrics::record_admission(&state.metrics, &reply, started.elapsed());
+            let mut response = Response::new(Body::from(reply.body));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Ok(Err(bad)) => reject(state, mode, Rejection::BadRequest, &bad.to_string()),
+        Err(_) => reject(
+            state,
+            mode,
+            Rejection::Internal,
+            "deciding failed unexpectedly",
+        ),
+    }
+}
+
+/// The whole body, or why it was not read: over the limit (declared or actual) or too slow.
+async fn read_body(
+    limits: &Limits,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, (Rejection, String)> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(declared) = declared.filter(|n| *n > limits.max_body as u64) {
+        let detail = format!(
+            "body of {declared} bytes is over the {} byte limit",
+            limits.max_body
+        );
+        return Err((Rejection::TooLarge, detail));
+    }
+    let read = axum::body::to_bytes(body, limits.max_body);
+    match tokio::time::timeout(limits.body_timeout, read).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) if is_length_limit(&e) => Err((
+            Rejection::TooLarge,
+            format!("body is over the {} byte limit", limits.max_body),
+        )),
+        Ok(Err(e)) => Err((Rejection::BodyTimeout, format!("reading the body: {e}"))),
+        Err(_) => Err((
+            Rejection::BodyTimeout,
+            format!(
+                "the body did not arrive within {} s",
+                limits.body_timeout.as_secs_f64()
+            ),
+        )),
+    }
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// A plain-text, one-line answer for a request that gets no AdmissionReview.
+fn reject(state: &AppState, mode: Mode, rejection: Rejection, detail: &str) -> Response {
+    let line = detail.replace(['\n', '\r'], " ");
+    metrics::record_rejection(&state.metrics, mode, rejection, &line);
+    let status = match rejection {
+        Rejection::BadRequest => StatusCode::BAD_REQUEST,
+        Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+        Rejection::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let mut response = (status, format!("{line}\n")).into_response();
+    if matches!(rejection, Rejection::TooLarge | Rejection::BodyTimeout) {
+        // The rest of the body is never read, so the connection cannot carry another request.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::metrics::Registry;
+    use tower::ServiceExt as _;
+
+    fn state() -> (Arc<AppState>, Registry) {
+        let mut registry = Registry::new();
+        let state = Arc::new(AppState {
+            policy: Arc::new(PolicyStore::load(None).unwrap()),
+            cluster: None,
+            metrics: Arc::new(WebhookMetrics::register(&mut registry)),
+            ready: AtomicBool::new(true),
+            limits: Limits::default(),
+        });
+        (state, registry)
+    }
+
+    async fn call(app: Router, method: &str, uri: &str, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::from(body))
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, bytes.to_vec())
+    }
+
+    #[tokio::test]
+    async fn router_answers_reviews_and_refuses_the_rest() {
+        let fixture = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tekton-pipeline-task-traced.json"
+        ))
+        .unwrap();
+        let (s, registry) = state();
+        let (status, body) = call(router(s.clone()), "POST", "/mutate", fixture.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["response"]["patchType"], "JSONPatch");
+
+        let (status, body) = call(router(s.clone()), "POST", "/enforce", b"{".to_vec()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body.iter().filter(|b| **b == b'\n').count(), 1);
+
+        let (status, _) = call(router(s.clone()), "GET", "/mutate", Vec::new()).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+
+        let (status, _) = call(
+            router(s.clone()),
+            "POST",
+            "/mutate",
+            vec![b' '; Limits::default().max_body + 1],
+        )
+        .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+
+        let (status, _) = call(router(s.clone()), "GET", "/readyz", Vec::new()).await;
+        assert_eq!(status, StatusCode::OK);
+        s.ready.store(false, Ordering::SeqCst);
+        let (status, _) = call(router(s.clone()), "GET", "/readyz", Vec::new()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let (status, _) = call(router(s.clone()), "GET", "/healthz", Vec::new()).await;
+        assert_eq!(status, StatusCode::OK);
+
+        let metrics = registry.encode();
+        assert!(metrics.contains("admissions_total{mode=\"inject\",outcome=\"patched\"} 1"));
+        assert!(metrics.contains("http_rejections_total{reason=\"too-large\"} 1"));
+    }
+}
