@@ -191,7 +191,11 @@ impl LeaderElection {
                     namespace: Some(self.config.namespace.clone()),
                     ..ObjectMeta::default()
                 },
-                spec: Some(self.spec(LeaseSpec::default(), false, now)),
+                // A new Lease starts at zero transitions, as client-go's do.
+                spec: Some(LeaseSpec {
+                    lease_transitions: Some(0),
+                    ..self.spec(LeaseSpec::default(), false, now)
+                }),
             };
             return won(self.api.create(&PostParams::default(), &lease).await);
         };
