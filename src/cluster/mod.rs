@@ -75,8 +75,8 @@ pub struct Watch {
 
 /// Who writes statuses.
 enum Writer {
-    /// The holder of the Lease.
-    Elected(LeaderElection),
+    /// The holder of the Lease. Boxed: one per process, and the other variant is a pointer.
+    Elected(Box<LeaderElection>),
     /// Every replica (no Lease): see [`Watch::connect`].
     Everyone(watch::Sender<bool>),
 }
@@ -98,7 +98,7 @@ impl Watch {
             client,
             caches: Caches::new(),
             metrics,
-            writer: Writer::Elected(election),
+            writer: Writer::Elected(Box::new(election)),
         })
     }
 
