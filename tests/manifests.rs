@@ -22,13 +22,13 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodSpec, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use lightstep_tekton_webhook::certs;
 use lightstep_tekton_webhook::policy::Policy;
 use lightstep_tekton_webhook::policy::resource::{self, TracingPolicy};
+use lightstep_tekton_webhook::{certs, cluster};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::Deserialize;
@@ -198,6 +198,8 @@ struct Install {
     crds: Vec<CustomResourceDefinition>,
     cluster_roles: Vec<ClusterRole>,
     cluster_role_bindings: Vec<ClusterRoleBinding>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
     cert_manager: Vec<Value>,
 }
 
@@ -226,6 +228,10 @@ impl Install {
                 }
                 ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                     install.cluster_role_bindings.push(typed(object))
+                }
+                ("rbac.authorization.k8s.io/v1", "Role") => install.roles.push(typed(object)),
+                ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+                    install.role_bindings.push(typed(object))
                 }
                 ("cert-manager.io/v1", "Issuer" | "Certificate") => {
                     assert!(object["metadata"]["name"].is_string(), "{object}");
@@ -558,6 +564,58 @@ fn check_rbac(install: &Install, account: &ServiceAccount) {
     assert_eq!(subjects[0].kind, "ServiceAccount");
     assert_eq!(Some(&subjects[0].name), account.metadata.name.as_ref());
     assert_eq!(subjects[0].namespace, account.metadata.namespace);
+
+    check_lease_rbac(install, account);
+}
+
+/// The Role grants the Lease that elects the status writer, in the install's namespace and by
+/// name, and nothing else; it is bound to the webhook's ServiceAccount only.
+fn check_lease_rbac(install: &Install, account: &ServiceAccount) {
+    assert_eq!(install.roles.len(), 1);
+    let role = &install.roles[0];
+    assert_eq!(role.metadata.namespace, account.metadata.namespace);
+    let leases = |names: Option<&[&str]>, verbs: &[&str]| PolicyRule {
+        api_groups: Some(vec!["coordination.k8s.io".to_string()]),
+        resources: Some(vec!["leases".to_string()]),
+        resource_names: names.map(|n| n.iter().map(|s| s.to_string()).collect()),
+        verbs: verbs.iter().map(|v| v.to_string()).collect(),
+        ..PolicyRule::default()
+    };
+    let expected = vec![
+        leases(None, &["create"]),
+        leases(Some(&[cluster::WEBHOOK_LEASE]), &["get", "update"]),
+    ];
+    assert_eq!(
+        role.rules.as_ref().unwrap(),
+        &expected,
+        "manifests/base/rbac.yaml: the Role must grant exactly the webhook's Lease"
+    );
+
+    assert_eq!(install.role_bindings.len(), 1);
+    let binding = &install.role_bindings[0];
+    assert_eq!(binding.metadata.namespace, account.metadata.namespace);
+    assert_eq!(binding.role_ref.kind, "Role");
+    assert_eq!(binding.role_ref.api_group, "rbac.authorization.k8s.io");
+    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
+    let subjects = binding.subjects.as_ref().unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(Some(&subjects[0].name), account.metadata.name.as_ref());
+    assert_eq!(subjects[0].namespace, account.metadata.namespace);
+
+    // The Lease's namespace and holder come from the downward API.
+    let env = install.container().env.clone().unwrap_or_default();
+    for (name, field) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        let var = env
+            .iter()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("no {name}"));
+        let from = var.value_from.as_ref().and_then(|v| v.field_ref.as_ref());
+        assert_eq!(from.map(|f| f.field_path.as_str()), Some(field), "{name}");
+    }
 }
 
 /// The installed CRD is the one the code generates, names what the code and the RBAC use, and

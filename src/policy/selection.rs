@@ -57,10 +57,6 @@ impl Snapshot {
     pub fn invalid(&self) -> &[Rejected] {
         &self.invalid
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.valid.is_empty() && self.invalid.is_empty()
-    }
 }
 
 /// The policy an admission uses, how, and why.
