@@ -70,15 +70,7 @@ pub struct Watch {
     client: Client,
     caches: Caches,
     metrics: ClusterMetrics,
-    writer: Writer,
-}
-
-/// Who writes statuses.
-enum Writer {
-    /// The holder of the Lease. Boxed: one per process, and the other variant is a pointer.
-    Elected(Box<LeaderElection>),
-    /// Every replica (no Lease): see [`Watch::connect`].
-    Everyone(watch::Sender<bool>),
+    election: LeaderElection,
 }
 
 impl Watch {
@@ -98,20 +90,7 @@ impl Watch {
             client,
             caches: Caches::new(),
             metrics,
-            writer: Writer::Elected(Box::new(election)),
-        })
-    }
-
-    /// The watch without a Lease (every replica writes statuses) and with its metrics in a
-    /// registry of its own: what `serve` calls until it is wired to [`Watch::configure`] and
-    /// [`Watch::run_until`]; delete it then.
-    pub async fn connect() -> Result<Watch, ClusterError> {
-        let client = Client::try_default().await.map_err(ClusterError::Connect)?;
-        Ok(Watch {
-            client,
-            caches: Caches::new(),
-            metrics: ClusterMetrics::register(&mut Registry::default()),
-            writer: Writer::Everyone(watch::Sender::new(true)),
+            election,
         })
     }
 
@@ -122,16 +101,7 @@ impl Watch {
 
     /// Whether this replica writes statuses (holds the Lease), as it changes.
     pub fn leading(&self) -> watch::Receiver<bool> {
-        match &self.writer {
-            Writer::Elected(election) => election.subscribe(),
-            Writer::Everyone(always) => always.subscribe(),
-        }
-    }
-
-    /// [`Watch::run_until`] without an end: until the task is aborted. Goes with
-    /// [`Watch::connect`].
-    pub async fn run(self) {
-        self.run_until(std::future::pending()).await
+        self.election.subscribe()
     }
 
     /// Watches, campaigns and writes statuses until `shutdown` completes; then stops writing
@@ -142,7 +112,7 @@ impl Watch {
             client,
             caches,
             metrics,
-            writer,
+            election,
         } = self;
         let status = StatusWriter::new(client.clone(), caches.cluster(), leading, metrics.clone());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -157,17 +127,11 @@ impl Watch {
             // Writing has stopped (its future is dropped); now the Lease may go.
             let _ = stop.send(());
         };
-        match writer {
-            Writer::Elected(election) => {
-                let campaign = election.run(async move {
-                    // A dropped sender stops the election as well.
-                    let _ = stopped.await;
-                });
-                tokio::join!(work, campaign);
-            }
-            // The sender lives until the work ends, so the writer's `true` never goes away.
-            Writer::Everyone(_always) => work.await,
-        }
+        let campaign = election.run(async move {
+            // A dropped sender stops the election as well.
+            let _ = stopped.await;
+        });
+        tokio::join!(work, campaign);
     }
 }
 

@@ -24,10 +24,10 @@ use tracing::Instrument as _;
 use crate::admission;
 use crate::admission::decide::Mode;
 use crate::cluster::Cluster;
+use crate::policy::loader::PolicyStore;
 use crate::policy::selection::{Fallback, Selected};
 use crate::serve::Limits;
 use crate::serve::metrics::{self, Rejection, WebhookMetrics};
-use crate::serve::policy_store::PolicyStore;
 
 /// What the handlers share.
 pub(super) struct AppState {

@@ -12,17 +12,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, oneshot, watch};
 
 use crate::cluster;
+use crate::policy::loader::{PolicyReload, PolicyStore};
 use crate::runtime::admin;
 use crate::runtime::metrics::Registry;
 use crate::runtime::tls::{self, TlsStore};
 use crate::serve::listener::accept_loop;
 use crate::serve::metrics::{ReloadKind, WebhookMetrics};
-use crate::serve::policy_store::PolicyStore;
 use crate::serve::routes::{AppState, router};
 use crate::serve::{ServeError, Settings};
+
+/// The sub-registry of the watch caches' and Lease's metrics (`lightstep_tekton_cluster_*`).
+const CLUSTER_COMPONENT: &str = "cluster";
 
 /// A server with its certificate validated, its policy loaded and its ports bound.
 pub struct Server {
@@ -40,12 +43,15 @@ impl Server {
     pub async fn bind(settings: Settings) -> Result<Server, ServeError> {
         let tls = Arc::new(TlsStore::load(settings.tls.clone())?);
         let policy = Arc::new(PolicyStore::load(settings.policy.clone())?);
-        let watch = match settings.watch_tracing_policies {
-            true => Some(cluster::Watch::connect().await?),
-            false => None,
-        };
         let mut registry = Registry::new();
         let metrics = Arc::new(WebhookMetrics::register(&mut registry));
+        let watch = match settings.watch_tracing_policies {
+            true => {
+                let metrics = registry.component(CLUSTER_COMPONENT);
+                Some(cluster::Watch::configure(&settings.cluster, metrics).await?)
+            }
+            false => None,
+        };
         metrics.set_certificate_expiry(tls.identity().not_after);
         let listener = admin::bind("--listen", settings.listen).await?;
         let metrics_listener = match settings.metrics_listen {
@@ -97,7 +103,12 @@ impl Server {
             state,
             watch,
         } = self;
-        let watcher = watch.map(|w| tokio::spawn(w.run()));
+        let (stop_watch, watch_stopped) = oneshot::channel::<()>();
+        let watcher = watch.map(|w| {
+            tokio::spawn(w.run_until(async move {
+                let _ = watch_stopped.await;
+            }))
+        });
         let (drain_tx, drain_rx) = watch::channel(false);
         let permits = Arc::new(Semaphore::new(settings.limits.max_connections as usize));
         let poller = tokio::spawn(poll_files(
@@ -136,11 +147,14 @@ impl Server {
             settings.drain_timeout,
         )
         .await;
-        for task in [Some(poller), metrics_server, watcher]
-            .into_iter()
-            .flatten()
-        {
+        for task in [Some(poller), metrics_server].into_iter().flatten() {
             task.abort();
+        }
+        // Stop writing statuses and release the Lease, so the next leader need not wait for it
+        // to expire.
+        let _ = stop_watch.send(());
+        if let Some(watcher) = watcher {
+            let _ = watcher.await;
         }
     }
 
@@ -208,14 +222,14 @@ fn record_tls_reload(metrics: &WebhookMetrics, reload: tls::Reload) {
     }
 }
 
-fn record_policy_reload(state: &AppState, reload: Option<Result<(), String>>) {
+fn record_policy_reload(state: &AppState, reload: PolicyReload) {
     match reload {
-        None => {}
-        Some(Ok(())) => {
+        PolicyReload::Unchanged => {}
+        PolicyReload::Applied { fingerprint } => {
             state.metrics.reloaded(ReloadKind::Policy, true);
-            tracing::info!(fingerprint = %state.policy.current().fingerprint(), "policy reloaded");
+            tracing::info!(%fingerprint, "policy reloaded");
         }
-        Some(Err(reason)) => {
+        PolicyReload::Refused(reason) => {
             state.metrics.reloaded(ReloadKind::Policy, false);
             tracing::warn!(%reason, "new policy refused; still using the previous one");
         }
