@@ -37,6 +37,7 @@
 pub mod admission;
 pub mod certs;
 pub mod cluster;
+pub mod export;
 pub mod mutate;
 pub mod pod;
 pub mod policy;
