@@ -22,7 +22,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
@@ -46,6 +46,8 @@ enum Reply {
     /// Echoes the token it received in an error message, like a careless receiver.
     EchoToken,
     Hang,
+    /// Accepts the request but reports this many spans rejected (OTLP partial success).
+    Partial(i64),
 }
 
 #[derive(Debug)]
@@ -115,6 +117,7 @@ impl TraceService for Receiver {
                 token.unwrap_or_default()
             ))),
             Reply::Hang => std::future::pending().await,
+            Reply::Partial(rejected) => Ok(tonic::Response::new(partial(rejected))),
             Reply::Http(..) => Err(tonic::Status::internal("HTTP reply scripted for gRPC")),
         }
     }
@@ -167,8 +170,18 @@ async fn http_export(
             format!("bad token {}", token.unwrap_or_default()).into_bytes(),
         ),
         Reply::Hang => std::future::pending().await,
+        Reply::Partial(rejected) => reply(200, partial(rejected).encode_to_vec()),
         Reply::Grpc(..) => reply(500, b"gRPC reply scripted for HTTP".to_vec()),
     })
+}
+
+fn partial(rejected_spans: i64) -> ExportTraceServiceResponse {
+    ExportTraceServiceResponse {
+        partial_success: Some(ExportTracePartialSuccess {
+            rejected_spans,
+            error_message: "too many attributes".to_owned(),
+        }),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -663,6 +676,22 @@ async fn a_receiver_that_never_answers_hits_the_attempt_timeout() {
         assert!(error.is_retryable(), "{wire:?}: {error}");
         assert_eq!(error.attempts(), 2, "{wire:?}: {error}");
         assert_eq!(receiver.attempts(), 2, "{wire:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_partial_success_is_delivered_with_the_rejected_count() {
+    for wire in [Wire::Grpc, Wire::Http] {
+        let receiver = Receiver::scripted(&[Reply::Partial(2)]);
+        let endpoint = serve(wire, None, receiver.clone()).await;
+        let client = connect(&settings(wire, &endpoint));
+        let delivery = tokio::time::timeout(DEADLINE, client.export(request("build")))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(delivery.rejected_spans, 2, "{wire:?}");
+        assert_eq!(delivery.attempts, 1, "{wire:?}");
+        assert_eq!(receiver.attempts(), 1, "{wire:?}");
     }
 }
 

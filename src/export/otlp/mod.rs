@@ -234,3 +234,14 @@ fn transport_failure(error: &(dyn std::error::Error + 'static)) -> Failure {
 fn short(text: &str) -> String {
     error::clip(text, None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outside_a_runtime_the_client_is_an_error_not_a_panic() {
+        let config = Config::new(&Settings::default()).unwrap();
+        assert!(matches!(Client::new(config), Err(ClientError::NoRuntime)));
+    }
+}

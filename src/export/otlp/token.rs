@@ -241,6 +241,19 @@ mod tests {
     }
 
     #[test]
+    fn an_unset_variable_is_an_error_naming_it() {
+        let error = TokenHeader::load(
+            HeaderName::from_static("lightstep-access-token"),
+            TokenSource::Env("LTW_OTLP_TEST_SURELY_UNSET".into()),
+        )
+        .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "token variable LTW_OTLP_TEST_SURELY_UNSET: not set"
+        );
+    }
+
+    #[test]
     fn a_missing_file_is_an_error_naming_it() {
         let error = TokenHeader::load(
             HeaderName::from_static("lightstep-access-token"),
