@@ -41,3 +41,4 @@ pub mod contract;
 pub mod policy;
 pub mod runtime;
 pub mod serve;
+pub mod spans;
