@@ -250,13 +250,8 @@ pub fn group(objects: &[Object]) -> Result<Vec<Run<'_>>, SpanError> {
     for run in &mut runs {
         if let Run::Pipeline { task_runs, .. } = run {
             task_runs.sort_by(|a, b| {
-                let key = |t: &TaskRun| {
-                    (
-                        t.metadata.creation_timestamp.clone(),
-                        t.metadata.name.clone(),
-                    )
-                };
-                key(a).cmp(&key(b))
+                let (a, b) = (&a.metadata, &b.metadata);
+                (&a.creation_timestamp, &a.name).cmp(&(&b.creation_timestamp, &b.name))
             });
         }
     }
@@ -967,10 +962,7 @@ fn str_value(value: &str) -> AttributeValue {
     AttributeValue::Str(value.to_owned())
 }
 
-fn required<'a>(
-    value: Option<&'a str>,
-    error: impl FnOnce() -> SpanError,
-) -> Result<&'a str, SpanError> {
+fn required(value: Option<&str>, error: impl FnOnce() -> SpanError) -> Result<&str, SpanError> {
     value.filter(|v| !v.trim().is_empty()).ok_or_else(error)
 }
 
