@@ -31,7 +31,7 @@ help: ## List the targets
 build: ## Build the release binary
 	$(CARGO) build --locked --release
 
-test: ## Run every test: unit, contract, fixtures, patches, properties, preview, server, manifests, tracing_policy, cluster, lease, watch, otlp, docs
+test: ## Run every test: unit, contract, fixtures, patches, properties, preview, server, manifests, tracing_policy, cluster, lease, watch, otlp, spans, docs
 	$(CARGO) test --locked
 
 lint: ## Check formatting and run clippy with warnings as errors

@@ -42,3 +42,4 @@ pub mod export;
 pub mod policy;
 pub mod runtime;
 pub mod serve;
+pub mod spans;
