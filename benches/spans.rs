@@ -9,7 +9,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lightstep_tekton_webhook::policy::Policy;
 use lightstep_tekton_webhook::spans::objects::Object;
 use lightstep_tekton_webhook::spans::otlp::export_request;
-use lightstep_tekton_webhook::spans::{RunSpanOptions, UrlTemplate, group, span_tree};
+use lightstep_tekton_webhook::spans::{group, span_tree};
 use prost::Message;
 use serde_json::{Value, json};
 
@@ -76,34 +76,28 @@ fn objects() -> Vec<Object> {
 }
 
 fn benches(c: &mut Criterion) {
-    let policy = Policy::embedded_default();
-    let options = RunSpanOptions {
-        task_run_url: Some(
-            UrlTemplate::parse(
-                "https://tekton.example/#/namespaces/{namespace}/taskruns/{taskRun}",
-            )
-            .unwrap(),
-        ),
-        ..RunSpanOptions::default()
-    };
+    let policy = Policy::from_yaml(
+        "runSpans:\n  enabled: true\n  taskRunUrl: \"https://tekton.example/#/namespaces/{namespace}/taskruns/{taskRun}\"\n",
+    )
+    .unwrap();
     let objects = objects();
     let runs = group(&objects).unwrap();
-    let spans = span_tree(&runs[0], &policy, &options).unwrap().spans.len();
+    let spans = span_tree(&runs[0], &policy).unwrap().spans.len();
 
     let mut group = c.benchmark_group("spans");
     group.throughput(Throughput::Elements(spans as u64));
     group.bench_function("tree", |b| {
-        b.iter(|| span_tree(black_box(&runs[0]), &policy, &options).unwrap())
+        b.iter(|| span_tree(black_box(&runs[0]), &policy).unwrap())
     });
     group.bench_function("tree+otlp", |b| {
         b.iter(|| {
-            let tree = span_tree(black_box(&runs[0]), &policy, &options).unwrap();
+            let tree = span_tree(black_box(&runs[0]), &policy).unwrap();
             export_request([&tree])
         })
     });
     group.bench_function("tree+otlp+protobuf", |b| {
         b.iter(|| {
-            let tree = span_tree(black_box(&runs[0]), &policy, &options).unwrap();
+            let tree = span_tree(black_box(&runs[0]), &policy).unwrap();
             export_request([&tree]).encode_to_vec()
         })
     });

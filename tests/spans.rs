@@ -23,7 +23,7 @@ use lightstep_tekton_webhook::spans::preview::objects;
 use lightstep_tekton_webhook::spans::tree::{
     AttributeValue, Kind, LinkKind, Role, RunSpan, Status,
 };
-use lightstep_tekton_webhook::spans::{RunSpanOptions, SpanTree, UrlTemplate, group, span_tree};
+use lightstep_tekton_webhook::spans::{SpanTree, group, span_tree};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use percent_encoding::percent_decode_str;
 use proptest::prelude::*;
@@ -51,19 +51,15 @@ fn fixture_value(name: &str) -> Value {
     serde_json::from_str(&fixture_text(name)).unwrap()
 }
 
-fn tree_of(list: &Value, policy: &Policy, options: &RunSpanOptions) -> SpanTree {
+fn tree_of(list: &Value, policy: &Policy) -> SpanTree {
     let objects = objects(&list.to_string()).unwrap();
     let runs = group(&objects).unwrap();
     assert_eq!(runs.len(), 1);
-    span_tree(&runs[0], policy, options).unwrap()
+    span_tree(&runs[0], policy).unwrap()
 }
 
 fn tree(name: &str) -> SpanTree {
-    tree_of(
-        &fixture_value(name),
-        &Policy::embedded_default(),
-        &RunSpanOptions::default(),
-    )
+    tree_of(&fixture_value(name), &Policy::embedded_default())
 }
 
 fn uid_of(list: &Value, name: &str) -> String {
@@ -201,7 +197,7 @@ fn every_attempt_span_has_the_context_the_webhook_gave_its_pod() {
     let injected = injected(&policy);
     let mut matched = BTreeSet::new();
     for name in FIXTURES {
-        let tree = tree_of(&fixture_value(name), &policy, &RunSpanOptions::default());
+        let tree = tree_of(&fixture_value(name), &policy);
         for span in tree.spans.iter().filter(|s| s.role == Role::Attempt) {
             let pod = text(span, "k8s.pod.name").expect("attempts name their pod");
             let pod_context = injected
@@ -496,11 +492,7 @@ fn a_run_that_waited_gets_a_wait_span() {
     let mut list = fixture_value("ship-run-ok");
     let pr_uid = uid_of(&list, "ship-run-ok");
     list["items"][0]["status"]["startTime"] = json!("2026-11-30T11:21:31Z");
-    let tree = tree_of(
-        &list,
-        &Policy::embedded_default(),
-        &RunSpanOptions::default(),
-    );
+    let tree = tree_of(&list, &Policy::embedded_default());
     let run = pipeline_span(&tree);
     let wait: Vec<_> = tree.spans.iter().filter(|s| s.role == Role::Wait).collect();
     assert_eq!(wait.len(), 1);
@@ -514,18 +506,17 @@ fn a_run_that_waited_gets_a_wait_span() {
 
 #[test]
 fn options_name_deploys_and_urls_and_an_unsampled_run_exports_nothing() {
-    let policy =
-        Policy::from_yaml("resourceAttributes:\n  deployment.environment.name: prod\n").unwrap();
-    let options = RunSpanOptions {
-        pipeline_run_url: Some(
-            UrlTemplate::parse("https://d/#/namespaces/{namespace}/pipelineruns/{pipelineRun}")
-                .unwrap(),
-        ),
-        task_run_url: Some(UrlTemplate::parse("https://d/t/{taskRun}?trace={traceId}").unwrap()),
-        deploy_tasks: vec!["scan".to_owned()],
-        ..RunSpanOptions::default()
-    };
-    let tree = tree_of(&fixture_value("ship-run-ok"), &policy, &options);
+    let run_spans = r#"
+runSpans:
+  pipelineRunUrl: "https://d/#/namespaces/{namespace}/pipelineruns/{pipelineRun}"
+  taskRunUrl: "https://d/t/{taskRun}?trace={traceId}"
+  deploy: {tasks: [scan]}
+"#;
+    let policy = Policy::from_yaml(&format!(
+        "resourceAttributes:\n  deployment.environment.name: prod\n{run_spans}"
+    ))
+    .unwrap();
+    let tree = tree_of(&fixture_value("ship-run-ok"), &policy);
     let run = pipeline_span(&tree);
     assert_eq!(
         text(run, "cicd.pipeline.run.url.full"),
@@ -545,8 +536,8 @@ fn options_name_deploys_and_urls_and_an_unsampled_run_exports_nothing() {
         Some("deploy")
     );
 
-    let none = Policy::from_yaml("sampling:\n  ratio: 0\n").unwrap();
-    let tree = tree_of(&fixture_value("ship-run-ok"), &none, &options);
+    let none = Policy::from_yaml(&format!("sampling:\n  ratio: 0\n{run_spans}")).unwrap();
+    let tree = tree_of(&fixture_value("ship-run-ok"), &none);
     assert!(tree.spans.is_empty());
     assert_eq!(tree.unsampled.len(), 1);
     assert!(export_request([&tree]).resource_spans.is_empty());
@@ -558,13 +549,9 @@ fn unfinished_runs_and_missing_uids_are_errors_naming_the_object_and_field() {
     list["items"][0]["status"]["conditions"][0]["status"] = json!("Unknown");
     let parsed = objects_of(&list);
     let runs = group(&parsed).unwrap();
-    let e = span_tree(
-        &runs[0],
-        &Policy::embedded_default(),
-        &RunSpanOptions::default(),
-    )
-    .unwrap_err()
-    .to_string();
+    let e = span_tree(&runs[0], &Policy::embedded_default())
+        .unwrap_err()
+        .to_string();
     assert!(
         e.starts_with("PipelineRun team-r/ship-run-ok: status.conditions"),
         "{e}"
@@ -579,13 +566,9 @@ fn unfinished_runs_and_missing_uids_are_errors_naming_the_object_and_field() {
         .unwrap();
     test["status"]["retriesStatus"][0]["conditions"][0]["status"] = json!("Unknown");
     let parsed = objects_of(&list);
-    let e = span_tree(
-        &group(&parsed).unwrap()[0],
-        &Policy::embedded_default(),
-        &RunSpanOptions::default(),
-    )
-    .unwrap_err()
-    .to_string();
+    let e = span_tree(&group(&parsed).unwrap()[0], &Policy::embedded_default())
+        .unwrap_err()
+        .to_string();
     assert!(
         e.starts_with("TaskRun team-r/ship-run-retry-test: status.retriesStatus[0].conditions"),
         "{e}"
@@ -730,7 +713,7 @@ proptest! {
         tasks in prop::collection::vec(synthetic_task(), 0..5),
     ) {
         let (list, tekton_spans) = synthetic_run(pr_tekton, &tasks);
-        let tree = tree_of(&list, &Policy::embedded_default(), &RunSpanOptions::default());
+        let tree = tree_of(&list, &Policy::embedded_default());
         let ids: std::collections::HashMap<SpanId, TraceId> =
             tree.spans.iter().map(|s| (s.span_id, s.trace_id)).collect();
         prop_assert_eq!(ids.len(), tree.spans.len(), "span ids are unique");

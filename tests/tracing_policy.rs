@@ -633,7 +633,8 @@ fn an_unknown_namespace_gets_the_fallback_policy() {
 #[test]
 fn the_spec_holds_every_field_of_the_file_policy_and_three_more() {
     use lightstep_tekton_webhook::policy::{
-        ContainersSpec, EnvFromPolicy, ExporterSpec, PolicySpec, Profile, SamplingSpec, TokenSpec,
+        ContainersSpec, EnvFromPolicy, ExporterSpec, PolicySpec, Profile, RunSpansSpec,
+        SamplingSpec, TokenSpec,
     };
     // Written out field by field (no `..Default`): a field added to the file policy fails to
     // compile here until it is added to this list, and then fails below until the CRD has it.
@@ -648,6 +649,7 @@ fn the_spec_holds_every_field_of_the_file_policy_and_three_more() {
         propagators: Some(Vec::new()),
         resource_attributes: Some(BTreeMap::new()),
         env_from: Some(EnvFromPolicy::Preserve),
+        run_spans: Some(RunSpansSpec::default()),
     };
     let mut file_fields: Vec<String> = serde_json::to_value(&file)
         .unwrap()

@@ -16,6 +16,7 @@ mod template;
 
 pub mod loader;
 pub mod resource;
+pub mod run_spans;
 pub mod selection;
 
 use std::collections::BTreeMap;
@@ -24,11 +25,13 @@ use std::fmt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use run_spans::RunSpans;
+
 pub use resolve::PolicyError;
 pub(crate) use spec::explicit_null;
 pub use spec::{
-    ContainersSpec, EnvFromPolicy, ExporterSpec, PolicySpec, Profile, Protocol, SamplingSpec,
-    TokenSpec,
+    ContainersSpec, DeploySpec, EnvFromPolicy, ExporterSpec, PolicySpec, Profile, Protocol,
+    RunSpansSpec, SamplingSpec, TokenSpec,
 };
 pub use template::{ServiceNameTemplate, TEMPLATE_FIELDS, TemplatePart};
 
@@ -49,6 +52,10 @@ pub struct Policy {
     pub propagators: String,
     pub resource_attributes: BTreeMap<String, String>,
     pub env_from: EnvFromPolicy,
+    /// Left out of the fingerprint while it holds the defaults, so policies written before run
+    /// spans existed keep their markers (and pods their patches) byte for byte.
+    #[serde(skip_serializing_if = "RunSpans::is_default")]
+    pub run_spans: RunSpans,
     /// `<name>@<fingerprint>` (`<name>@gen<generation>/<fingerprint>` for a TracingPolicy),
     /// computed once at resolve time: it is read on every admission.
     #[serde(skip)]

@@ -7,8 +7,10 @@
 
 use std::collections::BTreeMap;
 
+use crate::policy::run_spans::{RunSpans, UrlTemplate};
 use crate::policy::spec::{
-    ContainersSpec, ExporterSpec, PolicySpec, Profile, Protocol, SamplingSpec, TokenSpec,
+    ContainersSpec, ExporterSpec, PolicySpec, Profile, Protocol, RunSpansSpec, SamplingSpec,
+    TokenSpec,
 };
 use crate::policy::template::ServiceNameTemplate;
 use crate::policy::{Exporter, Policy, Token};
@@ -68,6 +70,7 @@ pub(super) fn resolve(spec: PolicySpec) -> Result<Policy, PolicyError> {
     let service_name = service_name(spec.service_name.as_deref())?;
     let propagators = propagators(spec.propagators)?;
     let resource_attributes = resource_attributes(spec.resource_attributes)?;
+    let run_spans = run_spans(spec.run_spans.unwrap_or_default())?;
     let name = name(profile, spec.name)?;
     let mut policy = Policy {
         name,
@@ -80,10 +83,34 @@ pub(super) fn resolve(spec: PolicySpec) -> Result<Policy, PolicyError> {
         propagators,
         resource_attributes,
         env_from: spec.env_from.unwrap_or_default(),
+        run_spans,
         marker: String::new(),
     };
     policy.marker = format!("{}@{}", policy.name, policy.fingerprint());
     Ok(policy)
+}
+
+fn run_spans(spec: RunSpansSpec) -> Result<RunSpans, PolicyError> {
+    let url = |field: &'static str, template: Option<String>| {
+        template
+            .map(|t| UrlTemplate::parse(&t).map_err(|reason| invalid(field, reason)))
+            .transpose()
+    };
+    let defaults = RunSpans::default();
+    let deploy = spec.deploy.unwrap_or_default();
+    let deploy_labels = match deploy.labels {
+        Some(labels) => labels.into_iter().collect(),
+        None => defaults.deploy_labels,
+    };
+    Ok(RunSpans {
+        enabled: spec.enabled.unwrap_or(defaults.enabled),
+        trace_url: url("runSpans.traceUrl", spec.trace_url)?,
+        pipeline_run_url: url("runSpans.pipelineRunUrl", spec.pipeline_run_url)?,
+        task_run_url: url("runSpans.taskRunUrl", spec.task_run_url)?,
+        deploy_tasks: deploy.tasks.unwrap_or_default(),
+        deploy_labels,
+        deploy_environment: deploy.environment,
+    })
 }
 
 fn exporter(profile: Profile, spec: ExporterSpec) -> Result<Exporter, PolicyError> {

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{
     ContainersSpec, EnvFromPolicy, ExporterSpec, Policy, PolicyError, PolicySpec, Profile,
-    SamplingSpec, TokenSpec, explicit_null,
+    RunSpansSpec, SamplingSpec, TokenSpec, explicit_null,
 };
 
 pub const GROUP: &str = "lightstep-tekton.io";
@@ -105,6 +105,9 @@ pub struct TracingPolicySpec {
     /// What to do with names that a container's `envFrom` source may define.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env_from: Option<EnvFromPolicy>,
+    /// Spans for the runs themselves (see the file policy's `runSpans`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_spans: Option<RunSpansSpec>,
 }
 
 /// How a TracingPolicy is applied.
@@ -235,6 +238,7 @@ pub fn resolve(tp: &TracingPolicy) -> Result<Resolved, Rejected> {
         propagators: spec.propagators.clone(),
         resource_attributes: spec.resource_attributes.clone(),
         env_from: spec.env_from,
+        run_spans: spec.run_spans.clone(),
     };
     let policy = Policy::resolve(policy_spec).map_err(|e| {
         reject(match e {

@@ -31,6 +31,8 @@ pub struct PolicySpec {
     pub resource_attributes: Option<BTreeMap<String, String>>,
     /// What to do with names that a container's `envFrom` source may define.
     pub env_from: Option<EnvFromPolicy>,
+    /// Spans for the runs themselves, exported by `lightstep-tekton-webhook export`.
+    pub run_spans: Option<RunSpansSpec>,
 }
 
 /// Keeps `token: null` apart from a missing `token` key.
@@ -59,6 +61,36 @@ pub struct TokenSpec {
     pub secret_key: Option<String>,
     /// The OTLP header that carries the token.
     pub header: Option<String>,
+}
+
+/// The `runSpans` section: see `docs/run-spans.md`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunSpansSpec {
+    /// Export this namespace's PipelineRuns and TaskRuns as spans, and give each step its own
+    /// span as parent. Default false: turn it on where the run-span exporter runs.
+    pub enabled: Option<bool>,
+    /// Link to a run's trace, annotated on the run once exported; fields `{traceId}`,
+    /// `{namespace}`, `{pipelineRun}`, `{taskRun}`, ...
+    pub trace_url: Option<String>,
+    /// `cicd.pipeline.run.url.full` of a PipelineRun's span, e.g. a Tekton Dashboard page.
+    pub pipeline_run_url: Option<String>,
+    /// `cicd.pipeline.task.run.url.full` of each TaskRun attempt's span.
+    pub task_run_url: Option<String>,
+    /// Which tasks deploy: they carry `cicd.pipeline.task.type: deploy` and `deployment.*`.
+    pub deploy: Option<DeploySpec>,
+}
+
+/// Which tasks are deploys, and to where.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeploySpec {
+    /// Pipeline task names (`tekton.dev/pipelineTask`) that deploy.
+    pub tasks: Option<Vec<String>>,
+    /// TaskRun labels that mark a deploy; default `app.kubernetes.io/component: deploy`.
+    pub labels: Option<BTreeMap<String, String>>,
+    /// `deployment.environment.name`; default the policy's resource attribute of that name.
+    pub environment: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -3,21 +3,19 @@
 //! - [`objects`]: the lean `tekton.dev/v1` PipelineRun and TaskRun types the tree reads;
 //! - [`tree`]: the pure rule, finished objects in, a [`tree::SpanTree`] out (its documentation is
 //!   the specification of run spans);
-//! - [`options`]: the settings not in the policy yet (URL templates, which tasks deploy);
 //! - [`otlp`]: a tree as an OTLP `ExportTraceServiceRequest`;
 //! - [`preview`]: the `spans` command, which prints the tree or the OTLP/JSON body for a file.
 //!
 //! An exporter feeds [`tree::span_tree`] a [`tree::Run`] (a PipelineRun and its TaskRuns, or a
 //! standalone TaskRun; [`tree::group`] sorts a bag of objects into runs) with the namespace's
-//! [`crate::policy::Policy`], and sends [`otlp::export_request`] of the trees it got.
+//! [`crate::policy::Policy`] (whose `runSpans` section holds the links and the deploy rules), and
+//! sends [`otlp::export_request`] of the trees it got.
 
 pub mod objects;
-pub mod options;
 pub mod otlp;
 pub mod preview;
 pub mod tree;
 
-pub use options::{RunSpanOptions, UrlTemplate};
 pub use tree::{Run, SpanTree, group, span_tree};
 
 /// Why a run cannot be turned into spans. The message names the object and the field, and says

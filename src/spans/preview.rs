@@ -14,10 +14,10 @@ use serde_json::Value;
 
 use super::SpanError;
 use super::objects::Object;
-use super::options::{RunSpanOptions, UrlTemplate};
 use super::otlp::export_request;
 use super::tree::{AttributeValue, Kind, Role, RunSpan, SpanTree, Status, group, span_tree};
 use crate::contract::SpanId;
+use crate::policy::run_spans::{RunSpans, UrlTemplate};
 
 #[derive(Debug, Args)]
 pub struct SpansArgs {
@@ -96,9 +96,9 @@ pub fn run(args: SpansArgs) -> ExitCode {
 
 /// What `spans` prints for these arguments.
 pub fn preview(args: &SpansArgs) -> Result<String, PreviewError> {
-    let policy = crate::policy::loader::read_policy(args.policy.as_deref())
+    let mut policy = crate::policy::loader::read_policy(args.policy.as_deref())
         .map_err(|e| PreviewError::Policy(e.to_string()))?;
-    let options = options(args)?;
+    override_run_spans(args, &mut policy.run_spans)?;
     let text = read_input(&args.input)?;
     let objects = objects(&text)?;
     if objects.is_empty() {
@@ -107,7 +107,7 @@ pub fn preview(args: &SpansArgs) -> Result<String, PreviewError> {
     let runs = group(&objects)?;
     let trees = runs
         .iter()
-        .map(|run| span_tree(run, &policy, &options))
+        .map(|run| span_tree(run, &policy))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(match args.output {
         SpansOutput::OtlpJson => {
@@ -133,7 +133,8 @@ pub fn preview(args: &SpansArgs) -> Result<String, PreviewError> {
     })
 }
 
-fn options(args: &SpansArgs) -> Result<RunSpanOptions, PreviewError> {
+/// The flags that try a `runSpans` setting without writing a policy win over the policy's.
+fn override_run_spans(args: &SpansArgs, options: &mut RunSpans) -> Result<(), PreviewError> {
     let template = |flag: &'static str, value: &Option<String>| {
         value
             .as_deref()
@@ -141,13 +142,18 @@ fn options(args: &SpansArgs) -> Result<RunSpanOptions, PreviewError> {
             .transpose()
             .map_err(|reason| PreviewError::Option { flag, reason })
     };
-    let mut options = RunSpanOptions {
-        pipeline_run_url: template("pipeline-run-url", &args.pipeline_run_url)?,
-        task_run_url: template("task-run-url", &args.task_run_url)?,
-        deploy_tasks: args.deploy_tasks.clone(),
-        deploy_environment: args.deploy_environment.clone(),
-        ..RunSpanOptions::default()
-    };
+    if let Some(url) = template("pipeline-run-url", &args.pipeline_run_url)? {
+        options.pipeline_run_url = Some(url);
+    }
+    if let Some(url) = template("task-run-url", &args.task_run_url)? {
+        options.task_run_url = Some(url);
+    }
+    if !args.deploy_tasks.is_empty() {
+        options.deploy_tasks = args.deploy_tasks.clone();
+    }
+    if let Some(environment) = &args.deploy_environment {
+        options.deploy_environment = Some(environment.clone());
+    }
     if !args.deploy_labels.is_empty() {
         options.deploy_labels = args
             .deploy_labels
@@ -161,7 +167,7 @@ fn options(args: &SpansArgs) -> Result<RunSpanOptions, PreviewError> {
             })
             .collect::<Result<_, _>>()?;
     }
-    Ok(options)
+    Ok(())
 }
 
 fn read_input(input: &str) -> Result<String, PreviewError> {

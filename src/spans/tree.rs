@@ -1,5 +1,5 @@
 //! Finished Tekton runs → the span tree they are exported as. Pure: objects, the policy and the
-//! [`RunSpanOptions`] in; spans, their resources and the trace they belong to out. No clock, no
+//! [`RunSpans`] in; spans, their resources and the trace they belong to out. No clock, no
 //! I/O, so the exporter, the `spans` preview and the tests get the same tree from the same run.
 //!
 //! # Input
@@ -60,7 +60,7 @@
 //! unset). `cicd.pipeline.result` / `cicd.pipeline.task.run.result` map Tekton's reasons with
 //! [`RunResult::of`]. Spans carry the CICD, VCS and `k8s.*` attributes of
 //! [`task_run_attributes`] (the PipelineRun span: its run-level ones), the result, the URLs of
-//! the options, and on deploys (by pipeline task name or TaskRun label, see [`RunSpanOptions`])
+//! the options, and on deploys (by pipeline task name or TaskRun label, see [`RunSpans`])
 //! `cicd.pipeline.task.type: deploy`, `deployment.name`, `deployment.id` (the TaskRun uid),
 //! `deployment.status` and `deployment.environment.name`.
 //!
@@ -80,7 +80,6 @@ use super::SpanError;
 use super::objects::{
     Condition, Object, PipelineRun, StepState, TaskRun, TaskRunStatus, succeeded,
 };
-use super::options::RunSpanOptions;
 use crate::admission::decide::service_name;
 use crate::contract::attributes::task_run_attributes;
 use crate::contract::tekton::{PIPELINE_RUN_UID, TASK_RUN_SPAN_CONTEXT, TaskRunFacts};
@@ -91,6 +90,7 @@ use crate::contract::{
     sampled,
 };
 use crate::policy::Policy;
+use crate::policy::run_spans::RunSpans;
 
 /// Bound on a span's status message, in bytes. Tekton's messages for step failures are short
 /// (`"step-compile" exited with code 2: Error`), but validation and resolution failures quote
@@ -330,11 +330,9 @@ impl RunResult {
 }
 
 /// The span tree of one finished run (see the module documentation for the rules).
-pub fn span_tree(
-    run: &Run<'_>,
-    policy: &Policy,
-    options: &RunSpanOptions,
-) -> Result<SpanTree, SpanError> {
+/// The run-span settings are the policy's `runSpans` section.
+pub fn span_tree(run: &Run<'_>, policy: &Policy) -> Result<SpanTree, SpanError> {
+    let options = &policy.run_spans;
     let mut tree = SpanTree::default();
     match run {
         Run::Pipeline {
@@ -379,7 +377,7 @@ fn pipeline_run_spans(
     run: &PipelineRun,
     task_runs: &[&TaskRun],
     policy: &Policy,
-    options: &RunSpanOptions,
+    options: &RunSpans,
 ) -> Result<PipelineRunParent, SpanError> {
     let object = run.metadata.display_name("PipelineRun");
     let missing = |field: &str, expected: &str| SpanError::Input {
@@ -562,7 +560,7 @@ fn task_run_spans(
     run: &TaskRun,
     pipeline: Option<&PipelineRunParent>,
     policy: &Policy,
-    options: &RunSpanOptions,
+    options: &RunSpans,
 ) -> Result<(), SpanError> {
     let object = run.metadata.display_name("TaskRun");
     let missing = |field: &str, expected: &str| SpanError::Input {
@@ -660,7 +658,7 @@ fn attempt_spans(
     run: &AttemptRun<'_>,
     pipeline: Option<&PipelineRunParent>,
     policy: &Policy,
-    options: &RunSpanOptions,
+    options: &RunSpans,
 ) -> Result<(), SpanError> {
     let facts = run.facts;
     let attempt = facts.retry;
@@ -891,7 +889,7 @@ fn step_name(step: &StepState) -> Option<&str> {
 fn is_deploy(
     facts: &TaskRunFacts<'_>,
     labels: Option<&crate::contract::tekton::Labels>,
-    options: &RunSpanOptions,
+    options: &RunSpans,
 ) -> bool {
     let by_task = facts
         .pipeline_task

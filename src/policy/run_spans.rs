@@ -1,18 +1,30 @@
-//! The run-span settings the policy document does not hold yet: links to a dashboard and which
-//! tasks are deploys. Defaults need no configuration: no URLs beyond what Pipelines-as-Code
-//! records, and a task is a deploy when its TaskRun carries `app.kubernetes.io/component: deploy`.
+//! The policy's `runSpans` section, resolved: whether an exporter exports this namespace's runs
+//! (and so whether the webhook parents each step's telemetry under the step's span), links to a
+//! dashboard and to the trace, and which tasks are deploys. Defaults need no configuration:
+//! run spans off (the webhook's patches as they always were), no URLs beyond what
+//! Pipelines-as-Code records, and a task is a deploy when its TaskRun carries
+//! `app.kubernetes.io/component: deploy`.
 
 use std::fmt::Write as _;
 
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use serde::Serialize;
 
 /// Label that marks a deploy Task by default (the captured `deploy` Task carries it, and it is the
 /// recommended Kubernetes label for a component's role).
 pub const DEPLOY_LABEL: (&str, &str) = ("app.kubernetes.io/component", "deploy");
 
-/// Options for [`super::tree::span_tree`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct RunSpanOptions {
+/// The resolved `runSpans` section (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunSpans {
+    /// Runs in namespaces under this policy are exported as spans, and the webhook gives each
+    /// step the step's own span as parent (`contract::step_context`) instead of the attempt's.
+    pub enabled: bool,
+    /// A link to the run's trace in the tracing backend, written on the run as the annotation
+    /// `lightstep-tekton.io/trace-url` once exported, e.g.
+    /// `https://app.lightstep.com/my-project/trace?trace_handle={traceId}`.
+    pub trace_url: Option<UrlTemplate>,
     /// `cicd.pipeline.run.url.full` of a PipelineRun's span, e.g. a Tekton Dashboard page:
     /// `https://tekton.example/#/namespaces/{namespace}/pipelineruns/{pipelineRun}`. Wins over
     /// Pipelines-as-Code's `log-url` when set.
@@ -29,9 +41,11 @@ pub struct RunSpanOptions {
     pub deploy_environment: Option<String>,
 }
 
-impl Default for RunSpanOptions {
+impl Default for RunSpans {
     fn default() -> Self {
-        RunSpanOptions {
+        RunSpans {
+            enabled: false,
+            trace_url: None,
             pipeline_run_url: None,
             task_run_url: None,
             deploy_tasks: Vec::new(),
@@ -67,10 +81,25 @@ const URL_VALUE: &AsciiSet = &CONTROLS
     .add(b'{')
     .add(b'}');
 
+impl RunSpans {
+    /// True for the defaults: the section then stays out of the policy's fingerprint, so a
+    /// policy without it marks pods exactly as before run spans existed.
+    pub fn is_default(&self) -> bool {
+        *self == RunSpans::default()
+    }
+}
+
 /// A URL with `{field}` placeholders ([`URL_FIELDS`]), checked when it is parsed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UrlTemplate {
+    source: String,
     parts: Vec<UrlPart>,
+}
+
+impl Serialize for UrlTemplate {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.source)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,7 +137,10 @@ impl UrlTemplate {
         if parts.is_empty() {
             return Err("empty; expected a URL".to_owned());
         }
-        Ok(UrlTemplate { parts })
+        Ok(UrlTemplate {
+            source: template.to_owned(),
+            parts,
+        })
     }
 
     /// The URL for one span, or `None` when a field it uses is unknown for that span (a
