@@ -103,38 +103,7 @@ fn cert_manager_overlay_builds_and_agrees_with_itself() {
     let install = Install::decode(&render_cert_manager());
     check_common(&install, &Expect::default());
 
-    // The serving certificate: the Service's names, in the Secret the Deployment mounts,
-    // issued by the CA issuer, whose CA the injector puts into the caBundle.
-    let serving = install.cert_manager("Certificate", SERVICE);
-    let dns_names: Vec<String> =
-        serde_json::from_value(serving["spec"]["dnsNames"].clone()).unwrap();
-    assert_eq!(dns_names, certs::service_dns_names(SERVICE, NAMESPACE));
-    assert_eq!(
-        serving["spec"]["secretName"],
-        "lightstep-tekton-webhook-tls"
-    );
-    let ca_issuer_name = serving["spec"]["issuerRef"]["name"].as_str().unwrap();
-    let ca_issuer = install.cert_manager("Issuer", ca_issuer_name);
-    let ca_secret = &ca_issuer["spec"]["ca"]["secretName"];
-    let ca = install
-        .cert_manager
-        .iter()
-        .find(|o| o["kind"] == "Certificate" && o["spec"]["secretName"] == *ca_secret)
-        .expect("a Certificate makes the CA issuer's secret");
-    assert_eq!(ca["spec"]["isCA"], true);
-    let root = install.cert_manager("Issuer", ca["spec"]["issuerRef"]["name"].as_str().unwrap());
-    assert!(root["spec"]["selfSigned"].is_object());
-
-    let config = install.webhook_config();
-    let annotations = config.metadata.annotations.as_ref().unwrap();
-    assert_eq!(
-        annotations["cert-manager.io/inject-ca-from"],
-        format!("{NAMESPACE}/{SERVICE}")
-    );
-    // The injector fills the caBundle; one set by hand would fight it.
-    for webhook in config.webhooks.as_ref().unwrap() {
-        assert!(webhook.client_config.ca_bundle.is_none());
-    }
+    check_cert_manager(&install);
     assert!(
         install.secrets.is_empty(),
         "cert-manager writes the Secrets"

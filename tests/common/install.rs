@@ -76,6 +76,7 @@ pub fn parse_objects(text: &str) -> Vec<Value> {
 }
 
 /// What a rendering of the install should hold, where the ways of building it differ.
+#[derive(Clone)]
 pub struct Expect {
     /// kustomize's base has the Namespace object; Helm installs into a namespace it is given.
     pub namespace_object: bool,
@@ -500,7 +501,9 @@ pub fn check_common(install: &Install, expect: &Expect) {
             assert_eq!(secret.metadata.namespace.as_deref(), Some(NAMESPACE));
             continue;
         }
-        let token = token.as_ref().expect("a token Secret, but the policy names none");
+        let token = token
+            .as_ref()
+            .expect("a token Secret, but the policy names none");
         assert_eq!(secret.type_.as_deref(), Some("Opaque"));
         assert_eq!(secret.metadata.name.as_ref(), Some(&token.secret_name));
         let data = secret.data.as_ref().expect("token data");
@@ -955,3 +958,40 @@ pub fn dechunk(mut data: &[u8]) -> Vec<u8> {
     }
 }
 
+/// The cert-manager objects (overlay or chart's certs.mode=cert-manager): the serving
+/// certificate names the Service and lands in the Secret the Deployment mounts, the CA chain
+/// leads to a self-signed root, and the injector (not a hand-set caBundle) fills the webhooks.
+pub fn check_cert_manager(install: &Install) {
+    // The serving certificate: the Service's names, in the Secret the Deployment mounts,
+    // issued by the CA issuer, whose CA the injector puts into the caBundle.
+    let serving = install.cert_manager("Certificate", SERVICE);
+    let dns_names: Vec<String> =
+        serde_json::from_value(serving["spec"]["dnsNames"].clone()).unwrap();
+    assert_eq!(dns_names, certs::service_dns_names(SERVICE, NAMESPACE));
+    assert_eq!(
+        serving["spec"]["secretName"],
+        "lightstep-tekton-webhook-tls"
+    );
+    let ca_issuer_name = serving["spec"]["issuerRef"]["name"].as_str().unwrap();
+    let ca_issuer = install.cert_manager("Issuer", ca_issuer_name);
+    let ca_secret = &ca_issuer["spec"]["ca"]["secretName"];
+    let ca = install
+        .cert_manager
+        .iter()
+        .find(|o| o["kind"] == "Certificate" && o["spec"]["secretName"] == *ca_secret)
+        .expect("a Certificate makes the CA issuer's secret");
+    assert_eq!(ca["spec"]["isCA"], true);
+    let root = install.cert_manager("Issuer", ca["spec"]["issuerRef"]["name"].as_str().unwrap());
+    assert!(root["spec"]["selfSigned"].is_object());
+
+    let config = install.webhook_config();
+    let annotations = config.metadata.annotations.as_ref().unwrap();
+    assert_eq!(
+        annotations["cert-manager.io/inject-ca-from"],
+        format!("{NAMESPACE}/{SERVICE}")
+    );
+    // The injector fills the caBundle; one set by hand would fight it.
+    for webhook in config.webhooks.as_ref().unwrap() {
+        assert!(webhook.client_config.ca_bundle.is_none());
+    }
+}
