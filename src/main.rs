@@ -32,7 +32,7 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Serve the webhook over HTTPS: POST /mutate, POST /enforce, GET /healthz, GET /readyz.
     Serve(Box<serve::ServeArgs>),
-    /// Print the TracingPolicy CustomResourceDefinition (YAML), as manifests/base holds it.
+    /// Print the TracingPolicy CustomResourceDefinition (YAML), as the Helm chart's crds/ holds it.
     Crd,
     /// Preview the spans of finished PipelineRuns/TaskRuns (JSON or YAML) without a cluster.
     Spans(spans::preview::SpansArgs),
