@@ -24,9 +24,9 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Ro
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use lightstep_tekton_webhook::{certs, cluster};
 use lightstep_tekton_webhook::policy::Policy;
 use lightstep_tekton_webhook::policy::resource::{self, TracingPolicy};
+use lightstep_tekton_webhook::{certs, cluster};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::Deserialize;
