@@ -16,7 +16,10 @@ use std::process::Command;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use k8s_openapi::api::admissionregistration::v1::{MutatingWebhook, MutatingWebhookConfiguration};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhook, MutatingWebhookConfiguration, ValidatingWebhook,
+    ValidatingWebhookConfiguration, WebhookClientConfig,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodSpec, Secret, Service, ServiceAccount,
@@ -26,6 +29,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Ro
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use lightstep_tekton_webhook::admission::validate::{POLICY_KEY, POLICY_LABEL};
 use lightstep_tekton_webhook::policy::Policy;
 use lightstep_tekton_webhook::policy::resource::{self, TracingPolicy};
 use lightstep_tekton_webhook::{certs, cluster};
@@ -195,6 +199,7 @@ struct Install {
     config_maps: Vec<ConfigMap>,
     secrets: Vec<Secret>,
     webhook_configs: Vec<MutatingWebhookConfiguration>,
+    validating_configs: Vec<ValidatingWebhookConfiguration>,
     crds: Vec<CustomResourceDefinition>,
     cluster_roles: Vec<ClusterRole>,
     cluster_role_bindings: Vec<ClusterRoleBinding>,
@@ -219,6 +224,9 @@ impl Install {
                 ("v1", "Secret") => install.secrets.push(typed(object)),
                 ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
                     install.webhook_configs.push(typed(object))
+                }
+                ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration") => {
+                    install.validating_configs.push(typed(object))
                 }
                 ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
                     install.crds.push(typed(object))
@@ -276,6 +284,21 @@ impl Install {
     fn webhook_config(&self) -> &MutatingWebhookConfiguration {
         assert_eq!(self.webhook_configs.len(), 1);
         &self.webhook_configs[0]
+    }
+
+    fn validating_config(&self) -> &ValidatingWebhookConfiguration {
+        assert_eq!(self.validating_configs.len(), 1);
+        &self.validating_configs[0]
+    }
+
+    /// Every webhook's client configuration, mutating and validating, by name.
+    fn client_configs(&self) -> Vec<(String, &WebhookClientConfig)> {
+        let mutating = self.webhook_config().webhooks.iter().flatten();
+        let validating = self.validating_config().webhooks.iter().flatten();
+        mutating
+            .map(|w| (w.name.clone(), &w.client_config))
+            .chain(validating.map(|w| (w.name.clone(), &w.client_config)))
+            .collect()
     }
 
     fn cert_manager(&self, kind: &str, name: &str) -> &Value {
@@ -526,6 +549,7 @@ fn check_common(install: &Install) {
     );
 
     check_webhooks(install);
+    check_validating_webhooks(install, &policy_map_name, &policy_file);
 }
 
 /// The ClusterRole grants what the watch caches and the status writer use, nothing else (above
@@ -825,6 +849,137 @@ fn check_webhook(
     );
 }
 
+/// Whether `labels` satisfy `selector`, as the API server matches a webhook's selectors (a
+/// missing selector matches everything).
+fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    let Some(selector) = selector else {
+        return true;
+    };
+    let labels_match = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let expressions_match = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.clone().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            other => panic!("operator {other}"),
+        }
+    });
+    labels_match && expressions_match
+}
+
+/// The validating webhooks: `/validate` on the same Service, CREATE and UPDATE only,
+/// failurePolicy Ignore; one for the mounted policy ConfigMap alone (by its label, in the
+/// install's namespace), one for TracingPolicies (not their status).
+fn check_validating_webhooks(install: &Install, policy_map: &str, policy_key: &str) {
+    let config = install.validating_config();
+    assert_eq!(
+        config.metadata.name.as_deref(),
+        Some(certs::WEBHOOK_CONFIGURATION)
+    );
+    let webhooks = config.webhooks.as_ref().unwrap();
+    let names: Vec<&str> = webhooks.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(
+        names,
+        certs::VALIDATING_WEBHOOK_NAMES,
+        "the caBundle patch `certs` writes names every validating webhook"
+    );
+    let service = install.service();
+    let writes = Some(vec!["CREATE".to_string(), "UPDATE".to_string()]);
+    for webhook in webhooks {
+        let name = &webhook.name;
+        let service_ref = webhook.client_config.service.as_ref().unwrap();
+        assert_eq!(Some(&service_ref.name), service.metadata.name.as_ref());
+        assert_eq!(
+            Some(&service_ref.namespace),
+            service.metadata.namespace.as_ref()
+        );
+        assert_eq!(service_ref.port.unwrap_or(443), 443, "{name}");
+        assert_eq!(service_ref.path.as_deref(), Some("/validate"), "{name}");
+        assert!(webhook.client_config.url.is_none());
+        // Refusing edits while the webhook is down would block the repair of an install; see
+        // the manifest's comment and docs/security.md.
+        assert_eq!(webhook.failure_policy.as_deref(), Some("Ignore"), "{name}");
+        assert_eq!(webhook.side_effects, "None");
+        assert_eq!(webhook.admission_review_versions, ["v1"]);
+        assert!(matches!(webhook.timeout_seconds, Some(1..=5)), "{name}");
+        // Not known to every API server the README supports (GA in 1.30).
+        assert!(webhook.match_conditions.is_none(), "{name}");
+        let rules = webhook.rules.as_ref().unwrap();
+        assert_eq!(rules.len(), 1, "{name}");
+        assert_eq!(rules[0].operations, writes, "{name}: never DELETE");
+    }
+    let (policy, tracing_policies): (&ValidatingWebhook, &ValidatingWebhook) =
+        (&webhooks[0], &webhooks[1]);
+
+    // The policy ConfigMap: what the Deployment mounts carries the label, nothing else does.
+    let rule = &policy.rules.as_ref().unwrap()[0];
+    assert_eq!(rule.api_groups.as_deref(), Some(&["".to_string()][..]));
+    assert_eq!(rule.api_versions.as_deref(), Some(&["v1".to_string()][..]));
+    assert_eq!(
+        rule.resources.as_deref(),
+        Some(&["configmaps".to_string()][..])
+    );
+    assert_eq!(
+        policy_key, POLICY_KEY,
+        "the key /validate reads is the file --policy names"
+    );
+    for map in &install.config_maps {
+        let labels = map.metadata.labels.clone().unwrap_or_default();
+        let is_policy = map.metadata.name.as_deref() == Some(policy_map);
+        assert_eq!(
+            selects(policy.object_selector.as_ref(), &labels),
+            is_policy,
+            "{:?}",
+            map.metadata.name
+        );
+        assert_eq!(labels.contains_key(POLICY_LABEL), is_policy);
+    }
+    let other_map = BTreeMap::from([("app".to_string(), "other".to_string())]);
+    assert!(!selects(policy.object_selector.as_ref(), &other_map));
+    // Namespaces as the API server labels them (kubernetes.io/metadata.name, from 1.22).
+    let namespace = |name: &str| {
+        BTreeMap::from([("kubernetes.io/metadata.name".to_string(), name.to_string())])
+    };
+    assert!(selects(
+        policy.namespace_selector.as_ref(),
+        &namespace(NAMESPACE)
+    ));
+    for elsewhere in ["default", "kube-system", "tekton-pipelines"] {
+        assert!(
+            !selects(policy.namespace_selector.as_ref(), &namespace(elsewhere)),
+            "{elsewhere}"
+        );
+    }
+    assert_eq!(
+        install.namespaces[0].metadata.name.as_deref(),
+        Some(NAMESPACE)
+    );
+
+    // TracingPolicies: every one (cluster-scoped, so no namespace selector applies), the
+    // resource itself and not its status, which the webhook writes.
+    let rule = &tracing_policies.rules.as_ref().unwrap()[0];
+    assert_eq!(
+        rule.api_groups.as_deref(),
+        Some(&[resource::GROUP.to_string()][..])
+    );
+    assert_eq!(
+        rule.api_versions.as_deref(),
+        Some(&[resource::VERSION.to_string()][..])
+    );
+    assert_eq!(
+        rule.resources.as_deref(),
+        Some(&[resource::PLURAL.to_string()][..])
+    );
+    assert_eq!(rule.scope.as_deref(), Some("Cluster"));
+    assert!(tracing_policies.object_selector.is_none());
+}
+
 fn verify(ca_pems: &[u8], cert_pem: &[u8], name: &str) -> Result<(), webpki::Error> {
     let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca_pems)
         .collect::<Result<_, _>>()
@@ -881,9 +1036,14 @@ fn cert_manager_overlay_builds_and_agrees_with_itself() {
         annotations["cert-manager.io/inject-ca-from"],
         format!("{NAMESPACE}/{SERVICE}")
     );
+    let validating = install.validating_config();
+    assert_eq!(
+        validating.metadata.annotations.as_ref().unwrap()["cert-manager.io/inject-ca-from"],
+        format!("{NAMESPACE}/{SERVICE}")
+    );
     // The injector fills the caBundle; one set by hand would fight it.
-    for webhook in config.webhooks.as_ref().unwrap() {
-        assert!(webhook.client_config.ca_bundle.is_none());
+    for (name, client) in install.client_configs() {
+        assert!(client.ca_bundle.is_none(), "{name}");
     }
     assert!(
         install.secrets.is_empty(),
@@ -920,18 +1080,11 @@ fn self_signed_overlay_builds_from_certs_output_and_the_ca_bundle_verifies_the_s
     // Every webhook trusts the CA that signed it, for the name the API server dials
     // (<service>.<namespace>.svc) and the Service's other names.
     let ca_pem = fs::read(certs_dir.join("ca.crt")).unwrap();
-    for webhook in install.webhook_config().webhooks.as_ref().unwrap() {
-        let bundle = &webhook
-            .client_config
-            .ca_bundle
-            .as_ref()
-            .expect("caBundle")
-            .0;
-        assert_eq!(
-            bundle, &ca_pem,
-            "{}: caBundle is the CA `certs` wrote",
-            webhook.name
-        );
+    let clients = install.client_configs();
+    assert_eq!(clients.len(), 4, "two mutating and two validating webhooks");
+    for (name, client) in clients {
+        let bundle = &client.ca_bundle.as_ref().expect("caBundle").0;
+        assert_eq!(bundle, &ca_pem, "{name}: caBundle is the CA `certs` wrote");
         for name in certs::service_dns_names(SERVICE, NAMESPACE) {
             verify(bundle, cert_pem, &name).unwrap_or_else(|e| panic!("{name}: {e:?}"));
         }
@@ -1334,6 +1487,50 @@ fn the_binary_serves_the_webhook_configuration_as_installed() {
             "{}",
             webhook.name
         );
+    }
+
+    // The validating webhooks: the installed policy ConfigMap is allowed, the same ConfigMap
+    // with an out-of-range ratio is refused with the field, on the path the configuration names.
+    let validating = install.validating_config().webhooks.clone().unwrap();
+    let service = validating[0].client_config.service.as_ref().unwrap();
+    let server_name = format!("{}.{}.svc", service.name, service.namespace);
+    let tls = Some((&client, server_name.as_str()));
+    let path = service.path.as_deref().unwrap();
+    let policy_map = install
+        .config_maps
+        .iter()
+        .find(|m| {
+            m.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(POLICY_LABEL))
+        })
+        .expect("the labelled policy ConfigMap");
+    let mut bad_map = serde_json::to_value(policy_map).unwrap();
+    bad_map["data"][POLICY_KEY] = Value::from("sampling:\n  ratio: 2\n");
+    for (object, allowed) in [
+        (serde_json::to_value(policy_map).unwrap(), true),
+        (bad_map, false),
+    ] {
+        let review = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "validate-1",
+                        "kind": {"group": "", "version": "v1", "kind": "ConfigMap"},
+                        "resource": {"group": "", "version": "v1", "resource": "configmaps"},
+                        "namespace": NAMESPACE, "operation": "UPDATE", "object": object}
+        });
+        let body = serde_json::to_vec(&review).unwrap();
+        let (status, reply) = request(served.https, tls, "POST", path, &body).unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
+        let reply: Value = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(reply["response"]["uid"], "validate-1");
+        assert_eq!(reply["response"]["allowed"], allowed, "{reply}");
+        if !allowed {
+            assert_eq!(
+                reply["response"]["status"]["message"],
+                "data[policy.yaml]: sampling.ratio: must be between 0 and 1, got 2"
+            );
+        }
     }
 
     // Prometheus scrapes the Service's metrics port, plain HTTP.
