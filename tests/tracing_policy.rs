@@ -630,6 +630,45 @@ fn an_unknown_namespace_gets_the_fallback_policy() {
     assert_eq!(reply.outcome, Outcome::Patched);
 }
 
+/// With the policy file invalid (no fallback), a TracingPolicy that selects the namespace still
+/// applies, enforce mode included; where none does, or the namespace is unknown, the pod passes
+/// untouched on either path.
+#[test]
+fn without_a_file_policy_tracing_policies_still_apply() {
+    let snapshot = otlp_policy("prod", "enforce");
+    let body = fixture_bytes("tekton-pipeline-task-traced.json");
+    let uid = fixture("tekton-pipeline-task-traced.json")["request"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let prod = labels(&[("env", "prod")]);
+    let reply = admission::review_or_pass(&body, Mode::Inject, |_| {
+        selection::select_tracing_policy(&snapshot, Some(&prod))
+    })
+    .unwrap();
+    assert_eq!(reply.outcome, Outcome::Patched);
+    assert!(reply.policy.starts_with("prod@gen5/"), "{}", reply.policy);
+    assert_eq!(reply.mode, Mode::Enforce);
+    let (_, patch) = check_reply(&reply.body, &uid);
+    assert!(!patch.0.is_empty());
+
+    let dev = labels(&[("env", "dev")]);
+    for (namespace_labels, path) in [
+        (Some(&dev), Mode::Inject),
+        (Some(&dev), Mode::Enforce),
+        (None, Mode::Enforce),
+    ] {
+        let reply = admission::review_or_pass(&body, path, |_| {
+            selection::select_tracing_policy(&snapshot, namespace_labels)
+        })
+        .unwrap();
+        assert_eq!(reply.outcome, Outcome::NoPolicy, "{path:?}");
+        let (v, patch) = check_reply(&reply.body, &uid);
+        assert!(patch.0.is_empty());
+        assert_eq!(v["response"]["allowed"], true);
+    }
+}
+
 #[test]
 fn the_spec_holds_every_field_of_the_file_policy_and_three_more() {
     use lightstep_tekton_webhook::policy::{
