@@ -313,4 +313,30 @@ mod tests {
         assert!(metrics.contains("admissions_total{mode=\"inject\",outcome=\"patched\"} 1"));
         assert!(metrics.contains("http_rejections_total{reason=\"too-large\"} 1"));
     }
+
+    #[tokio::test]
+    async fn validate_judges_the_policy_config_map_and_counts_it() {
+        let (s, registry) = state();
+        let review = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "v", "operation": "CREATE",
+                        "kind": {"group": "", "version": "v1", "kind": "ConfigMap"},
+                        "object": {"metadata": {"name": "p", "namespace": "lightstep-tekton",
+                                                "labels": {"lightstep-tekton.io/policy": "true"}},
+                                   "data": {"policy.yaml": "sampling: {ratio: 2}"}}}
+        });
+        let body = serde_json::to_vec(&review).unwrap();
+        let (status, reply) = call(router(s.clone()), "POST", "/validate", body).await;
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(v["response"]["allowed"], false);
+        let (status, _) = call(router(s.clone()), "POST", "/validate", b"{".to_vec()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let metrics = registry.encode();
+        assert!(
+            metrics.contains("validations_total{kind=\"policy-configmap\",verdict=\"invalid\"} 1"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("http_rejections_total{reason=\"bad-request\"} 1"));
+    }
 }
