@@ -88,7 +88,7 @@ deploy: $(if $(filter self-signed,$(OVERLAY)),$(CERTS_DIR)/tls.crt) ## Apply an 
 	$(KUBECTL) apply -k manifests/overlays/$(OVERLAY)
 	$(KUBECTL) -n $(NAMESPACE) rollout status deployment/$(SERVICE) --timeout=180s
 
-# The webhook configuration goes first: with the Deployment gone but the enforced webhook still
+# The webhook configurations go first: with the Deployment gone but the enforced webhook still
 # registered, the API server would refuse every Tekton pod in enforced namespaces.
 # Deleting needs no certificates: the self-signed overlay is the base plus the certificate Secret
 # (and a caBundle patch), so that overlay is deleted as those two, and an empty certs directory
@@ -99,7 +99,7 @@ deploy: $(if $(filter self-signed,$(OVERLAY)),$(CERTS_DIR)/tls.crt) ## Apply an 
 TLS_SECRET := lightstep-tekton-webhook-tls
 KEEP_TRACING_POLICIES ?=
 undeploy: ## Delete what deploy applied, the TracingPolicy CRD too unless KEEP_TRACING_POLICIES=1 (OVERLAY=cert-manager|self-signed)
-	$(KUBECTL) delete --ignore-not-found mutatingwebhookconfiguration $(SERVICE)
+	$(KUBECTL) delete --ignore-not-found mutatingwebhookconfiguration,validatingwebhookconfiguration $(SERVICE)
 ifneq ($(KEEP_TRACING_POLICIES),)
 	$(KUBECTL) delete --ignore-not-found namespace $(NAMESPACE)
 	$(KUBECTL) delete --ignore-not-found clusterrolebinding,clusterrole $(SERVICE)

@@ -251,6 +251,7 @@ fn every_value_set_passes_the_install_checks() {
         let install = render(&["--skip-tests", "-f", &values("inject-only")]);
         let expect = Expect {
             webhooks: vec![WEBHOOKS[0]],
+            validating: false,
             ..helm_default.clone()
         };
         check_common(&install, &expect);

@@ -24,6 +24,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use install::*;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use lightstep_tekton_webhook::admission::validate::{POLICY_KEY, POLICY_LABEL};
 use lightstep_tekton_webhook::certs;
 use lightstep_tekton_webhook::policy::Policy;
 use lightstep_tekton_webhook::policy::resource;
@@ -139,17 +140,13 @@ fn self_signed_overlay_builds_from_certs_output_and_the_ca_bundle_verifies_the_s
     // Every webhook trusts the CA that signed it, for the name the API server dials
     // (<service>.<namespace>.svc) and the Service's other names.
     let ca_pem = fs::read(certs_dir.join("ca.crt")).unwrap();
-    for webhook in install.webhook_config().webhooks.as_ref().unwrap() {
-        let bundle = &webhook
-            .client_config
-            .ca_bundle
-            .as_ref()
-            .expect("caBundle")
-            .0;
+    let clients = install.client_configs();
+    assert_eq!(clients.len(), 4, "two mutating and two validating webhooks");
+    for (webhook, client) in clients {
+        let bundle = &client.ca_bundle.as_ref().expect("caBundle").0;
         assert_eq!(
             bundle, &ca_pem,
-            "{}: caBundle is the CA `certs` wrote",
-            webhook.name
+            "{webhook}: caBundle is the CA `certs` wrote"
         );
         for name in certs::service_dns_names(SERVICE, NAMESPACE) {
             verify(bundle, cert_pem, &name).unwrap_or_else(|e| panic!("{name}: {e:?}"));
@@ -388,6 +385,50 @@ fn the_binary_serves_the_webhook_configuration_as_installed() {
             "{}",
             webhook.name
         );
+    }
+
+    // The validating webhooks: the installed policy ConfigMap is allowed, the same ConfigMap
+    // with an out-of-range ratio is refused with the field, on the path the configuration names.
+    let validating = install.validating_config().webhooks.clone().unwrap();
+    let service = validating[0].client_config.service.as_ref().unwrap();
+    let server_name = format!("{}.{}.svc", service.name, service.namespace);
+    let tls = Some((&client, server_name.as_str()));
+    let path = service.path.as_deref().unwrap();
+    let policy_map = install
+        .config_maps
+        .iter()
+        .find(|m| {
+            m.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(POLICY_LABEL))
+        })
+        .expect("the labelled policy ConfigMap");
+    let mut bad_map = serde_json::to_value(policy_map).unwrap();
+    bad_map["data"][POLICY_KEY] = Value::from("sampling:\n  ratio: 2\n");
+    for (object, allowed) in [
+        (serde_json::to_value(policy_map).unwrap(), true),
+        (bad_map, false),
+    ] {
+        let review = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "validate-1",
+                        "kind": {"group": "", "version": "v1", "kind": "ConfigMap"},
+                        "resource": {"group": "", "version": "v1", "resource": "configmaps"},
+                        "namespace": NAMESPACE, "operation": "UPDATE", "object": object}
+        });
+        let body = serde_json::to_vec(&review).unwrap();
+        let (status, reply) = request(served.https, tls, "POST", path, &body).unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
+        let reply: Value = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(reply["response"]["uid"], "validate-1");
+        assert_eq!(reply["response"]["allowed"], allowed, "{reply}");
+        if !allowed {
+            assert_eq!(
+                reply["response"]["status"]["message"],
+                "data[policy.yaml]: sampling.ratio: must be between 0 and 1, got 2"
+            );
+        }
     }
 
     // Prometheus scrapes the Service's metrics port, plain HTTP.

@@ -8,6 +8,16 @@
 //! ConfigMap update that swaps the mounted `..data` symlink is seen. A new version that does not
 //! validate is refused and the previous policy stays in force: an edit with a typo must not turn
 //! tracing off, nor point it somewhere nobody chose.
+//!
+//! A file that is invalid (or unreadable) when the store is *created* does not stop the server:
+//! the store starts with no file policy ([`PolicyStore::current`] is `None`) and the reason
+//! ([`PolicyStore::refused`]), and takes the file as soon as a poll finds a valid version. A
+//! webhook that refused to start would, after any restart, leave every namespace whose
+//! webhook fails closed unable to create pods; the embedded default is no substitute either,
+//! since it points at Lightstep with a token reference the platform team replaced by writing a
+//! file. What is served meanwhile is the admission module's business
+//! ([`crate::admission::review_or_pass`]). The last good policy is not kept across restarts
+//! (docs/policy.md, "When a policy is invalid", says why).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -126,50 +136,88 @@ fn read_document(
 /// What one [`PolicyStore::reload`] found.
 #[derive(Debug, PartialEq)]
 pub enum PolicyReload {
-    /// No file, or the same contents as last time.
+    /// No file, or the same valid contents as last time.
     Unchanged,
     /// A new valid policy is in force; its fingerprint, for the log.
     Applied { fingerprint: String },
-    /// The new contents were unreadable or invalid; the previous policy stays. The reason names
-    /// the field (never a value that could be a secret: policies hold references only).
+    /// The new contents were unreadable or invalid; the previous policy, if there was one,
+    /// stays. The reason names the field (never a value that could be a secret: policies hold
+    /// references only).
     Refused(String),
+    /// The same refused contents as at the last poll: reported at every poll until fixed, so a
+    /// broken file never goes quiet in the log.
+    StillRefused(String),
 }
 
 /// The policy being served, and the file it came from (none: the embedded default, forever).
 pub struct PolicyStore {
     path: Option<PathBuf>,
     files: Mutex<FileSet>,
-    current: RwLock<Arc<Policy>>,
+    state: RwLock<State>,
+}
+
+/// The policy in force (none when the file has never been valid since the start) and why the
+/// file's current contents are refused, if they are.
+struct State {
+    current: Option<Arc<Policy>>,
+    refused: Option<String>,
 }
 
 impl PolicyStore {
-    /// Reads and validates the file now: a server must not start on a policy it cannot use.
-    pub fn load(path: Option<PathBuf>) -> Result<PolicyStore, LoadError> {
+    /// Reads and validates the file now. An unreadable or invalid file does not fail: the store
+    /// starts without a file policy and says why ([`PolicyStore::refused`]); see the module docs.
+    pub fn load(path: Option<PathBuf>) -> PolicyStore {
         let mut files = FileSet::new(path.iter().cloned().collect());
-        let policy = match &path {
-            None => Policy::embedded_default(),
+        let loaded = match &path {
+            None => Ok(Policy::embedded_default()),
             Some(p) => {
-                let error = |reason: String| LoadError::File {
-                    path: p.display().to_string(),
-                    reason,
+                let error = |reason: String| {
+                    LoadError::File {
+                        path: p.display().to_string(),
+                        reason,
+                    }
+                    .to_string()
                 };
-                let contents = files.read().map_err(|(_, e)| error(e.to_string()))?;
-                parse(&contents[0]).map_err(error)?
+                files
+                    .read()
+                    .map_err(|(_, e)| error(e.to_string()))
+                    .and_then(|contents| parse(&contents[0]).map_err(error))
             }
         };
-        Ok(PolicyStore {
+        let state = match loaded {
+            Ok(policy) => State {
+                current: Some(Arc::new(policy)),
+                refused: None,
+            },
+            Err(reason) => State {
+                current: None,
+                refused: Some(reason),
+            },
+        };
+        PolicyStore {
             path,
             files: Mutex::new(files),
-            current: RwLock::new(Arc::new(policy)),
-        })
+            state: RwLock::new(state),
+        }
     }
 
-    /// The policy in force.
-    pub fn current(&self) -> Arc<Policy> {
-        // A poisoned lock still holds a complete policy: writers only assign.
-        self.current
+    /// The policy in force; `None` while the file has not been valid once since the start.
+    pub fn current(&self) -> Option<Arc<Policy>> {
+        // A poisoned lock still holds a complete state: writers only assign.
+        self.state
             .read()
             .unwrap_or_else(|e| e.into_inner())
+            .current
+            .clone()
+    }
+
+    /// Why the file's current contents are not in force (`--policy <path>: <field>: <reason>`),
+    /// or `None` when they are.
+    pub fn refused(&self) -> Option<String> {
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .refused
             .clone()
     }
 
@@ -181,20 +229,39 @@ impl PolicyStore {
     /// Re-reads the file and swaps in a valid new version. Reads block: call it off the
     /// request path (`spawn_blocking`).
     pub fn reload(&self) -> PolicyReload {
-        if self.path.is_none() {
+        let Some(path) = &self.path else {
             return PolicyReload::Unchanged;
-        }
+        };
         let change = self.files.lock().unwrap_or_else(|e| e.into_inner()).poll();
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let refuse = |state: &mut State, reason: String| {
+            let reason = LoadError::File {
+                path: path.display().to_string(),
+                reason,
+            }
+            .to_string();
+            state.refused = Some(reason.clone());
+            PolicyReload::Refused(reason)
+        };
         match change {
-            Change::Unchanged => PolicyReload::Unchanged,
-            Change::Unreadable(reason) => PolicyReload::Refused(reason),
+            Change::Unchanged => match &state.refused {
+                Some(reason) => PolicyReload::StillRefused(reason.clone()),
+                None => PolicyReload::Unchanged,
+            },
+            // Unreadable already names the path.
+            Change::Unreadable(reason) => {
+                let reason = format!("--policy {reason}");
+                state.refused = Some(reason.clone());
+                PolicyReload::Refused(reason)
+            }
             Change::Changed(contents) => match parse(&contents[0]) {
                 Ok(policy) => {
                     let fingerprint = policy.fingerprint();
-                    *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+                    state.current = Some(Arc::new(policy));
+                    state.refused = None;
                     PolicyReload::Applied { fingerprint }
                 }
-                Err(reason) => PolicyReload::Refused(reason),
+                Err(reason) => refuse(&mut state, reason),
             },
         }
     }
@@ -231,30 +298,67 @@ mod tests {
             "profile: otlp\nexporter:\n  endpoint: http://collector:4317\n",
         )
         .unwrap();
-        let store = PolicyStore::load(Some(path.clone())).unwrap();
-        let first = store.current().fingerprint();
+        let store = PolicyStore::load(Some(path.clone()));
+        let first = store.current().unwrap().fingerprint();
         assert_eq!(store.reload(), PolicyReload::Unchanged);
         fs::write(&path, "sampling: {ratio: 2}\n").unwrap();
         match store.reload() {
             PolicyReload::Refused(reason) => assert!(reason.contains("sampling.ratio"), "{reason}"),
             other => panic!("expected a refusal, got {other:?}"),
         }
-        assert_eq!(store.current().fingerprint(), first);
+        assert_eq!(store.current().unwrap().fingerprint(), first);
+        // Said again at every poll until fixed, and readable by whoever asks.
+        let refused = store.refused().unwrap();
+        assert_eq!(store.reload(), PolicyReload::StillRefused(refused.clone()));
+        assert!(refused.starts_with("--policy "), "{refused}");
         fs::write(&path, "profile: lightstep\n").unwrap();
         let applied = store.reload();
-        assert_ne!(store.current().fingerprint(), first);
+        assert_ne!(store.current().unwrap().fingerprint(), first);
         assert_eq!(
             applied,
             PolicyReload::Applied {
-                fingerprint: store.current().fingerprint()
+                fingerprint: store.current().unwrap().fingerprint()
             }
         );
+        assert_eq!(store.refused(), None);
+        assert_eq!(store.reload(), PolicyReload::Unchanged);
+    }
+
+    #[test]
+    fn an_invalid_file_at_start_gives_no_policy_until_it_is_fixed() {
+        let dir = Scratch::new("start");
+        let path = dir.0.join("policy.yaml");
+        fs::write(&path, "sampling: {ratio: 2}\n").unwrap();
+        let store = PolicyStore::load(Some(path.clone()));
+        assert_eq!(store.current(), None);
+        let reason = store.refused().unwrap();
+        assert_eq!(reason, read_policy(Some(&path)).unwrap_err().to_string());
+        assert!(reason.contains("sampling.ratio"), "{reason}");
+        assert_eq!(store.reload(), PolicyReload::StillRefused(reason));
+
+        // Fixed: served from the next poll on.
+        fs::write(
+            &path,
+            "profile: otlp\nexporter:\n  endpoint: http://collector:4317\n",
+        )
+        .unwrap();
+        assert!(matches!(store.reload(), PolicyReload::Applied { .. }));
+        assert_eq!(
+            store.current().unwrap().exporter.endpoint,
+            "http://collector:4317"
+        );
+
+        // A missing file at start is the same: no policy, and the reason.
+        let missing = PolicyStore::load(Some(dir.0.join("absent.yaml")));
+        assert_eq!(missing.current(), None);
+        assert!(missing.refused().unwrap().starts_with("--policy "));
     }
 
     #[test]
     fn the_embedded_default_never_reloads() {
-        let store = PolicyStore::load(None).unwrap();
-        assert_eq!(*store.current(), Policy::embedded_default());
+        let store = PolicyStore::load(None);
+        assert_eq!(*store.current().unwrap(), Policy::embedded_default());
+        assert_eq!(store.refused(), None);
         assert_eq!(store.reload(), PolicyReload::Unchanged);
     }
 
@@ -263,15 +367,12 @@ mod tests {
         let dir = Scratch::new("same");
         let path = dir.0.join("policy.yaml");
         fs::write(&path, "sampling: {ratio: 0.25}\n").unwrap();
-        let store = PolicyStore::load(Some(path.clone())).unwrap();
-        assert_eq!(*store.current(), read_policy(Some(&path)).unwrap());
+        let store = PolicyStore::load(Some(path.clone()));
+        assert_eq!(*store.current().unwrap(), read_policy(Some(&path)).unwrap());
 
         fs::write(&path, [0xff, 0xfe]).unwrap();
         let from_file = read_policy(Some(&path)).unwrap_err().to_string();
-        let from_store = PolicyStore::load(Some(path.clone()))
-            .err()
-            .unwrap()
-            .to_string();
+        let from_store = PolicyStore::load(Some(path.clone())).refused().unwrap();
         assert_eq!(from_file, from_store);
         assert!(from_file.starts_with("--policy "), "{from_file}");
         assert!(from_file.contains("not UTF-8"), "{from_file}");

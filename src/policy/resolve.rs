@@ -9,23 +9,11 @@ use std::collections::BTreeMap;
 
 use crate::policy::run_spans::{RunSpans, UrlTemplate};
 use crate::policy::spec::{
-    ContainersSpec, ExporterSpec, PolicySpec, Profile, Protocol, RunSpansSpec, SamplingSpec,
-    TokenSpec,
+    ContainersSpec, ExporterSpec, KNOWN_PROPAGATORS, NAME_MAX, PolicySpec, Profile, Protocol,
+    RunSpansSpec, SamplingSpec, TokenSpec, URL_MAX,
 };
 use crate::policy::template::ServiceNameTemplate;
 use crate::policy::{Exporter, Policy, Token};
-
-/// Propagator names the OpenTelemetry SDKs understand in `OTEL_PROPAGATORS`.
-const KNOWN_PROPAGATORS: &[&str] = &[
-    "tracecontext",
-    "baggage",
-    "b3",
-    "b3multi",
-    "jaeger",
-    "xray",
-    "ottrace",
-    "none",
-];
 
 /// Why a policy was refused. The message names the field to fix.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -271,12 +259,18 @@ fn validate_url(field: &'static str, url: &str) -> Result<(), PolicyError> {
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid(field, format!("{url:?} contains whitespace")));
     }
+    if url.len() > URL_MAX {
+        return Err(invalid(
+            field,
+            format!("longer than {URL_MAX} bytes ({})", url.len()),
+        ));
+    }
     Ok(())
 }
 
 fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= 253
+        && s.len() <= NAME_MAX
         && s.split('.').all(|label| {
             !label.is_empty()
                 && label
@@ -289,7 +283,7 @@ fn is_dns_subdomain(s: &str) -> bool {
 
 fn is_config_map_key(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= 253
+        && s.len() <= NAME_MAX
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }

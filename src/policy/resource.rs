@@ -17,9 +17,11 @@
 //!   with `mutate --policy-dir` is an error. On a cluster the API server prunes unknown fields
 //!   first; an object that still does not decode (a CRD newer than the webhook) is kept apart as
 //!   invalid, with the decoder's message in its status, instead of failing the whole watch.
-//! - A policy that decodes but does not validate (say `sampling.ratio: 1.5`) is accepted by the
-//!   API server (the schema has no ranges) and never applied by the webhook; its status says
-//!   which field is wrong. Putting the rules into the schema as well would duplicate them.
+//! - The schema carries the rules the API server can check by itself (the sampling ratio's
+//!   range, the enums, the URL and Secret patterns; see [`crate::policy::spec`]), and the
+//!   validating webhook (`/validate`, [`crate::admission::validate`]) refuses the rest at apply
+//!   time. A policy that gets past both (applied while the webhook was down, say a template
+//!   with an unknown field) is kept and never applied; its status says which field is wrong.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -98,6 +100,7 @@ pub struct TracingPolicySpec {
     pub service_name: Option<String>,
     /// Values of `OTEL_PROPAGATORS`, in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = crate::policy::spec::propagators_schema)]
     pub propagators: Option<Vec<String>>,
     /// Extra static resource attributes, e.g. `deployment.environment.name: prod`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -3,6 +3,50 @@
 //! These types are the file policy's schema and, through `JsonSchema`, the `spec` of the
 //! `TracingPolicy` custom resource ([`crate::policy::resource`]), so the two cannot drift apart.
 //! Nothing here decides anything: [`crate::policy::resolve`] fills the gaps and validates.
+//!
+//! The `schemars` attributes put into the CRD's schema what the API server can check by itself
+//! (ranges, enums, simple patterns, lengths), so a cluster whose webhook is down still refuses
+//! the obvious mistakes. They are a subset of what `resolve` checks, with the same constants:
+//! a value the schema accepts may still be refused by the webhook (a template field name, a
+//! label key), never the other way round. No CEL (`x-kubernetes-validations`): the API
+//! servers supported (1.22 on) do not all have it (beta and on by default from 1.25), a 1.22
+//! kubectl refuses the unknown field, and every rule here is plain OpenAPI anyway.
+
+/// Longest endpoint URL accepted: far beyond any collector address, within what HTTP stacks and
+/// proxies accept in a request line (8 KiB is the common limit; the path is a fraction of it).
+pub(crate) const URL_MAX: usize = 2048;
+/// An absolute http(s) URL with a host, no whitespace: what `resolve` checks, but for control
+/// characters and Unicode spaces (the API server's regular expressions are RE2).
+pub(crate) const URL_PATTERN: &str = r"^https?://[^/\s]\S*$";
+/// Kubernetes' longest object name and ConfigMap/Secret key (a DNS subdomain's length).
+pub(crate) const NAME_MAX: usize = 253;
+/// A Secret's name: a lowercase DNS subdomain.
+pub(crate) const SECRET_NAME_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A Secret's key: letters, digits, `-`, `_`, `.`.
+pub(crate) const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
+/// An HTTP header name: RFC 9110's token characters.
+pub(crate) const HEADER_PATTERN: &str = r"^[-!#$%&'*+.^_`|~0-9A-Za-z]+$";
+
+/// Propagator names the OpenTelemetry SDKs understand in `OTEL_PROPAGATORS`.
+pub(crate) const KNOWN_PROPAGATORS: &[&str] = &[
+    "tracecontext",
+    "baggage",
+    "b3",
+    "b3multi",
+    "jaeger",
+    "xray",
+    "ottrace",
+    "none",
+];
+
+/// The schema of `propagators`: at least one, each a known name.
+pub(crate) fn propagators_schema(schema: &mut schemars::Schema) {
+    schema.insert("minItems".into(), 1.into());
+    if let Some(items) = schema.get_mut("items").and_then(|i| i.as_object_mut()) {
+        items.insert("enum".into(), KNOWN_PROPAGATORS.into());
+    }
+}
 
 use std::collections::BTreeMap;
 
@@ -47,19 +91,28 @@ where
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExporterSpec {
+    /// The OTLP endpoint: an absolute http(s) URL; `$(VAR)` references are expanded by
+    /// Kubernetes from the container's env (say `http://$(HOST_IP):4317`).
+    #[schemars(length(max = URL_MAX), pattern(URL_PATTERN))]
     pub endpoint: Option<String>,
     pub protocol: Option<Protocol>,
     /// A full URL for traces (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), for backends whose trace
     /// path is not `/v1/traces`.
+    #[schemars(length(max = URL_MAX), pattern(URL_PATTERN))]
     pub traces_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TokenSpec {
+    /// The Secret, in the pod's namespace, that holds the token.
+    #[schemars(length(max = NAME_MAX), pattern(SECRET_NAME_PATTERN))]
     pub secret_name: Option<String>,
+    /// The key of that Secret.
+    #[schemars(length(max = NAME_MAX), pattern(SECRET_KEY_PATTERN))]
     pub secret_key: Option<String>,
     /// The OTLP header that carries the token.
+    #[schemars(pattern(HEADER_PATTERN))]
     pub header: Option<String>,
 }
 
@@ -96,6 +149,8 @@ pub struct DeploySpec {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SamplingSpec {
+    /// The share of runs sampled, from 0 to 1.
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub ratio: Option<f64>,
 }
 
@@ -105,6 +160,7 @@ pub struct ContainersSpec {
     /// Inject into `sidecar-*` containers too.
     pub sidecars: Option<bool>,
     /// Container names (`step-…`, `sidecar-…`) never to touch.
+    #[schemars(inner(length(min = 1)))]
     pub exclude: Option<Vec<String>>,
 }
 

@@ -19,6 +19,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Metric;
 
 use crate::admission::decide::Mode;
+use crate::admission::validate::{Validation, Verdict};
 use crate::admission::{Outcome, Reply};
 use crate::policy::selection::Fallback;
 use crate::runtime::metrics::{self, Registry};
@@ -145,7 +146,7 @@ impl WebhookMetrics {
             admissions: add(
                 r,
                 "admissions",
-                "AdmissionReviews answered, by mode (inject, enforce) and outcome (patched, skipped, denied, allowed-on-error, audited)",
+                "AdmissionReviews answered, by mode (inject, enforce) and outcome (patched, skipped, denied, allowed-on-error, audited, no-policy)",
                 Family::default(),
             ),
             skips: add(
@@ -302,10 +303,11 @@ pub fn record_admission(metrics: &WebhookMetrics, reply: &Reply, elapsed: Durati
     }
 }
 
-/// The log line and metric of a request answered without an AdmissionReview.
+/// The log line and metric of a request answered without an AdmissionReview; `mode` is the
+/// path's (`inject`, `enforce`, `validate`).
 pub(crate) fn record_rejection(
     metrics: &WebhookMetrics,
-    mode: Mode,
+    mode: &'static str,
     rejection: Rejection,
     detail: &str,
 ) {
@@ -317,10 +319,79 @@ pub(crate) fn record_rejection(
         .inc();
     tracing::warn!(
         target: ADMISSION_TARGET,
-        mode = %mode.as_str(),
+        mode = %mode,
         rejected = %rejection.as_str(),
         reason = detail,
         "request refused"
+    );
+}
+
+// The policy file's state and the validating webhook (`/validate`): their own metrics, in the
+// webhook's sub-registry beside the admission metrics. Reviews answered without any policy are
+// `admissions_total{outcome="no-policy"}`.
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindVerdict {
+    kind: &'static str,
+    verdict: &'static str,
+}
+
+/// Whether the policy file is in force, and what the validating webhook decided.
+pub struct PolicyMetrics {
+    valid: Gauge,
+    validations: Family<KindVerdict, Counter>,
+}
+
+impl PolicyMetrics {
+    /// Registers the metrics in the webhook's sub-registry of `registry`.
+    pub fn register(registry: &mut Registry) -> PolicyMetrics {
+        let r = registry.component(metrics::WEBHOOK);
+        PolicyMetrics {
+            valid: add(
+                r,
+                "policy_valid",
+                "1 while the policy file's current contents are in force (or there is no file), 0 while they are refused as invalid or unreadable",
+                Gauge::default(),
+            ),
+            validations: add(
+                r,
+                "validations",
+                "Reviews answered on /validate, by kind (policy-configmap, tracingpolicy, other) and verdict (valid, invalid, ignored)",
+                Family::default(),
+            ),
+        }
+    }
+
+    /// Records whether the policy file's current contents are in force.
+    pub(crate) fn set_valid(&self, valid: bool) {
+        self.valid.set(i64::from(valid));
+    }
+}
+
+/// The one log line and the metric of one answered validating review.
+pub fn record_validation(metrics: &PolicyMetrics, v: &Validation, elapsed: Duration) {
+    metrics
+        .validations
+        .get_or_create(&KindVerdict {
+            kind: v.subject.as_str(),
+            verdict: v.verdict.as_str(),
+        })
+        .inc();
+    let (policy, refused) = match &v.verdict {
+        Verdict::Valid(marker) => (Some(marker.as_str()), None),
+        Verdict::Invalid(message) => (None, Some(message.as_str())),
+        Verdict::Ignored => (None, None),
+    };
+    tracing::info!(
+        target: ADMISSION_TARGET,
+        uid = %v.uid,
+        kind = v.subject.as_str(),
+        object = %v.object,
+        verdict = v.verdict.as_str(),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        policy,
+        refused,
+        "validation"
     );
 }
 

@@ -1,7 +1,7 @@
 //! `lightstep-tekton-webhook serve`: the HTTPS endpoint kube-apiserver calls.
 //!
 //! Routes (`routes`): `POST /mutate` (inject mode), `POST /enforce` (enforce mode),
-//! `GET /healthz`, `GET /readyz`; metrics on the runtime's admin port (`GET /metrics`).
+//! `POST /validate` (the policy ConfigMap and TracingPolicies), `GET /healthz`, `GET /readyz`; metrics on the runtime's admin port (`GET /metrics`).
 //!
 //! This module is the command: its arguments, the settings they resolve to, and [`run`]. The
 //! rest is in rooms of its own: `server` binds and drains, `listener` accepts connections
@@ -190,8 +190,6 @@ impl Settings {
 pub enum ServeError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error(transparent)]
-    Policy(#[from] crate::policy::loader::LoadError),
     #[error(transparent)]
     Bind(#[from] BindError),
     /// Every message of the certificate maker names the file or directory to fix.

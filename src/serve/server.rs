@@ -20,7 +20,7 @@ use crate::runtime::admin;
 use crate::runtime::metrics::Registry;
 use crate::runtime::tls::{self, TlsStore};
 use crate::serve::listener::accept_loop;
-use crate::serve::metrics::{ReloadKind, WebhookMetrics};
+use crate::serve::metrics::{PolicyMetrics, ReloadKind, WebhookMetrics};
 use crate::serve::routes::{AppState, router};
 use crate::serve::{ServeError, Settings};
 
@@ -42,9 +42,16 @@ impl Server {
     /// Validates the certificate and policy, then binds both ports. Nothing is served yet.
     pub async fn bind(settings: Settings) -> Result<Server, ServeError> {
         let tls = Arc::new(TlsStore::load(settings.tls.clone())?);
-        let policy = Arc::new(PolicyStore::load(settings.policy.clone())?);
+        // An invalid policy file does not stop the start (see `policy::loader`): said here, on
+        // every poll until fixed, in `policy_valid` and in a warning on every pod it leaves alone.
+        let policy = Arc::new(PolicyStore::load(settings.policy.clone()));
         let mut registry = Registry::new();
         let metrics = Arc::new(WebhookMetrics::register(&mut registry));
+        let policy_metrics = PolicyMetrics::register(&mut registry);
+        policy_metrics.set_valid(policy.refused().is_none());
+        if let Some(reason) = policy.refused() {
+            log_no_policy(&reason);
+        }
         let watch = match settings.watch_tracing_policies {
             true => {
                 let metrics = registry.component(CLUSTER_COMPONENT);
@@ -62,6 +69,7 @@ impl Server {
             policy,
             cluster: watch.as_ref().map(|w| w.cluster()),
             metrics,
+            policy_metrics,
             ready: AtomicBool::new(false),
             limits: settings.limits.clone(),
         });
@@ -223,15 +231,36 @@ fn record_tls_reload(metrics: &WebhookMetrics, reload: tls::Reload) {
 }
 
 fn record_policy_reload(state: &AppState, reload: PolicyReload) {
-    match reload {
-        PolicyReload::Unchanged => {}
+    let refused = match reload {
+        PolicyReload::Unchanged => return,
         PolicyReload::Applied { fingerprint } => {
             state.metrics.reloaded(ReloadKind::Policy, true);
+            state.policy_metrics.set_valid(true);
             tracing::info!(%fingerprint, "policy reloaded");
+            return;
         }
         PolicyReload::Refused(reason) => {
             state.metrics.reloaded(ReloadKind::Policy, false);
-            tracing::warn!(%reason, "new policy refused; still using the previous one");
+            state.policy_metrics.set_valid(false);
+            reason
         }
+        PolicyReload::StillRefused(reason) => reason,
+    };
+    if state.policy.current().is_some() {
+        tracing::warn!(
+            reason = %refused,
+            "policy file invalid; still using the previous policy (a restart would start without one)"
+        );
+    } else {
+        log_no_policy(&refused);
     }
+}
+
+/// The line said at the start and at every poll while the server has no file policy.
+fn log_no_policy(reason: &str) {
+    tracing::error!(
+        %reason,
+        "policy file invalid; serving without a file policy: pods no TracingPolicy selects are \
+         admitted untouched, on /enforce too, until the file is fixed"
+    );
 }

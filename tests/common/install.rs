@@ -14,7 +14,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use k8s_openapi::api::admissionregistration::v1::{MutatingWebhook, MutatingWebhookConfiguration};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhook, MutatingWebhookConfiguration, ValidatingWebhook,
+    ValidatingWebhookConfiguration, WebhookClientConfig,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodSpec, Secret, Service, ServiceAccount,
@@ -24,6 +27,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Ro
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use lightstep_tekton_webhook::admission::validate::{POLICY_KEY, POLICY_LABEL};
 use lightstep_tekton_webhook::policy::Policy;
 use lightstep_tekton_webhook::policy::resource::{self, TracingPolicy};
 use lightstep_tekton_webhook::{certs, cluster};
@@ -89,6 +93,8 @@ pub struct Expect {
     pub tls_secret: String,
     /// Namespaces given a token Secret (the chart's token.create); none anywhere else.
     pub token_namespaces: Vec<String>,
+    /// The ValidatingWebhookConfiguration for the policy ConfigMap and TracingPolicies.
+    pub validating: bool,
 }
 
 impl Default for Expect {
@@ -101,6 +107,7 @@ impl Default for Expect {
             replicas: 2,
             tls_secret: "lightstep-tekton-webhook-tls".to_string(),
             token_namespaces: Vec::new(),
+            validating: true,
         }
     }
 }
@@ -143,13 +150,33 @@ pub fn typed<T: DeserializeOwned + serde::Serialize>(object: &Value) -> T {
     let deserializer = object.clone();
     let value: T = serde_path_to_error::deserialize(deserializer)
         .unwrap_or_else(|e| panic!("{} {}: {e}", object["kind"], object["metadata"]["name"]));
-    let back = serde_json::to_value(&value).unwrap();
+    let back = whole_numbers(serde_json::to_value(&value).unwrap());
     assert_eq!(
-        back, object,
+        back,
+        whole_numbers(object.clone()),
         "{} {} does not round-trip through its schema (unknown or misplaced field?)",
-        object["kind"], object["metadata"]["name"]
+        object["kind"],
+        object["metadata"]["name"]
     );
     value
+}
+
+/// `1.0` as `1`: kustomize writes a whole float as an integer, and a schema's `maximum` (an
+/// f64 in k8s-openapi) comes back as a float; the round trip is about fields, not number types.
+fn whole_numbers(value: Value) -> Value {
+    match value {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e15 => Value::from(f as i64),
+            _ => Value::Number(n),
+        },
+        Value::Array(items) => Value::Array(items.into_iter().map(whole_numbers).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (k, whole_numbers(v)))
+                .collect(),
+        ),
+        other => other,
+    }
 }
 
 /// Every rendered object, by kind; each one decoded into its k8s-openapi type, or for
@@ -164,6 +191,7 @@ pub struct Install {
     pub config_maps: Vec<ConfigMap>,
     pub secrets: Vec<Secret>,
     pub webhook_configs: Vec<MutatingWebhookConfiguration>,
+    pub validating_configs: Vec<ValidatingWebhookConfiguration>,
     pub crds: Vec<CustomResourceDefinition>,
     pub cluster_roles: Vec<ClusterRole>,
     pub cluster_role_bindings: Vec<ClusterRoleBinding>,
@@ -190,6 +218,9 @@ impl Install {
                 ("v1", "Secret") => install.secrets.push(typed(object)),
                 ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
                     install.webhook_configs.push(typed(object))
+                }
+                ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration") => {
+                    install.validating_configs.push(typed(object))
                 }
                 ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
                     install.crds.push(typed(object))
@@ -253,6 +284,24 @@ impl Install {
     pub fn webhook_config(&self) -> &MutatingWebhookConfiguration {
         assert_eq!(self.webhook_configs.len(), 1);
         &self.webhook_configs[0]
+    }
+
+    pub fn validating_config(&self) -> &ValidatingWebhookConfiguration {
+        assert_eq!(self.validating_configs.len(), 1);
+        &self.validating_configs[0]
+    }
+
+    /// Every webhook's client configuration, mutating and validating, by name.
+    pub fn client_configs(&self) -> Vec<(String, &WebhookClientConfig)> {
+        let mutating = self.webhook_config().webhooks.iter().flatten();
+        let validating = self
+            .validating_configs
+            .iter()
+            .flat_map(|c| c.webhooks.iter().flatten());
+        mutating
+            .map(|w| (w.name.clone(), &w.client_config))
+            .chain(validating.map(|w| (w.name.clone(), &w.client_config)))
+            .collect()
     }
 
     pub fn cert_manager(&self, kind: &str, name: &str) -> &Value {
@@ -519,6 +568,11 @@ pub fn check_common(install: &Install, expect: &Expect) {
     assert_eq!(token_namespaces, expect.token_namespaces);
 
     check_webhooks(install, expect);
+    if expect.validating {
+        check_validating_webhooks(install, &policy_map_name, &policy_file);
+    } else {
+        assert!(install.validating_configs.is_empty());
+    }
 }
 
 /// The ClusterRole grants what the watch caches and the status writer use, nothing else (above
@@ -832,6 +886,136 @@ pub fn check_webhook(
     );
 }
 
+/// Whether `labels` satisfy `selector`, as the API server matches a webhook's selectors (a
+/// missing selector matches everything).
+pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    let Some(selector) = selector else {
+        return true;
+    };
+    let labels_match = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let expressions_match = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.clone().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            other => panic!("operator {other}"),
+        }
+    });
+    labels_match && expressions_match
+}
+
+/// The validating webhooks: `/validate` on the same Service, CREATE and UPDATE only,
+/// failurePolicy Ignore; one for the mounted policy ConfigMap alone (by its label, in the
+/// install's namespace), one for TracingPolicies (not their status).
+pub fn check_validating_webhooks(install: &Install, policy_map: &str, policy_key: &str) {
+    let config = install.validating_config();
+    assert_eq!(
+        config.metadata.name.as_deref(),
+        Some(certs::WEBHOOK_CONFIGURATION)
+    );
+    let webhooks = config.webhooks.as_ref().unwrap();
+    let names: Vec<&str> = webhooks.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(
+        names,
+        certs::VALIDATING_WEBHOOK_NAMES,
+        "the caBundle patch `certs` writes names every validating webhook"
+    );
+    let service = install.service();
+    let writes = Some(vec!["CREATE".to_string(), "UPDATE".to_string()]);
+    for webhook in webhooks {
+        let name = &webhook.name;
+        let service_ref = webhook.client_config.service.as_ref().unwrap();
+        assert_eq!(Some(&service_ref.name), service.metadata.name.as_ref());
+        assert_eq!(
+            Some(&service_ref.namespace),
+            service.metadata.namespace.as_ref()
+        );
+        assert_eq!(service_ref.port.unwrap_or(443), 443, "{name}");
+        assert_eq!(service_ref.path.as_deref(), Some("/validate"), "{name}");
+        assert!(webhook.client_config.url.is_none());
+        // Refusing edits while the webhook is down would block the repair of an install; see
+        // the manifest's comment and docs/security.md.
+        assert_eq!(webhook.failure_policy.as_deref(), Some("Ignore"), "{name}");
+        assert_eq!(webhook.side_effects, "None");
+        assert_eq!(webhook.admission_review_versions, ["v1"]);
+        assert!(matches!(webhook.timeout_seconds, Some(1..=5)), "{name}");
+        // Not known to every API server the README supports (GA in 1.30).
+        assert!(webhook.match_conditions.is_none(), "{name}");
+        let rules = webhook.rules.as_ref().unwrap();
+        assert_eq!(rules.len(), 1, "{name}");
+        assert_eq!(rules[0].operations, writes, "{name}: never DELETE");
+    }
+    let (policy, tracing_policies): (&ValidatingWebhook, &ValidatingWebhook) =
+        (&webhooks[0], &webhooks[1]);
+
+    // The policy ConfigMap: what the Deployment mounts carries the label, nothing else does.
+    let rule = &policy.rules.as_ref().unwrap()[0];
+    assert_eq!(rule.api_groups.as_deref(), Some(&["".to_string()][..]));
+    assert_eq!(rule.api_versions.as_deref(), Some(&["v1".to_string()][..]));
+    assert_eq!(
+        rule.resources.as_deref(),
+        Some(&["configmaps".to_string()][..])
+    );
+    assert_eq!(
+        policy_key, POLICY_KEY,
+        "the key /validate reads is the file --policy names"
+    );
+    for map in &install.config_maps {
+        let labels = map.metadata.labels.clone().unwrap_or_default();
+        let is_policy = map.metadata.name.as_deref() == Some(policy_map);
+        assert_eq!(
+            selects(policy.object_selector.as_ref(), &labels),
+            is_policy,
+            "{:?}",
+            map.metadata.name
+        );
+        assert_eq!(labels.contains_key(POLICY_LABEL), is_policy);
+    }
+    let other_map = BTreeMap::from([("app".to_string(), "other".to_string())]);
+    assert!(!selects(policy.object_selector.as_ref(), &other_map));
+    // Namespaces as the API server labels them (kubernetes.io/metadata.name, from 1.22).
+    let namespace = |name: &str| {
+        BTreeMap::from([("kubernetes.io/metadata.name".to_string(), name.to_string())])
+    };
+    assert!(selects(
+        policy.namespace_selector.as_ref(),
+        &namespace(NAMESPACE)
+    ));
+    for elsewhere in ["default", "kube-system", "tekton-pipelines"] {
+        assert!(
+            !selects(policy.namespace_selector.as_ref(), &namespace(elsewhere)),
+            "{elsewhere}"
+        );
+    }
+    if let Some(namespace) = install.namespaces.first() {
+        assert_eq!(namespace.metadata.name.as_deref(), Some(NAMESPACE));
+    }
+
+    // TracingPolicies: every one (cluster-scoped, so no namespace selector applies), the
+    // resource itself and not its status, which the webhook writes.
+    let rule = &tracing_policies.rules.as_ref().unwrap()[0];
+    assert_eq!(
+        rule.api_groups.as_deref(),
+        Some(&[resource::GROUP.to_string()][..])
+    );
+    assert_eq!(
+        rule.api_versions.as_deref(),
+        Some(&[resource::VERSION.to_string()][..])
+    );
+    assert_eq!(
+        rule.resources.as_deref(),
+        Some(&[resource::PLURAL.to_string()][..])
+    );
+    assert_eq!(rule.scope.as_deref(), Some("Cluster"));
+    assert!(tracing_policies.object_selector.is_none());
+}
+
 pub fn verify(ca_pems: &[u8], cert_pem: &[u8], name: &str) -> Result<(), webpki::Error> {
     let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca_pems)
         .collect::<Result<_, _>>()
@@ -1048,14 +1232,16 @@ pub fn check_cert_manager(install: &Install) {
     let root = install.cert_manager("Issuer", ca["spec"]["issuerRef"]["name"].as_str().unwrap());
     assert!(root["spec"]["selfSigned"].is_object());
 
+    let inject_from = format!("{NAMESPACE}/{SERVICE}");
     let config = install.webhook_config();
     let annotations = config.metadata.annotations.as_ref().unwrap();
-    assert_eq!(
-        annotations["cert-manager.io/inject-ca-from"],
-        format!("{NAMESPACE}/{SERVICE}")
-    );
+    assert_eq!(annotations["cert-manager.io/inject-ca-from"], inject_from);
+    for validating in &install.validating_configs {
+        let annotations = validating.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations["cert-manager.io/inject-ca-from"], inject_from);
+    }
     // The injector fills the caBundle; one set by hand would fight it.
-    for webhook in config.webhooks.as_ref().unwrap() {
-        assert!(webhook.client_config.ca_bundle.is_none());
+    for (name, client) in install.client_configs() {
+        assert!(client.ca_bundle.is_none(), "{name}");
     }
 }
