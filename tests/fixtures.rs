@@ -662,3 +662,76 @@ fn a_changed_policy_updates_the_marker() {
         policy.marker()
     );
 }
+
+/// D4: a step's own endpoint for any signal keeps the token out (inject) or is governed
+/// (enforce); the token never shares a container with an endpoint the policy did not choose.
+#[test]
+fn every_signals_endpoint_belongs_to_the_exporter_group() {
+    let foreign = "http://collector.other-team:4318";
+    for own in [
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+        "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL",
+    ] {
+        let mut object = object_of("tekton-matrix-triggers.json");
+        object["spec"]["containers"][0]["env"] = json!([{"name": own, "value": foreign}]);
+        let r = run_object(&object, &Policy::embedded_default(), Mode::Inject);
+        let step = "step-kaniko";
+        assert!(var(&r.pod, step, "TRACEPARENT").is_some(), "{own}");
+        for name in [
+            "LS_ACCESS_TOKEN",
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ] {
+            assert!(var(&r.pod, step, name).is_none(), "{name} next to {own}");
+        }
+        assert_eq!(value(&r.pod, step, own), Some(foreign));
+
+        let r = run_object(&object, &Policy::embedded_default(), Mode::Enforce);
+        assert_token_is_a_reference(&r, step);
+        assert_ne!(value(&r.pod, step, own), Some(foreign), "{own} kept");
+        assert!(
+            r.reply.warnings.iter().any(|w| w.contains(own)),
+            "{own}: {:?}",
+            r.reply.warnings
+        );
+    }
+
+    // Enforce mode, HTTP policy: each signal's endpoint is the policy's, with its own path.
+    let policy = Policy::from_yaml(
+        "exporter: {endpoint: 'https://ingest.example.com/', protocol: http/protobuf}",
+    )
+    .unwrap();
+    let mut object = object_of("tekton-matrix-triggers.json");
+    object["spec"]["containers"][0]["env"] = json!([
+        {"name": "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "value": foreign},
+        {"name": "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "value": foreign},
+    ]);
+    let r = run_object(&object, &policy, Mode::Enforce);
+    assert_eq!(
+        value(&r.pod, "step-kaniko", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
+        Some("https://ingest.example.com/v1/metrics")
+    );
+    assert_eq!(
+        value(&r.pod, "step-kaniko", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"),
+        Some("https://ingest.example.com/v1/logs")
+    );
+
+    // An envFrom source may define any of them: enforce mode pins each signal's variables.
+    let mut object = object_of("tekton-matrix-triggers.json");
+    object["spec"]["containers"][0]["envFrom"] = json!([{"configMapRef": {"name": "otel"}}]);
+    let r = run_object(&object, &Policy::embedded_default(), Mode::Enforce);
+    assert_token_is_a_reference(&r, "step-kaniko");
+    for name in [
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ] {
+        assert_eq!(
+            value(&r.pod, "step-kaniko", name),
+            Some("https://ingest.lightstep.com:443"),
+            "{name}"
+        );
+    }
+}

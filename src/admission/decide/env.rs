@@ -7,10 +7,7 @@ use jsonptr::{PointerBuf, Token};
 use k8s_openapi::api::core::v1::{EnvFromSource, EnvVar};
 use serde_json::Value;
 
-use super::exporter::{
-    EXPORTER_GROUP, LS_ACCESS_TOKEN, OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_TRACES_HEADERS,
-    exporter,
-};
+use super::exporter::{EXPORTER_GROUP, HEADER_VARS, LS_ACCESS_TOKEN, exporter};
 use super::report::{ContainerReport, Role, VarOutcome, VarReport};
 use super::resource::{join_attributes, merge_attributes, resource_attributes, service_name};
 use super::{Mode, Request, add, escape_dollar, literal, replace};
@@ -173,16 +170,13 @@ impl<'p> Plan<'p> {
             });
         }
         if self.mode == Mode::Enforce {
-            for (name, value) in &self.governed_extra {
-                if edits.replace_differing(&view, name, value) {
-                    replaced.push(name);
-                    report.vars.push(VarReport {
-                        name,
-                        outcome: VarOutcome::Replaced,
-                    });
-                }
-            }
+            self.govern(&view, &mut edits, replaced, &mut report.vars);
             self.move_headers(&view, &mut edits, &mut report.vars);
+        } else if self.policy.token.is_some()
+            && view.own_exporter.is_none()
+            && !view.exporter_from_env_from
+        {
+            self.pin_env_from(&view, &mut edits, &mut report.vars);
         }
         edits.finish(container.env.is_none(), ops);
         report
@@ -266,6 +260,42 @@ impl<'p> Plan<'p> {
         }
     }
 
+    /// Enforce mode: every signal's own exporter variable the container sets takes the policy's
+    /// value, so the token never travels with an endpoint the policy did not choose.
+    fn govern(
+        &self,
+        view: &EnvView<'_>,
+        edits: &mut Edits,
+        replaced: &mut Vec<&'static str>,
+        vars: &mut Vec<VarReport>,
+    ) {
+        for (name, value) in &self.governed_extra {
+            if edits.replace_differing(view, name, value) {
+                replaced.push(name);
+                vars.push(VarReport {
+                    name,
+                    outcome: VarOutcome::Replaced,
+                });
+            }
+        }
+        self.pin_env_from(view, edits, vars);
+    }
+
+    /// The token goes into this container: a signal's own variable that an `envFrom` source
+    /// may define would beat the generic endpoint the token goes with, so it is set in `env`
+    /// (which wins over `envFrom`) to the policy's value.
+    fn pin_env_from(&self, view: &EnvView<'_>, edits: &mut Edits, vars: &mut Vec<VarReport>) {
+        for (name, value) in &self.governed_extra {
+            if view.defined(name).is_none() && view.env_from_may_define(name) {
+                edits.appends.push(value.clone());
+                vars.push(VarReport {
+                    name,
+                    outcome: VarOutcome::Injected,
+                });
+            }
+        }
+    }
+
     /// Enforce mode: `$(LS_ACCESS_TOKEN)` only expands if the token is defined earlier in the
     /// list, so header variables before it are moved to the end.
     fn move_headers(&self, view: &EnvView<'_>, edits: &mut Edits, vars: &mut Vec<VarReport>) {
@@ -273,10 +303,7 @@ impl<'p> Plan<'p> {
             return;
         }
         let token_at = view.defined(LS_ACCESS_TOKEN).unwrap_or(usize::MAX);
-        for name in [
-            OTEL_EXPORTER_OTLP_HEADERS,
-            OTEL_EXPORTER_OTLP_TRACES_HEADERS,
-        ] {
+        for name in HEADER_VARS {
             let early: Vec<usize> = view
                 .positions(name)
                 .into_iter()
@@ -363,12 +390,17 @@ impl<'c> EnvView<'c> {
             .collect()
     }
 
+    /// Whether `envFrom: preserve` leaves `name` to a source that may define it.
     fn may_come_from_env_from(&self, name: &str) -> bool {
-        self.preserve_env_from
-            && self
-                .env_from
-                .iter()
-                .any(|s| name.starts_with(s.prefix.as_deref().unwrap_or("")))
+        self.preserve_env_from && self.env_from_may_define(name)
+    }
+
+    /// Whether an `envFrom` source's prefix can produce `name` (the webhook cannot read the
+    /// source itself at admission time).
+    fn env_from_may_define(&self, name: &str) -> bool {
+        self.env_from
+            .iter()
+            .any(|s| name.starts_with(s.prefix.as_deref().unwrap_or("")))
     }
 }
 

@@ -9,22 +9,67 @@ use super::literal;
 use crate::policy::{Policy, Protocol, Token as TokenRef};
 
 pub(super) const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
-pub(super) const OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 pub(super) const OTEL_EXPORTER_OTLP_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
-pub(super) const OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL";
 pub(super) const OTEL_EXPORTER_OTLP_HEADERS: &str = "OTEL_EXPORTER_OTLP_HEADERS";
-pub(super) const OTEL_EXPORTER_OTLP_TRACES_HEADERS: &str = "OTEL_EXPORTER_OTLP_TRACES_HEADERS";
 pub(super) const LS_ACCESS_TOKEN: &str = "LS_ACCESS_TOKEN";
 
-/// Variables that configure where and how a step exports. A step that sets any of them has
-/// configured its exporter itself.
+/// One signal's own exporter variables, which the OTLP exporters prefer over the generic ones.
+struct Signal {
+    /// The path an HTTP exporter appends to the generic endpoint for this signal.
+    path: &'static str,
+    endpoint: &'static str,
+    protocol: &'static str,
+    headers: &'static str,
+}
+
+const TRACES: Signal = Signal {
+    path: "v1/traces",
+    endpoint: "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    protocol: "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    headers: "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+};
+
+/// Every signal the OTLP exporter specification configures: a step that sends metrics or logs
+/// elsewhere would otherwise get the token in the shared headers, which apply to all signals.
+const SIGNALS: [Signal; 3] = [
+    TRACES,
+    Signal {
+        path: "v1/metrics",
+        endpoint: "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        protocol: "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+        headers: "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+    },
+    Signal {
+        path: "v1/logs",
+        endpoint: "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+        protocol: "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL",
+        headers: "OTEL_EXPORTER_OTLP_LOGS_HEADERS",
+    },
+];
+
+/// Variables that configure where and how a step exports, for every signal. A step that sets
+/// any of them has configured its exporter itself; enforce mode governs all of them.
 pub(super) const EXPORTER_GROUP: &[&str] = &[
     OTEL_EXPORTER_OTLP_ENDPOINT,
-    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+    SIGNALS[0].endpoint,
     OTEL_EXPORTER_OTLP_PROTOCOL,
-    OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
+    SIGNALS[0].protocol,
     OTEL_EXPORTER_OTLP_HEADERS,
-    OTEL_EXPORTER_OTLP_TRACES_HEADERS,
+    SIGNALS[0].headers,
+    SIGNALS[1].endpoint,
+    SIGNALS[1].protocol,
+    SIGNALS[1].headers,
+    SIGNALS[2].endpoint,
+    SIGNALS[2].protocol,
+    SIGNALS[2].headers,
+];
+
+/// The header variables that carry `$(LS_ACCESS_TOKEN)` when the policy has a token.
+pub(super) const HEADER_VARS: [&str; 4] = [
+    OTEL_EXPORTER_OTLP_HEADERS,
+    SIGNALS[0].headers,
+    SIGNALS[1].headers,
+    SIGNALS[2].headers,
 ];
 
 /// The exporter group's desired variables (appended to `desired`), and the signal-specific
@@ -38,11 +83,7 @@ pub(super) fn exporter(policy: &Policy, desired: &mut Vec<Desired>) -> Vec<(&'st
         group,
     ));
     if let Some(traces) = &exporter.traces_endpoint {
-        desired.push(Desired::literal(
-            OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
-            traces,
-            group,
-        ));
+        desired.push(Desired::literal(TRACES.endpoint, traces, group));
     }
     let protocol = exporter.protocol.as_str();
     desired.push(Desired::literal(
@@ -52,20 +93,24 @@ pub(super) fn exporter(policy: &Policy, desired: &mut Vec<Desired>) -> Vec<(&'st
     ));
 
     let mut governed_extra = Vec::new();
-    if exporter.traces_endpoint.is_none() {
-        // A step's own traces endpoint would override the generic one: point it at the
+    for signal in &SIGNALS {
+        // A step's own signal endpoint would override the generic one: point it at the
         // policy's endpoint, with the path the OTLP exporters append for HTTP.
-        let traces = match exporter.protocol {
-            Protocol::Grpc => exporter.endpoint.clone(),
-            Protocol::HttpProtobuf | Protocol::HttpJson => {
-                format!("{}/v1/traces", exporter.endpoint.trim_end_matches('/'))
-            }
-        };
-        let name = OTEL_EXPORTER_OTLP_TRACES_ENDPOINT;
-        governed_extra.push((name, literal(name, &traces)));
+        if signal.endpoint != TRACES.endpoint || exporter.traces_endpoint.is_none() {
+            let endpoint = match exporter.protocol {
+                Protocol::Grpc => exporter.endpoint.clone(),
+                Protocol::HttpProtobuf | Protocol::HttpJson => {
+                    format!(
+                        "{}/{}",
+                        exporter.endpoint.trim_end_matches('/'),
+                        signal.path
+                    )
+                }
+            };
+            governed_extra.push((signal.endpoint, literal(signal.endpoint, &endpoint)));
+        }
+        governed_extra.push((signal.protocol, literal(signal.protocol, protocol)));
     }
-    let name = OTEL_EXPORTER_OTLP_TRACES_PROTOCOL;
-    governed_extra.push((name, literal(name, protocol)));
     if let Some(token) = &policy.token {
         desired.push(Desired {
             name: LS_ACCESS_TOKEN,
@@ -78,8 +123,9 @@ pub(super) fn exporter(policy: &Policy, desired: &mut Vec<Desired>) -> Vec<(&'st
             &headers,
             group,
         ));
-        let name = OTEL_EXPORTER_OTLP_TRACES_HEADERS;
-        governed_extra.push((name, literal(name, &headers)));
+        for signal in &SIGNALS {
+            governed_extra.push((signal.headers, literal(signal.headers, &headers)));
+        }
     }
     governed_extra
 }

@@ -7,13 +7,16 @@
 //! Rules, in order of precedence:
 //! 1. The user's settings win. A variable a container defines is never overwritten (resource
 //!    attributes are merged, the container's keys first). If a step configures any part of its
-//!    OTLP exporter itself, the whole exporter group is left to it, so a Lightstep token is never
-//!    sent to an endpoint the policy did not choose.
+//!    OTLP exporter itself (the endpoint, headers or protocol of any signal: traces, metrics or
+//!    logs), the whole exporter group is left to it, so a Lightstep token is never sent to an
+//!    endpoint the policy did not choose.
 //! 2. `envFrom` sources lose against `env`, and the webhook cannot read them at admission time:
 //!    with `envFrom: preserve` (the default) a setting such a source may define is not injected.
 //!    The per-run trace context is always injected: a static value could never be right.
-//! 3. In enforce mode the governed exporter variables (endpoint, protocol, headers, token) take
-//!    the policy's values even where a step set its own, and a warning says what was replaced.
+//! 3. In enforce mode the governed exporter variables (every signal's endpoint, protocol and
+//!    headers, and the token) take the policy's values even where a step set its own, and a
+//!    warning says what was replaced. Wherever the token goes, a signal's own variable that an
+//!    `envFrom` source may define is set in `env` to the policy's value, since `env` wins.
 //!
 //! Patches are built from pointer tokens (so `/` in a key becomes `~1`), create a missing labels
 //! map, annotations map or env array before adding to it, and put every index-based operation of
