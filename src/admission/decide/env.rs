@@ -59,6 +59,18 @@ pub(super) struct Plan<'p> {
     attributes: Vec<(String, String)>,
     /// Enforce mode: values that overwrite signal-specific variables a step may set.
     governed_extra: Vec<(&'static str, Value)>,
+    /// What the patch size limit took out: the resource attributes, or every container.
+    shrunk: Shrunk,
+}
+
+/// How much of the plan the patch size limit took out, least first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Shrunk {
+    Nothing,
+    /// `OTEL_RESOURCE_ATTRIBUTES`: the largest variable, and the same in every step.
+    Attributes,
+    /// Every container is left as it is.
+    Containers,
 }
 
 impl<'p> Plan<'p> {
@@ -104,7 +116,13 @@ impl<'p> Plan<'p> {
             desired,
             attributes,
             governed_extra,
+            shrunk: Shrunk::Nothing,
         }
+    }
+
+    /// Plans less from now on: see [`Shrunk`].
+    pub(super) fn shrink(&mut self, to: Shrunk) {
+        self.shrunk = self.shrunk.max(to);
     }
 
     /// Plans every container of the pod (init containers are reported, never touched) and
@@ -191,6 +209,9 @@ impl<'p> Plan<'p> {
                 Some("sidecars are not injected (containers.sidecars: false)")
             }
             Role::Other | Role::Init => Some("not a Tekton step or sidecar"),
+            Role::Step | Role::Sidecar if self.shrunk == Shrunk::Containers => {
+                Some("not injected: the patch would pass its size limit")
+            }
             Role::Step | Role::Sidecar => None,
         }
     }
@@ -203,6 +224,9 @@ impl<'p> Plan<'p> {
         edits: &mut Edits,
         replaced: &mut Vec<&'static str>,
     ) -> VarOutcome {
+        if d.group == Group::Attributes && self.shrunk >= Shrunk::Attributes {
+            return VarOutcome::SkippedPatchLimit;
+        }
         if d.group == Group::Exporter && self.mode == Mode::Enforce {
             return if view.positions(d.name).is_empty() {
                 edits.appends.push(d.value.clone());

@@ -32,6 +32,8 @@ mod metadata;
 mod report;
 mod resource;
 
+use std::io;
+
 use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
 use jsonptr::PointerBuf;
 use serde_json::{Value, json};
@@ -49,6 +51,13 @@ pub use resource::{resource_attributes, service_name};
 const OPT_OUT_ANNOTATION: &str = "lightstep-tekton.io/inject";
 /// Marker annotation: which policy (name and fingerprint) produced the patch.
 pub const MARKER_ANNOTATION: &str = "lightstep-tekton.io/injected";
+
+/// The largest JSON Patch the webhook sends, in bytes before base64. etcd refuses an object over
+/// 1.5 MiB (its default `--max-request-bytes`), so the API server cannot store a pod past that:
+/// 256 KiB leaves a pod of up to 1.25 MiB room for the patch, is five times the largest real
+/// patch we have (40 steps: 51 KB) and keeps the base64 reply near 342 KiB. Over it, groups are
+/// left out ([`bounded`]), never a reply the API server must refuse.
+const PATCH_MAX: usize = 256 * 1024;
 
 /// Which webhook entry called: opt-in namespaces (`/mutate`) or enforced ones (`/enforce`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,11 +140,15 @@ pub fn decide(pod: &Pod, request: Request<'_>, policy: &Policy) -> Decision {
     }
 
     let (context, trace_source) = contract::attempt_context(&facts, policy.sampling_ratio);
-    let mut ops = Vec::new();
-    let env = env::Plan::new(pod, &facts, request, policy, &context);
-    let containers = env.apply(pod, &mut ops, &mut warnings);
+    let mut meta_ops = Vec::new();
+    let mut meta_warnings = Vec::new();
     let meta = metadata::Plan::new(&facts, &context, policy);
-    let metadata = meta.apply(pod, &mut ops, &mut warnings);
+    let metadata = meta.apply(pod, &mut meta_ops, &mut meta_warnings);
+    let mut env = env::Plan::new(pod, &facts, request, policy, &context);
+    let budget = PATCH_MAX.saturating_sub(patch_size(&meta_ops));
+    let (mut ops, containers) = bounded(&mut env, pod, budget, &mut warnings);
+    ops.append(&mut meta_ops);
+    warnings.append(&mut meta_warnings);
     let action = if ops.is_empty() {
         Action::Skip(SkipReason::AlreadyInjected)
     } else {
@@ -156,6 +169,59 @@ pub fn decide(pod: &Pod, request: Request<'_>, policy: &Policy) -> Decision {
             containers,
             metadata,
         }),
+    }
+}
+
+/// The plan's container operations, within `budget` bytes of JSON: when the full plan would pass
+/// it, the resource attributes are left out, then every container, each time with a warning.
+fn bounded(
+    env: &mut env::Plan<'_>,
+    pod: &Pod,
+    budget: usize,
+    warnings: &mut Vec<String>,
+) -> (Vec<PatchOperation>, Vec<ContainerReport>) {
+    let before = warnings.len();
+    let mut ops = Vec::new();
+    let mut reports = env.apply(pod, &mut ops, warnings);
+    for (shrunk, warning) in [
+        (
+            env::Shrunk::Attributes,
+            "patch size limit: OTEL_RESOURCE_ATTRIBUTES not injected",
+        ),
+        (
+            env::Shrunk::Containers,
+            "patch size limit: tracing not injected into the containers",
+        ),
+    ] {
+        if patch_size(&ops) <= budget {
+            break;
+        }
+        env.shrink(shrunk);
+        ops.clear();
+        warnings.truncate(before);
+        reports = env.apply(pod, &mut ops, warnings);
+        warnings.push(warning.to_owned());
+    }
+    (ops, reports)
+}
+
+/// The length of the operations' JSON, counted without building it.
+fn patch_size(ops: &[PatchOperation]) -> usize {
+    struct Count(usize);
+    impl io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Plain JSON values always serialize; if one did not, the patch counts as too large.
+    match serde_json::to_writer(&mut count, ops) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
     }
 }
 

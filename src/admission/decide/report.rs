@@ -64,6 +64,8 @@ pub enum VarOutcome {
     Replaced,
     /// Enforce mode: moved after `LS_ACCESS_TOKEN` so `$(LS_ACCESS_TOKEN)` expands.
     Moved,
+    /// Left out so that the patch stays within its size limit.
+    SkippedPatchLimit,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -216,6 +218,9 @@ impl fmt::Display for VarOutcome {
             VarOutcome::Merged(n) => write!(f, "merged: {n} attributes added to the container's"),
             VarOutcome::Replaced => write!(f, "replaced with the policy's value (enforced)"),
             VarOutcome::Moved => write!(f, "moved after LS_ACCESS_TOKEN (enforced)"),
+            VarOutcome::SkippedPatchLimit => {
+                write!(f, "not injected: the patch would pass its size limit")
+            }
         }
     }
 }
