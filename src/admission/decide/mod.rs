@@ -39,8 +39,8 @@ use jsonptr::PointerBuf;
 use serde_json::{Value, json};
 
 use crate::admission::pod::PodView as Pod;
-use crate::contract;
 pub use crate::contract::TraceSource;
+use crate::contract::{self, w3c};
 use crate::policy::Policy;
 pub use report::{
     ContainerReport, MetaOutcome, MetadataReport, Report, Role, VarOutcome, VarReport,
@@ -149,6 +149,10 @@ pub fn decide(pod: &Pod, request: Request<'_>, policy: &Policy) -> Decision {
     let (mut ops, containers) = bounded(&mut env, pod, budget, &mut warnings);
     ops.append(&mut meta_ops);
     warnings.append(&mut meta_warnings);
+    let tracestate_dropped = match (&trace_source, facts.span_context) {
+        (TraceSource::Tekton, Some(json)) => w3c::annotation_tracestate(json).dropped,
+        _ => Vec::new(),
+    };
     let action = if ops.is_empty() {
         Action::Skip(SkipReason::AlreadyInjected)
     } else {
@@ -166,6 +170,7 @@ pub fn decide(pod: &Pod, request: Request<'_>, policy: &Policy) -> Decision {
             policy: policy.marker().to_owned(),
             context,
             trace_source,
+            tracestate_dropped,
             containers,
             metadata,
         }),

@@ -7,6 +7,7 @@ use std::fmt;
 use super::{Mode, TraceSource};
 use crate::contract::SpanContext;
 use crate::contract::tekton::TASK_RUN_SPAN_CONTEXT;
+use crate::contract::w3c::DroppedMember;
 
 /// The explanation behind a decision, printed by `mutate --explain`.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,6 +19,8 @@ pub struct Report {
     pub policy: String,
     pub context: SpanContext,
     pub trace_source: TraceSource,
+    /// The members of Tekton's `tracestate` that the W3C grammar refused, left out of `TRACESTATE`.
+    pub tracestate_dropped: Vec<DroppedMember>,
     pub containers: Vec<ContainerReport>,
     pub metadata: Vec<MetadataReport>,
 }
@@ -159,6 +162,9 @@ impl Report {
         }
         if let Some(state) = &context.tracestate {
             writeln!(f, "  tracestate: {state}")?;
+        }
+        for dropped in &self.tracestate_dropped {
+            writeln!(f, "  tracestate dropped, {dropped}")?;
         }
         Ok(())
     }
