@@ -53,10 +53,13 @@ pub enum BadRequest {
     Empty,
     #[error("malformed JSON: {0}")]
     Json(String),
-    #[error(
-        "expected apiVersion admission.k8s.io/v1, kind AdmissionReview; got apiVersion {api_version:?}, kind {kind:?}"
-    )]
-    NotAdmissionReview { api_version: String, kind: String },
+    /// The envelope's `field` is not `expected`. The value received is not kept: a caller's
+    /// string there (a token, say) must not come back in the reply or the log.
+    #[error("{field}: expected {expected}")]
+    NotAdmissionReview {
+        field: &'static str,
+        expected: &'static str,
+    },
     #[error("AdmissionReview has no request")]
     NoRequest,
     #[error("AdmissionReview request has no uid")]
@@ -324,12 +327,19 @@ fn choose<'p>(
     (reply, Some(selected))
 }
 
-/// Checks the envelope: a v1 AdmissionReview with a request that has a uid.
+/// Checks the envelope: a v1 AdmissionReview with a request that has a uid. A wrong envelope
+/// is named by its field and the expected value, never by the value received.
 pub(super) fn open<O>(review: ReviewIn<O>) -> Result<RequestIn<O>, BadRequest> {
-    if review.api_version != API_VERSION || review.kind != KIND {
+    if review.api_version != API_VERSION {
         return Err(BadRequest::NotAdmissionReview {
-            api_version: clipped(review.api_version),
-            kind: clipped(review.kind),
+            field: "apiVersion",
+            expected: API_VERSION,
+        });
+    }
+    if review.kind != KIND {
+        return Err(BadRequest::NotAdmissionReview {
+            field: "kind",
+            expected: KIND,
         });
     }
     let request = review.request.ok_or(BadRequest::NoRequest)?;
@@ -494,20 +504,6 @@ fn audit_message(marker: &str, decision: &Decision) -> String {
     format!(
         "audit: policy {name} would inject tracing into {changed} {containers}; pod not changed"
     )
-}
-
-/// A caller's string as quoted in an error: enough to recognise, not megabytes into the log.
-fn clipped(mut s: String) -> String {
-    const MAX: usize = 64;
-    if s.len() > MAX {
-        let mut cut = MAX;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push('…');
-    }
-    s
 }
 
 /// A decoding error without the values it quotes. serde's messages quote the offending string
@@ -680,11 +676,26 @@ mod tests {
         let err = review(bad.as_bytes(), &policy(), Mode::Inject).unwrap_err();
         assert!(matches!(err, BadRequest::Json(_)), "{err}");
         assert!(!err.to_string().contains(secret), "{err}");
-        // A wrong apiVersion is quoted, but only its start.
-        let long = "x".repeat(1 << 20);
-        let bad = format!(r#"{{"apiVersion":"{long}","kind":"AdmissionReview"}}"#);
-        let err = review(bad.as_bytes(), &policy(), Mode::Inject).unwrap_err();
-        assert!(err.to_string().len() < 300, "{err}");
+    }
+
+    /// D7: a wrong apiVersion or kind is named with the value expected, never quoted.
+    #[test]
+    fn a_wrong_envelope_is_named_not_echoed() {
+        let secret = "lsat_7Hq2v9XkR4mN8pW3zL6yT1cB5dJ0fG2s";
+        for (api_version, kind, field, expected) in [
+            (secret, KIND, "apiVersion", API_VERSION),
+            (API_VERSION, secret, "kind", KIND),
+            (secret, secret, "apiVersion", API_VERSION),
+        ] {
+            let bad = format!(r#"{{"apiVersion":"{api_version}","kind":"{kind}"}}"#);
+            let err = review(bad.as_bytes(), &policy(), Mode::Inject).unwrap_err();
+            let message = err.to_string();
+            assert!(!message.contains(&secret[..8]), "{message}");
+            assert!(
+                message.contains(field) && message.contains(expected),
+                "{message}"
+            );
+        }
     }
 
     /// A nesting bomb neither overflows the stack nor stops the reply: in a field the webhook

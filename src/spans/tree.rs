@@ -83,7 +83,7 @@ use super::objects::{
 use crate::admission::decide::service_name;
 use crate::contract::attributes::task_run_attributes;
 use crate::contract::tekton::{PIPELINE_RUN_UID, TASK_RUN_SPAN_CONTEXT, TaskRunFacts};
-use crate::contract::w3c::{parse_span_context_annotation, parse_traceparent, valid_tracestate};
+use crate::contract::w3c::{parse_span_context_annotation, parse_traceparent, parse_tracestate};
 use crate::contract::{
     SpanId, TraceId, TraceSource, attempt_context, derive_pipeline_run_span_id,
     derive_pipeline_run_wait_span_id, derive_span_id, derive_step_span_id, derive_trace_id,
@@ -437,9 +437,7 @@ fn pipeline_run_spans(
                 .span_context
                 .as_ref()
                 .and_then(|c| c.get("tracestate"))
-                .map(|s| s.trim())
-                .filter(|s| valid_tracestate(s))
-                .map(str::to_owned);
+                .and_then(|s| parse_tracestate(s.trim()).value);
             (trace, Some(span), flags, state)
         }
         other => {
