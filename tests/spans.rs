@@ -850,3 +850,54 @@ fn the_command_refuses_bad_input_in_one_line() {
     assert!(!ok);
     assert!(err.contains("--task-run-url"), "{err}");
 }
+
+/// With `runSpans.enabled`, the webhook gives each step its own span as parent, and that span is
+/// the step span the exporter builds for the same attempt: the steps' own telemetry nests under
+/// their step. A step that never ran has no span (and its program sent nothing).
+#[test]
+fn with_run_spans_each_step_is_parented_under_its_own_step_span() {
+    let policy = Policy::from_yaml("runSpans:\n  enabled: true\n").unwrap();
+    let mut step_spans: BTreeMap<(String, String), (TraceId, SpanId)> = BTreeMap::new();
+    for name in FIXTURES {
+        let tree = tree_of(&fixture_value(name), &policy);
+        for step in tree.spans.iter().filter(|s| s.role == Role::Step) {
+            let attempt = tree
+                .spans
+                .iter()
+                .find(|a| Some(a.span_id) == step.parent_id)
+                .expect("a step's parent is its attempt");
+            let pod = text(attempt, "k8s.pod.name").unwrap().to_owned();
+            let container = text(step, "k8s.container.name").unwrap().to_owned();
+            step_spans.insert((pod, container), (step.trace_id, step.span_id));
+        }
+    }
+    let (mut parented, mut never_ran) = (0, 0);
+    for entry in std::fs::read_dir(runs_dir().join("reviews")).unwrap() {
+        let body = std::fs::read(entry.unwrap().path()).unwrap();
+        let review: Value = serde_json::from_slice(&body).unwrap();
+        let reply = admission::review(&body, &policy, Mode::Inject).unwrap();
+        let (_, patch) = check_reply(&reply.body, review["request"]["uid"].as_str().unwrap());
+        let pod = validated_pod(&apply(&review["request"]["object"], &patch));
+        let pod_name = pod.metadata.name.clone().unwrap();
+        let containers = &pod.spec.as_ref().unwrap().containers;
+        let mut parents = BTreeSet::new();
+        for container in containers.iter().filter(|c| c.name.starts_with("step-")) {
+            let traceparent = value(&pod, &container.name, "TRACEPARENT").unwrap();
+            let (trace, parent, _) = parse_traceparent(traceparent).unwrap();
+            assert!(
+                parents.insert(parent.0),
+                "{pod_name}: two steps share a parent"
+            );
+            match step_spans.get(&(pod_name.clone(), container.name.clone())) {
+                Some(&span) => {
+                    assert_eq!(span, (trace, parent), "{pod_name}/{}", container.name);
+                    parented += 1;
+                }
+                None => never_ran += 1,
+            }
+        }
+    }
+    // Every step span of every run is the parent of exactly its container's steps.
+    assert_eq!(parented, step_spans.len(), "every step span has its step");
+    assert!(never_ran > 0, "the cancelled run's pending steps never ran");
+}

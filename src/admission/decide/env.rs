@@ -12,8 +12,8 @@ use super::report::{ContainerReport, Role, VarOutcome, VarReport};
 use super::resource::{join_attributes, merge_attributes, resource_attributes, service_name};
 use super::{Mode, Request, add, escape_dollar, literal, replace};
 use crate::admission::pod::{Container, PodView as Pod};
-use crate::contract::SpanContext;
 use crate::contract::tekton::TaskRunFacts;
+use crate::contract::{SpanContext, step_context};
 use crate::policy::{EnvFromPolicy, Policy};
 
 const TRACEPARENT: &str = "TRACEPARENT";
@@ -61,6 +61,9 @@ pub(super) struct Plan<'p> {
     governed_extra: Vec<(&'static str, Value)>,
     /// What the patch size limit took out: the resource attributes, or every container.
     shrunk: Shrunk,
+    /// With `runSpans.enabled`: each step container's own `TRACEPARENT`, whose parent is the
+    /// step's span (`contract::step_context`), by container name.
+    step_parents: Vec<(String, Desired)>,
 }
 
 /// How much of the plan the patch size limit took out, least first.
@@ -110,6 +113,10 @@ impl<'p> Plan<'p> {
             Group::Setting,
         ));
         let governed_extra = exporter(policy, &mut desired);
+        let step_parents = match policy.run_spans.enabled {
+            true => step_parents(pod, facts, context),
+            false => Vec::new(),
+        };
         Plan {
             policy,
             mode: request.mode,
@@ -117,7 +124,20 @@ impl<'p> Plan<'p> {
             attributes,
             governed_extra,
             shrunk: Shrunk::Nothing,
+            step_parents,
         }
+    }
+
+    /// What `container` is given of `d`: the step's own `TRACEPARENT` where run spans give it
+    /// one, else the pod's.
+    fn desired_for<'d>(&'d self, d: &'d Desired, container: &str) -> &'d Desired {
+        if d.name != TRACEPARENT {
+            return d;
+        }
+        self.step_parents
+            .iter()
+            .find(|(name, _)| name == container)
+            .map_or(d, |(_, own)| own)
     }
 
     /// Plans less from now on: see [`Shrunk`].
@@ -181,6 +201,7 @@ impl<'p> Plan<'p> {
         let view = EnvView::new(container, self.policy.env_from);
         let mut edits = Edits::new(index);
         for d in &self.desired {
+            let d = self.desired_for(d, &container.name);
             let outcome = self.outcome(d, &view, &mut edits, replaced);
             report.vars.push(VarReport {
                 name: d.name,
@@ -360,8 +381,33 @@ impl<'p> Plan<'p> {
     }
 }
 
+/// Each step container's `TRACEPARENT` under run spans: the attempt's trace and flags, the
+/// step's span as parent. The step's name is its container's without `step-`, as Tekton names
+/// it in the TaskRun's `status.steps`, which is what the exporter derives the same id from.
+fn step_parents(
+    pod: &Pod,
+    facts: &TaskRunFacts<'_>,
+    attempt: &SpanContext,
+) -> Vec<(String, Desired)> {
+    let containers = pod.spec.as_ref().map(|s| s.containers.as_slice());
+    containers
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|c| {
+            let step = c.name.strip_prefix(STEP_PREFIX)?;
+            let context = step_context(attempt, facts, step);
+            let desired =
+                Desired::literal(TRACEPARENT, &context.traceparent(), Group::TraceContext);
+            Some((c.name.clone(), desired))
+        })
+        .collect()
+}
+
+/// Tekton names a step's container `step-<step name>`.
+const STEP_PREFIX: &str = "step-";
+
 fn role_of(name: &str) -> Role {
-    if name.starts_with("step-") {
+    if name.starts_with(STEP_PREFIX) {
         Role::Step
     } else if name.starts_with("sidecar-") {
         Role::Sidecar

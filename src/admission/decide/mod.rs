@@ -171,6 +171,7 @@ pub fn decide(pod: &Pod, request: Request<'_>, policy: &Policy) -> Decision {
             context,
             trace_source,
             tracestate_dropped,
+            step_parents: policy.run_spans.enabled,
             containers,
             metadata,
         }),

@@ -21,6 +21,8 @@ pub struct Report {
     pub trace_source: TraceSource,
     /// The members of Tekton's `tracestate` that the W3C grammar refused, left out of `TRACESTATE`.
     pub tracestate_dropped: Vec<DroppedMember>,
+    /// `runSpans.enabled`: each step got its own span as parent, not the context above.
+    pub step_parents: bool,
     pub containers: Vec<ContainerReport>,
     pub metadata: Vec<MetadataReport>,
 }
@@ -117,6 +119,12 @@ impl Report {
     fn fmt_context(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let context = &self.context;
         writeln!(f, "trace context: {}", context.traceparent())?;
+        if self.step_parents {
+            writeln!(
+                f,
+                "  steps: each step's parent is its own step span (runSpans.enabled; docs/trace-ids.md)"
+            )?;
+        }
         match &self.trace_source {
             TraceSource::Tekton => {
                 writeln!(
