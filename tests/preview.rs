@@ -70,7 +70,11 @@ fn a_bare_pod_in_yaml_on_stdin_gives_the_patched_pod() {
     let object = fixture("tekton-pipeline-sidecar-traced.json")["request"]["object"].clone();
     let yaml = serde_norway::to_string(&object).unwrap();
     let out = mutate(&["--output", "pod", "-"], Some(yaml.as_bytes()));
-    let pod = validated_pod(&stdout_json(&out));
+    // YAML in, YAML out.
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.trim_start().starts_with('{'), "{text}");
+    let pod: Value = serde_norway::from_str(&text).unwrap();
+    let pod = validated_pod(&pod);
     assert!(value(&pod, "step-build", "TRACEPARENT").is_some());
     assert_eq!(value(&pod, "step-build", "GOFLAGS"), Some("-mod=vendor"));
 }
@@ -299,7 +303,8 @@ fn policy_dir_chooses_by_priority_then_name_and_explains_why() {
     assert!(marker.starts_with("prod-a@gen3/"), "{marker}");
     let explain = String::from_utf8(out.stderr).unwrap();
     assert!(
-        explain.contains("policy: TracingPolicy prod-a (generation 3, priority 10, mode inject)"),
+        explain
+            .contains("policy: TracingPolicy prod-a (generation 3, priority 10, spec.mode inject)"),
         "{explain}"
     );
     assert!(
@@ -328,7 +333,7 @@ fn policy_dir_chooses_by_priority_then_name_and_explains_why() {
     stdout_json(&out);
     let explain = String::from_utf8(out.stderr).unwrap();
     assert!(
-        explain.contains("policy: lightstep-default from the embedded default, mode inject: no valid TracingPolicy selects namespace team-b"),
+        explain.contains("policy: lightstep-default from the embedded default: no valid TracingPolicy selects namespace team-b"),
         "{explain}"
     );
 
@@ -456,4 +461,76 @@ fn policy_dir_refuses_what_would_not_decode_in_one_line() {
     );
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("KEY=VALUE"));
+}
+
+/// `--explain` gives the mode once, the one the pod was decided in, with the reason: the path
+/// (`--mode`), a TracingPolicy that enforces, or one that only audits; and no line contradicts it.
+#[test]
+fn explain_names_one_mode_for_every_path_and_policy_mode() {
+    let fixture = path("tekton-pipeline-task-traced.json");
+    let policy_dir = |mode: &str| {
+        PolicyDir::new(
+            &format!("mode-{mode}"),
+            &[(
+                "p.yaml",
+                &format!(
+                    "apiVersion: lightstep-tekton.io/v1alpha1\nkind: TracingPolicy\nmetadata: {{name: p}}\nspec: {{mode: {mode}}}\n"
+                ),
+            )],
+        )
+    };
+    let cases = [
+        ("inject", None, "mode: inject (--mode inject)"),
+        ("enforce", None, "mode: enforce (--mode enforce)"),
+        (
+            "inject",
+            Some("enforce"),
+            "mode: enforce (the TracingPolicy's mode is enforce)",
+        ),
+        ("enforce", Some("inject"), "mode: enforce (--mode enforce)"),
+        (
+            "inject",
+            Some("audit"),
+            "mode: audit (decided in inject mode, --mode inject;",
+        ),
+        (
+            "enforce",
+            Some("audit"),
+            "mode: audit (decided in enforce mode, --mode enforce;",
+        ),
+    ];
+    for (path_mode, policy_mode, expected) in cases {
+        let dir = policy_mode.map(policy_dir);
+        let mut args = vec!["--explain", "--mode", path_mode];
+        if let Some(dir) = &dir {
+            args.extend(["--policy-dir", dir.arg()]);
+        }
+        args.push(&fixture);
+        let out = mutate(&args, None);
+        let explain = String::from_utf8(out.stderr).unwrap();
+        let modes: Vec<&str> = explain.lines().filter(|l| l.contains("mode")).collect();
+        assert!(
+            modes.iter().any(|l| l.starts_with(expected)),
+            "{path_mode}/{policy_mode:?}: {explain}"
+        );
+        // The mode is said once; the TracingPolicy's own line names its field, nothing else.
+        let said: Vec<&&str> = modes.iter().filter(|l| l.starts_with("mode:")).collect();
+        assert_eq!(said.len(), 1, "{explain}");
+        assert!(
+            !explain.contains(", mode inject") && !explain.contains(", mode enforce,"),
+            "{explain}"
+        );
+    }
+}
+
+/// An opted-out pod is skipped, and says only that.
+#[test]
+fn explain_on_an_opted_out_pod_says_only_that_it_opted_out() {
+    let mut object = fixture("tekton-pipeline-task-traced.json")["request"]["object"].clone();
+    object["metadata"]["annotations"]["lightstep-tekton.io/inject"] = Value::from("false");
+    let json = serde_json::to_vec(&object).unwrap();
+    let out = mutate(&["--explain", "-"], Some(&json));
+    let explain = String::from_utf8(out.stderr).unwrap();
+    assert!(explain.contains("skipped: opted-out"), "{explain}");
+    assert!(!explain.contains("not a Tekton TaskRun pod"), "{explain}");
 }

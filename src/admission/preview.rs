@@ -24,6 +24,7 @@ use crate::admission;
 use crate::admission::decide::Mode;
 use crate::policy::Policy;
 use crate::policy::loader::{self, LoadError};
+use crate::policy::resource::PolicyMode;
 use crate::policy::selection::{self, Fallback, Selected, Snapshot};
 
 /// The label the API server puts on every namespace (Kubernetes 1.21 and later).
@@ -90,7 +91,7 @@ fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
 pub enum Output {
     /// The RFC 6902 JSON Patch (`[]` when the pod is skipped).
     Patch,
-    /// The pod with the patch applied.
+    /// The pod with the patch applied, in the input's format (YAML in, YAML out).
     Pod,
     /// The AdmissionReview reply the server sends.
     Review,
@@ -274,9 +275,12 @@ pub fn preview_text(
                 policy,
                 &source,
             ));
+            notes.push_str(&mode_line(&reply, args));
         }
         match reply.decision.as_ref().and_then(|d| d.report.as_ref()) {
             Some(report) => notes.push_str(&report.to_string()),
+            // A skip reason already printed above says why there is no report.
+            None if reply.outcome.skip_reason().is_some() => {}
             None => notes.push_str("not a Tekton TaskRun pod (no tekton.dev/taskRun label)\n"),
         }
     }
@@ -299,10 +303,35 @@ pub fn preview_text(
         Output::Pod => {
             let mut pod = object;
             json_patch::patch(&mut pod, &patch).map_err(|e| PreviewError::Apply(e.to_string()))?;
-            pretty(&pod)
+            match is_yaml(text) {
+                // A JSON value always has a YAML form.
+                true => serde_norway::to_string(&pod).expect("JSON value as YAML"),
+                false => pretty(&pod),
+            }
         }
     };
     Ok(Preview { output, notes })
+}
+
+/// The mode the pod was decided in, and why: the one place `--explain` says it.
+fn mode_line(reply: &admission::Reply, args: &MutateArgs) -> String {
+    let mode = reply.mode.as_str();
+    let why = if reply.policy_mode == PolicyMode::Enforce && args.mode == ModeArg::Inject {
+        "the TracingPolicy's mode is enforce".to_owned()
+    } else {
+        format!("--mode {}", Mode::from(args.mode).as_str())
+    };
+    match reply.policy_mode {
+        PolicyMode::Audit => format!(
+            "mode: audit (decided in {mode} mode, {why}; the server patches nothing and warns)\n"
+        ),
+        _ => format!("mode: {mode} ({why})\n"),
+    }
+}
+
+/// JSON documents start with `{`; anything else was read as YAML.
+fn is_yaml(text: &str) -> bool {
+    !text.trim_start().starts_with('{')
 }
 
 fn parse_document(path: &str, text: &str) -> Result<Value, PreviewError> {
@@ -313,7 +342,7 @@ fn parse_document(path: &str, text: &str) -> Result<Value, PreviewError> {
             reason: "the input is empty".into(),
         });
     }
-    let parsed = if trimmed.starts_with('{') {
+    let parsed = if !is_yaml(text) {
         serde_json::from_str::<Value>(text).map_err(|e| e.to_string())
     } else {
         serde_norway::from_str::<Value>(text).map_err(|e| e.to_string())

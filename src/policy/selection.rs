@@ -173,7 +173,7 @@ pub fn explain(
         Choice::TracingPolicy(chosen) => {
             let _ = writeln!(
                 out,
-                "policy: TracingPolicy {} (generation {}, priority {}, mode {}): selects namespace {namespace}",
+                "policy: TracingPolicy {} (generation {}, priority {}, spec.mode {}): selects namespace {namespace}",
                 chosen.name,
                 chosen.generation,
                 chosen.priority,
@@ -207,7 +207,7 @@ pub fn explain(
             };
             let _ = writeln!(
                 out,
-                "policy: {} from {fallback_source}, mode inject: {reason}",
+                "policy: {} from {fallback_source}: {reason}",
                 fallback.name
             );
         }

@@ -96,12 +96,8 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "pod {}/{} (TaskRun {}), mode {}, policy {}",
-            self.namespace,
-            self.pod,
-            self.task_run,
-            self.mode.as_str(),
-            self.policy
+            "pod {}/{} (TaskRun {}), policy {}",
+            self.namespace, self.pod, self.task_run, self.policy
         )?;
         self.fmt_context(f)?;
         for c in &self.containers {
