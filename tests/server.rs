@@ -1332,3 +1332,44 @@ async fn no_output_of_a_run_contains_a_secret_value() {
         assert!(!text.contains(TOKEN), "{what} contains the token:\n{text}");
     }
 }
+
+/// A chunked body whose framing is malformed is the client's mistake, not a slow client: each
+/// kind gets 400 and counts as `reason="bad-framing"`, never 408 or `body-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_chunked_framing_gets_400_of_its_own() {
+    let dir = TestDir::new("framing");
+    let b = bundle();
+    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let config = client_config(&[&b.ca_cert_pem], None);
+    // hyper refuses chunk extensions past 16 KiB in one body.
+    let long_extension = format!("3;{}\r\nabc\r\n0\r\n\r\n", "e".repeat(20 * 1024));
+    let cases = [
+        ("chunk size not hex", "zz\r\nabc\r\n0\r\n\r\n".to_string()),
+        (
+            "chunk size overflows",
+            "1ffffffffffffffff\r\nabc\r\n0\r\n\r\n".to_string(),
+        ),
+        ("bare LF after the size", "3\nabc\r\n0\r\n\r\n".to_string()),
+        ("over-long chunk extension", long_extension),
+    ];
+    for (what, body) in &cases {
+        let mut s = connect(server.addr, &config).await.unwrap();
+        let request =
+            format!("POST /mutate HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{body}");
+        // The server may answer and close before it has read all of it.
+        let _ = s.write_all(request.as_bytes()).await;
+        let (status, reply) = tokio::time::timeout(DEADLINE, read_response(&mut s))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 400, "{what}: {}", String::from_utf8_lossy(&reply));
+    }
+    let metric = |reason: &str| {
+        format!("lightstep_tekton_webhook_http_rejections_total{{reason=\"{reason}\"}}")
+    };
+    assert_eq!(
+        server.metric(&metric("bad-framing")).await,
+        cases.len() as f64
+    );
+    assert_eq!(server.metric(&metric("body-timeout")).await, 0.0);
+}

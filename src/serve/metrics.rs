@@ -77,6 +77,8 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 pub(crate) enum Rejection {
     /// HTTP 400: not an AdmissionReview v1, malformed JSON, empty body.
     BadRequest,
+    /// HTTP 400: the chunked framing of the body is malformed (size, line ending, extension).
+    BadFraming,
     /// HTTP 413: over the body limit.
     TooLarge,
     /// HTTP 408: the body did not arrive in time, or the connection broke while sending it.
@@ -89,6 +91,7 @@ impl Rejection {
     fn as_str(self) -> &'static str {
         match self {
             Rejection::BadRequest => "bad-request",
+            Rejection::BadFraming => "bad-framing",
             Rejection::TooLarge => "too-large",
             Rejection::BodyTimeout => "body-timeout",
             Rejection::Internal => "internal",

@@ -4,7 +4,7 @@
 //! The handler is glue: read the body within limits, take the current policy, call
 //! [`admission::review_with`], record one log line and the metrics, send the reply. Everything a
 //! client can get wrong has an answer that does not involve the decision: 400 for a body that is
-//! not an AdmissionReview, 413 over the body limit, 408 for a body that stalls, 500 (for that
+//! not an AdmissionReview or whose chunked framing is malformed, 413 over the body limit, 408 for a body that stalls, 500 (for that
 //! request alone) if deciding panics. `/readyz` fails while shutting down and, with
 //! `--watch-tracing-policies`, until the caches have their first lists.
 
@@ -145,6 +145,10 @@ async fn read_body(
             Rejection::TooLarge,
             format!("body is over the {} byte limit", limits.max_body),
         )),
+        Ok(Err(e)) if is_bad_framing(&e) => Err((
+            Rejection::BadFraming,
+            "the chunked body is malformed (chunk size, line ending or extension)".into(),
+        )),
         Ok(Err(e)) => Err((Rejection::BodyTimeout, format!("reading the body: {e}"))),
         Err(_) => Err((
             Rejection::BodyTimeout,
@@ -167,18 +171,38 @@ fn is_length_limit(e: &axum::Error) -> bool {
     false
 }
 
+/// Whether the body failed on its framing (hyper's chunked decoder reports a bad size, a bare
+/// LF or an over-long extension as `InvalidInput` or `InvalidData`), not on a connection that
+/// broke or stalled (`UnexpectedEof`, or no I/O error at all).
+fn is_bad_framing(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            );
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// A plain-text, one-line answer for a request that gets no AdmissionReview.
 fn reject(state: &AppState, mode: Mode, rejection: Rejection, detail: &str) -> Response {
     let line = detail.replace(['\n', '\r'], " ");
     metrics::record_rejection(&state.metrics, mode, rejection, &line);
     let status = match rejection {
-        Rejection::BadRequest => StatusCode::BAD_REQUEST,
+        Rejection::BadRequest | Rejection::BadFraming => StatusCode::BAD_REQUEST,
         Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         Rejection::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let mut response = (status, format!("{line}\n")).into_response();
-    if matches!(rejection, Rejection::TooLarge | Rejection::BodyTimeout) {
+    if matches!(
+        rejection,
+        Rejection::TooLarge | Rejection::BodyTimeout | Rejection::BadFraming
+    ) {
         // The rest of the body is never read, so the connection cannot carry another request.
         response
             .headers_mut()
