@@ -1373,3 +1373,100 @@ async fn malformed_chunked_framing_gets_400_of_its_own() {
     );
     assert_eq!(server.metric(&metric("body-timeout")).await, 0.0);
 }
+
+/// A figure of the process's /proc status in KiB (`VmHWM` is its peak RSS).
+fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Connections that each send a body just under the 6 MiB limit and stall cannot make the
+/// server hold more than its body budget (24 MiB by default): the real binary's peak RSS stays
+/// far under what 32 such bodies weigh (192 MiB; the install's memory limit is 128 MiB).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_near_limit_bodies_are_bounded_by_the_body_budget() {
+    const CONNECTIONS: usize = 32;
+    const BODY: usize = 6 * 1024 * 1024 - 1;
+    // The budget (24 MiB), the read buffers of 32 connections, and the process itself.
+    const PEAK_BOUND_KIB: u64 = 96 * 1024;
+    let dir = TestDir::new("budget");
+    let mut server = DevServer::start(&dir.path("certs"), |c| {
+        c.args(["--metrics-listen", "127.0.0.1:0", "--read-timeout", "3"]);
+    })
+    .await;
+    let pid = server.child.id().unwrap();
+    let ca = std::fs::read_to_string(dir.path("certs").join("ca.crt")).unwrap();
+    let config = client_config(&[&ca], None);
+    let body = Arc::new(vec![b' '; BODY - 1]);
+    let mut clients = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let (mut rx, mut tx) = tokio::io::split(connect(server.addr, &config).await.unwrap());
+        let body = body.clone();
+        // Every byte but the last; the write stops where the server stops reading.
+        let writer = tokio::spawn(async move {
+            let head =
+                format!("POST /mutate HTTP/1.1\r\nhost: x\r\ncontent-length: {BODY}\r\n\r\n");
+            tx.write_all(head.as_bytes()).await?;
+            tx.write_all(&body).await?;
+            // Keep the connection open (and the body incomplete) until the server answers.
+            std::future::pending::<()>().await;
+            Ok::<_, std::io::Error>(tx)
+        });
+        clients.push(tokio::spawn(async move {
+            let answer = read_response(&mut rx).await;
+            writer.abort();
+            answer
+        }));
+    }
+    // Each is answered once its body timeout passes: 408 while reading, 503 while waiting.
+    for client in clients {
+        let (status, _) = tokio::time::timeout(DEADLINE, client)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(status == 408 || status == 503, "{status}");
+    }
+    let peak = proc_status_kib(pid, "VmHWM");
+    assert!(
+        peak < PEAK_BOUND_KIB,
+        "peak RSS {peak} KiB with {CONNECTIONS} stalled bodies"
+    );
+    assert_eq!(server.terminate().await.code(), Some(0));
+}
+
+/// A review sent as one-byte chunks is answered like the same review sent whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_review_in_one_byte_chunks_is_answered() {
+    let dir = TestDir::new("one-byte-chunks");
+    let b = bundle();
+    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let config = client_config(&[&b.ca_cert_pem], None);
+    let review = fixtures()
+        .into_iter()
+        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
+        .unwrap()
+        .1;
+    let (_, whole) = post_once(server.addr, &config, "/mutate", review.clone()).await;
+    let mut request =
+        b"POST /mutate HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for byte in &review {
+        request.extend_from_slice(b"1\r\n");
+        request.push(*byte);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let mut s = connect(server.addr, &config).await.unwrap();
+    s.write_all(&request).await.unwrap();
+    let (status, chunked) = tokio::time::timeout(DEADLINE, read_response(&mut s))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(chunked, whole.to_vec());
+}

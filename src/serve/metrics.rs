@@ -83,6 +83,12 @@ pub(crate) enum Rejection {
     TooLarge,
     /// HTTP 408: the body did not arrive in time, or the connection broke while sending it.
     BodyTimeout,
+    /// HTTP 503 with `Retry-After`: the bodies in flight hold the whole body budget. Not 429,
+    /// which says this client sent too many requests: the budget is the server's, shared by all
+    /// clients, and is full whoever filled it (RFC 9110 §15.6.4, "temporary overload"). Either
+    /// way the API server counts a failed call (`failurePolicy` applies); client-go retries 429
+    /// and 5xx replies that carry `Retry-After`.
+    Busy,
     /// HTTP 500: deciding panicked (a bug; the server kept serving).
     Internal,
 }
@@ -94,6 +100,7 @@ impl Rejection {
             Rejection::BadFraming => "bad-framing",
             Rejection::TooLarge => "too-large",
             Rejection::BodyTimeout => "body-timeout",
+            Rejection::Busy => "busy",
             Rejection::Internal => "internal",
         }
     }
@@ -185,7 +192,7 @@ impl WebhookMetrics {
             rejections: add(
                 r,
                 "http_rejections",
-                "Requests answered without an AdmissionReview (400, 408, 413, 500), by reason",
+                "Requests answered without an AdmissionReview (400, 408, 413, 500, 503), by reason",
                 Family::default(),
             ),
             handshake_failures: add(

@@ -4,7 +4,8 @@
 //! The handler is glue: read the body within limits, take the current policy, call
 //! [`admission::review_with`], record one log line and the metrics, send the reply. Everything a
 //! client can get wrong has an answer that does not involve the decision: 400 for a body that is
-//! not an AdmissionReview or whose chunked framing is malformed, 413 over the body limit, 408 for a body that stalls, 500 (for that
+//! not an AdmissionReview or whose chunked framing is malformed, 413 over the body limit, 503 with `Retry-After` when the bodies in flight fill
+//! their budget (`body`), 408 for a body that stalls, 500 (for that
 //! request alone) if deciding panics. `/readyz` fails while shutting down and, with
 //! `--watch-tracing-policies`, until the caches have their first lists.
 
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -26,6 +27,7 @@ use crate::admission::decide::Mode;
 use crate::cluster::Cluster;
 use crate::policy::selection::{Fallback, Selected};
 use crate::serve::Limits;
+use crate::serve::body::{self, BodyBudget};
 use crate::serve::metrics::{self, Rejection, WebhookMetrics};
 use crate::serve::policy_store::PolicyStore;
 
@@ -37,6 +39,8 @@ pub(super) struct AppState {
     pub(super) metrics: Arc<WebhookMetrics>,
     pub(super) ready: AtomicBool,
     pub(super) limits: Limits,
+    /// The bytes all request bodies being read may hold together.
+    pub(super) budget: BodyBudget,
 }
 
 pub(super) fn router(state: Arc<AppState>) -> Router {
@@ -77,11 +81,12 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 /// One AdmissionReview: read the body within limits, decide, record, reply.
 async fn admit(state: &AppState, mode: Mode, headers: &HeaderMap, body: Body) -> Response {
     let span = metrics::admission_span(mode, headers);
-    let bytes = match read_body(&state.limits, headers, body)
+    // Held until this function returns, when the reply has been built.
+    let body = match body::read_body(&state.limits, &state.budget, headers, body)
         .instrument(span.clone())
         .await
     {
-        Ok(bytes) => bytes,
+        Ok(body) => body,
         Err((rejection, detail)) => return reject(state, mode, rejection, &detail),
     };
 
@@ -96,7 +101,7 @@ async fn admit(state: &AppState, mode: Mode, headers: &HeaderMap, body: Body) ->
     // `review` is written not to panic; if a bug makes it, this request fails alone.
     let result = span.in_scope(|| {
         std::panic::catch_unwind(AssertUnwindSafe(|| {
-            admission::review_with(&bytes, mode, select)
+            admission::review_with(body.bytes(), mode, select)
         }))
     });
     match result {
@@ -121,73 +126,6 @@ async fn admit(state: &AppState, mode: Mode, headers: &HeaderMap, body: Body) ->
     }
 }
 
-/// The whole body, or why it was not read: over the limit (declared or actual) or too slow.
-async fn read_body(
-    limits: &Limits,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Bytes, (Rejection, String)> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if let Some(declared) = declared.filter(|n| *n > limits.max_body as u64) {
-        let detail = format!(
-            "body of {declared} bytes is over the {} byte limit",
-            limits.max_body
-        );
-        return Err((Rejection::TooLarge, detail));
-    }
-    let read = axum::body::to_bytes(body, limits.max_body);
-    match tokio::time::timeout(limits.body_timeout, read).await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) if is_length_limit(&e) => Err((
-            Rejection::TooLarge,
-            format!("body is over the {} byte limit", limits.max_body),
-        )),
-        Ok(Err(e)) if is_bad_framing(&e) => Err((
-            Rejection::BadFraming,
-            "the chunked body is malformed (chunk size, line ending or extension)".into(),
-        )),
-        Ok(Err(e)) => Err((Rejection::BodyTimeout, format!("reading the body: {e}"))),
-        Err(_) => Err((
-            Rejection::BodyTimeout,
-            format!(
-                "the body did not arrive within {} s",
-                limits.body_timeout.as_secs_f64()
-            ),
-        )),
-    }
-}
-
-fn is_length_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if s.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
-}
-
-/// Whether the body failed on its framing (hyper's chunked decoder reports a bad size, a bare
-/// LF or an over-long extension as `InvalidInput` or `InvalidData`), not on a connection that
-/// broke or stalled (`UnexpectedEof`, or no I/O error at all).
-fn is_bad_framing(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
-            );
-        }
-        source = s.source();
-    }
-    false
-}
-
 /// A plain-text, one-line answer for a request that gets no AdmissionReview.
 fn reject(state: &AppState, mode: Mode, rejection: Rejection, detail: &str) -> Response {
     let line = detail.replace(['\n', '\r'], " ");
@@ -196,17 +134,24 @@ fn reject(state: &AppState, mode: Mode, rejection: Rejection, detail: &str) -> R
         Rejection::BadRequest | Rejection::BadFraming => StatusCode::BAD_REQUEST,
         Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+        Rejection::Busy => StatusCode::SERVICE_UNAVAILABLE,
         Rejection::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let mut response = (status, format!("{line}\n")).into_response();
     if matches!(
         rejection,
-        Rejection::TooLarge | Rejection::BodyTimeout | Rejection::BadFraming
+        Rejection::TooLarge | Rejection::BodyTimeout | Rejection::BadFraming | Rejection::Busy
     ) {
         // The rest of the body is never read, so the connection cannot carry another request.
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if rejection == Rejection::Busy {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(body::RETRY_AFTER.as_secs()),
+        );
     }
     response
 }
@@ -225,6 +170,7 @@ mod tests {
             metrics: Arc::new(WebhookMetrics::register(&mut registry)),
             ready: AtomicBool::new(true),
             limits: Limits::default(),
+            budget: BodyBudget::new(Limits::default().body_budget),
         });
         (state, registry)
     }

@@ -18,6 +18,7 @@ use crate::cluster;
 use crate::runtime::admin;
 use crate::runtime::metrics::Registry;
 use crate::runtime::tls::{self, TlsStore};
+use crate::serve::body::BodyBudget;
 use crate::serve::listener::accept_loop;
 use crate::serve::metrics::{ReloadKind, WebhookMetrics};
 use crate::serve::policy_store::PolicyStore;
@@ -58,6 +59,7 @@ impl Server {
             metrics,
             ready: AtomicBool::new(false),
             limits: settings.limits.clone(),
+            budget: BodyBudget::new(settings.limits.body_budget),
         });
         Ok(Server {
             settings,
