@@ -1470,3 +1470,73 @@ async fn a_review_in_one_byte_chunks_is_answered() {
     assert_eq!(status, 200);
     assert_eq!(chunked, whole.to_vec());
 }
+
+/// The metrics port is served within the same limits as the webhook's: a request head that
+/// stalls is cut off after the header timeout, one past 32 KiB gets 431, silent connections
+/// beyond its connection limit do not keep a scrape out, and only HTTP/1.1 is spoken (an h2c
+/// prior-knowledge preface gets no HTTP/2 SETTINGS frame back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_port_is_bounded_like_the_webhook_port() {
+    const SLOTS: u32 = 4;
+    let dir = TestDir::new("admin-limits");
+    let b = bundle();
+    let mut settings = Settings::local(write_pair(&dir, &b));
+    settings.limits.max_connections = SLOTS;
+    settings.limits.header_timeout = Duration::from_secs(1);
+    let server = Running::start(settings).await;
+    let addr = server.metrics_addr;
+
+    // h2c first, while there are free slots: an HTTP/2 server would answer with SETTINGS.
+    let mut h2c = TcpStream::connect(addr).await.unwrap();
+    h2c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, h2c.read_to_end(&mut answer))
+        .await
+        .expect("an h2c connection is closed");
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 "),
+        "h2c answered: {:?}",
+        &answer[..answer.len().min(16)]
+    );
+
+    // A head past the size limit: 431 (or closed), not buffered.
+    let mut big = TcpStream::connect(addr).await.unwrap();
+    let mut head = b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-padding: ".to_vec();
+    head.resize(head.len() + 400 * 1024, b'a');
+    let _ = big.write_all(&head).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, big.read_to_end(&mut answer))
+        .await
+        .expect("an oversized head is not cut off");
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&answer[..answer.len().min(64)])
+    );
+
+    // Partial heads in every slot, and more silent connections queued behind them.
+    let mut partial = Vec::new();
+    for _ in 0..SLOTS {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        partial.push(s);
+    }
+    let mut silent = Vec::new();
+    for _ in 0..2 * SLOTS {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    // The scrape queues behind them and is answered once their header timeouts free slots.
+    let text = tokio::time::timeout(DEADLINE, server.metrics())
+        .await
+        .expect("a scrape was kept out by idle connections");
+    assert!(text.contains("open_connections"), "{text}");
+    for mut s in partial.into_iter().chain(silent) {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "a partial or silent head was kept open");
+    }
+}

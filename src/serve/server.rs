@@ -108,7 +108,16 @@ impl Server {
             settings.reload_interval,
         ));
         // It keeps answering while the server drains, so the last scrape sees the last requests.
-        let metrics_server = metrics_listener.map(|l| tokio::spawn(admin::serve(l, registry)));
+        let metrics_server = metrics_listener.map(|l| {
+            let limits = &settings.limits;
+            tokio::spawn(admin::serve(
+                l,
+                registry,
+                limits.max_connections,
+                limits.header_timeout,
+                limits.write_timeout,
+            ))
+        });
 
         let router = router(state.clone());
         let accept = accept_loop(
