@@ -2,7 +2,9 @@
 //!
 //! Each answered AdmissionReview gets exactly one log line ([`record_admission`]) with uid,
 //! namespace, pod, mode, decision and duration, and each refused request one line
-//! (`record_rejection`); both count in the metrics. Nothing secret is logged or counted: the
+//! (`record_rejection`); both count in the metrics. Every value taken from the request is
+//! clipped ([`telemetry::clipped`]) and, in text logs, escaped, so one request is one bounded
+//! line. Nothing secret is logged or counted: the
 //! reply's patch refers to the token Secret by name.
 //!
 //! The metrics live in the webhook's sub-registry of [`Registry`], under their historical names
@@ -22,7 +24,7 @@ use crate::admission::decide::Mode;
 use crate::admission::{Outcome, Reply};
 use crate::policy::selection::Fallback;
 use crate::runtime::metrics::{self, Registry};
-use crate::runtime::telemetry;
+use crate::runtime::telemetry::{self, clipped};
 
 /// The target of the per-request lines, whichever module writes them: `RUST_LOG` can then keep
 /// or drop the admission lines (`<crate>::admission=warn`) apart from the rest.
@@ -289,18 +291,18 @@ pub fn record_admission(metrics: &WebhookMetrics, reply: &Reply, elapsed: Durati
         ($level:ident) => {
             tracing::$level!(
                 target: ADMISSION_TARGET,
-                uid = %reply.uid,
-                namespace = %reply.namespace,
-                pod = %reply.pod,
+                uid = %clipped(&reply.uid),
+                namespace = %clipped(&reply.namespace),
+                pod = %clipped(&reply.pod),
                 mode = %mode,
                 decision = %decision,
                 duration_ms,
-                policy = (!reply.policy.is_empty()).then_some(reply.policy.as_str()),
+                policy = (!reply.policy.is_empty()).then(|| clipped(&reply.policy)).map(tracing::field::display),
                 policy_fallback = reply.fallback.filter(|f| *f != Fallback::NotWatching).map(Fallback::as_str),
                 skip_reason = reply.outcome.skip_reason(),
                 warnings,
                 patch_bytes = (reply.patch_bytes > 0).then_some(reply.patch_bytes),
-                error = reply.error.as_deref(),
+                error = reply.error.as_deref().map(clipped).map(tracing::field::display),
                 "admission"
             )
         };
@@ -329,7 +331,7 @@ pub(crate) fn record_rejection(
         target: ADMISSION_TARGET,
         mode = %mode.as_str(),
         rejected = %rejection.as_str(),
-        reason = detail,
+        reason = %clipped(detail),
         "request refused"
     );
 }

@@ -26,6 +26,7 @@ use crate::admission;
 use crate::admission::decide::Mode;
 use crate::cluster::Cluster;
 use crate::policy::selection::{Fallback, Selected};
+use crate::runtime::telemetry::clipped;
 use crate::serve::Limits;
 use crate::serve::body::{self, BodyBudget};
 use crate::serve::metrics::{self, Rejection, WebhookMetrics};
@@ -106,7 +107,7 @@ async fn admit(state: &AppState, mode: Mode, headers: &HeaderMap, body: Body) ->
     });
     match result {
         Ok(Ok(reply)) => {
-            span.record("uid", reply.uid.as_str());
+            span.record("uid", tracing::field::display(clipped(&reply.uid)));
             span.record("decision", reply.outcome.as_str());
             metrics::record_admission(&state.metrics, &reply, started.elapsed());
             let mut response = Response::new(Body::from(reply.body));
@@ -229,5 +230,68 @@ mod tests {
         let metrics = registry.encode();
         assert!(metrics.contains("admissions_total{mode=\"inject\",outcome=\"patched\"} 1"));
         assert!(metrics.contains("http_rejections_total{reason=\"too-large\"} 1"));
+    }
+
+    /// A request's uid or pod name with a newline, NUL or U+2028 cannot forge a log line, and a
+    /// 1 MiB uid does not make a 1 MiB line: each request is one bounded line, in both formats.
+    #[tokio::test]
+    async fn request_values_reach_the_log_escaped_and_clipped() {
+        use crate::runtime::telemetry::LogFormat;
+        use crate::runtime::telemetry::tests::captured;
+        let fixture: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/tekton-pipeline-task-traced.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let forged = "x\nINFO lightstep_tekton_webhook::admission: admission uid=forged\0\u{2028}y";
+        let mut newline = fixture.clone();
+        newline["request"]["uid"] = forged.into();
+        newline["request"]["object"]["metadata"]["name"] = forged.into();
+        let mut huge = fixture.clone();
+        huge["request"]["uid"] = "u".repeat(1 << 20).into();
+
+        for format in [LogFormat::Text, LogFormat::Json] {
+            let (subscriber, out) = captured(format);
+            let guard = tracing::subscriber::set_default(subscriber);
+            let (s, _registry) = state();
+            for review in [&newline, &huge] {
+                let body = serde_json::to_vec(review).unwrap();
+                let (status, _) = call(router(s.clone()), "POST", "/mutate", body).await;
+                assert_eq!(status, StatusCode::OK);
+            }
+            drop(guard);
+            let text = out.text();
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.len(), 2, "{format:?}: {text}");
+            for line in lines {
+                assert!(
+                    line.len() < 4096,
+                    "{format:?}: a line of {} bytes",
+                    line.len()
+                );
+                // JSON escapes control characters itself and may carry U+2028 raw: JSON allows
+                // it, and a JSON-lines reader splits on `\n` only.
+                let forbidden: &[char] = match format {
+                    LogFormat::Text => &['\0', '\r', '\u{2028}'],
+                    LogFormat::Json => &['\0', '\r'],
+                };
+                assert!(
+                    !line.contains(forbidden),
+                    "{format:?}: {}",
+                    line.escape_debug()
+                );
+                if format == LogFormat::Json {
+                    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                    assert!(v["uid"].as_str().unwrap().chars().count() <= 257, "{line}");
+                }
+            }
+            if format == LogFormat::Text {
+                // The newline is still there, written as `\n`.
+                assert!(text.contains("uid=x\\nINFO"), "{text}");
+            }
+        }
     }
 }
