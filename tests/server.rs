@@ -1540,3 +1540,86 @@ async fn the_metrics_port_is_bounded_like_the_webhook_port() {
         assert!(read.is_ok(), "a partial or silent head was kept open");
     }
 }
+
+/// Every metric docs/metrics.md lists is on a fresh server's first scrape, with its HELP and
+/// TYPE, and every label set the table names is a series at 0: an alert on `increase(…)` then
+/// sees the first event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_server_shows_every_documented_metric_and_label_set() {
+    const PREFIX: &str = "lightstep_tekton_webhook_";
+    let dir = TestDir::new("fresh-metrics");
+    let b = bundle();
+    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let text = server.metrics().await;
+    let docs =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md"))
+            .unwrap();
+
+    // Label values as the table gives them: `label` (`a`, `b`: ...), or a label named earlier.
+    let mut known: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let mut checked = 0;
+    for row in docs.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let (name, kind, labels) = (cells[1].trim_matches('`'), cells[2], cells[3]);
+        let mut sets: Vec<Vec<(String, String)>> = vec![Vec::new()];
+        let mut rest = labels;
+        while let Some(start) = rest.find('`') {
+            let after = &rest[start + 1..];
+            let end = after.find('`').unwrap();
+            let label = after[..end].to_string();
+            rest = &after[end + 1..];
+            if let Some(list) = rest.strip_prefix(" (") {
+                let close = list.find(')').unwrap();
+                let values: Vec<String> = list[..close]
+                    .split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(String::from)
+                    .collect();
+                known.insert(label.clone(), values);
+                rest = &list[close + 1..];
+            }
+            let values = known
+                .get(&label)
+                .unwrap_or_else(|| panic!("{name}: values of {label}"));
+            let mut product = Vec::new();
+            for set in &sets {
+                for value in values {
+                    let mut set = set.clone();
+                    set.push((label.clone(), value.clone()));
+                    product.push(set);
+                }
+            }
+            sets = product;
+        }
+        let family = name.strip_suffix("_total").unwrap_or(name);
+        for line in [
+            format!("# HELP {PREFIX}{family} "),
+            format!("# TYPE {PREFIX}{family} {kind}"),
+        ] {
+            assert!(text.contains(&line), "{line:?} missing:\n{text}");
+        }
+        if kind == "gauge" {
+            continue;
+        }
+        let series = if kind == "histogram" {
+            format!("{name}_count")
+        } else {
+            name.to_string()
+        };
+        for set in sets {
+            let labels: Vec<String> = set.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+            let labels = if labels.is_empty() {
+                String::new()
+            } else {
+                format!("{{{}}}", labels.join(","))
+            };
+            let line = format!("{PREFIX}{series}{labels} 0\n");
+            assert!(text.contains(&line), "{line:?} missing:\n{text}");
+            checked += 1;
+        }
+    }
+    // 10 admission outcomes, 8 skips, 2 warnings, 2 + 2 histograms, 6 rejections, 1 handshake
+    // counter, 4 reloads: the table was read.
+    assert!(checked >= 30, "only {checked} series checked");
+}

@@ -20,7 +20,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Metric;
 
-use crate::admission::decide::Mode;
+use crate::admission::decide::{Mode, SkipReason};
 use crate::admission::{Outcome, Reply};
 use crate::policy::selection::Fallback;
 use crate::runtime::metrics::{self, Registry};
@@ -124,6 +124,59 @@ impl ReloadKind {
     }
 }
 
+/// Every mode, outcome, rejection and reload label, so that each series exists (at 0) from the
+/// first scrape and an alert on `increase(…)` sees the first event (Prometheus's advice for
+/// label sets known in advance).
+const MODES: [Mode; 2] = [Mode::Inject, Mode::Enforce];
+const OUTCOMES: [Outcome; 8] = [
+    Outcome::Patched,
+    Outcome::Skipped(SkipReason::NotTaskRunPod),
+    Outcome::Skipped(SkipReason::OptedOut),
+    Outcome::Skipped(SkipReason::AlreadyInjected),
+    Outcome::NotPodCreate,
+    Outcome::Failed { denied: true },
+    Outcome::Failed { denied: false },
+    Outcome::Audited,
+];
+const REJECTIONS: [Rejection; 6] = [
+    Rejection::BadRequest,
+    Rejection::BadFraming,
+    Rejection::TooLarge,
+    Rejection::BodyTimeout,
+    Rejection::Busy,
+    Rejection::Internal,
+];
+const RELOADS: [ReloadKind; 2] = [ReloadKind::Tls, ReloadKind::Policy];
+
+// These matches stop compiling when a variant is added, so the lists above cannot fall behind.
+const _: fn(Mode, &Outcome, Rejection, ReloadKind) = |mode, outcome, rejection, reload| {
+    match mode {
+        Mode::Inject | Mode::Enforce => {}
+    }
+    match outcome {
+        Outcome::Patched
+        | Outcome::Skipped(
+            SkipReason::NotTaskRunPod | SkipReason::OptedOut | SkipReason::AlreadyInjected,
+        )
+        | Outcome::NotPodCreate
+        | Outcome::Failed {
+            denied: true | false,
+        }
+        | Outcome::Audited => {}
+    }
+    match rejection {
+        Rejection::BadRequest
+        | Rejection::BadFraming
+        | Rejection::TooLarge
+        | Rejection::BodyTimeout
+        | Rejection::Busy
+        | Rejection::Internal => {}
+    }
+    match reload {
+        ReloadKind::Tls | ReloadKind::Policy => {}
+    }
+};
+
 /// The webhook's Prometheus metrics.
 pub struct WebhookMetrics {
     admissions: Family<ModeOutcome, Counter>,
@@ -153,7 +206,7 @@ impl WebhookMetrics {
     /// Registers every webhook metric in its sub-registry of `registry`.
     pub fn register(registry: &mut Registry) -> WebhookMetrics {
         let r = registry.component(metrics::WEBHOOK);
-        WebhookMetrics {
+        let m = WebhookMetrics {
             admissions: add(
                 r,
                 "admissions",
@@ -221,6 +274,35 @@ impl WebhookMetrics {
                 "Reloads of the certificate (file=tls) or policy (file=policy) files; result=refused keeps the previous one",
                 Family::default(),
             ),
+        };
+        m.create_known_series();
+        m
+    }
+
+    /// Creates every series whose labels are known in advance, at 0.
+    fn create_known_series(&self) {
+        // Creating a series is all that is wanted here; the guards are dropped at once.
+        for mode in MODES.map(Mode::as_str) {
+            for outcome in &OUTCOMES {
+                let _ = self.admissions.get_or_create(&ModeOutcome {
+                    mode,
+                    outcome: outcome.as_str(),
+                });
+                if let Some(reason) = outcome.skip_reason() {
+                    let _ = self.skips.get_or_create(&ModeReason { mode, reason });
+                }
+            }
+            let _ = self.warnings.get_or_create(&ModeLabel { mode });
+            let _ = self.patch_bytes.get_or_create(&ModeLabel { mode });
+            let _ = self.duration.get_or_create(&ModeLabel { mode });
+        }
+        for reason in REJECTIONS.map(Rejection::as_str) {
+            let _ = self.rejections.get_or_create(&ReasonLabel { reason });
+        }
+        for file in RELOADS.map(ReloadKind::as_str) {
+            for result in [true, false].map(reload_result) {
+                let _ = self.reloads.get_or_create(&ReloadLabels { file, result });
+            }
         }
     }
 
@@ -241,7 +323,7 @@ impl WebhookMetrics {
     }
 
     pub(crate) fn reloaded(&self, kind: ReloadKind, applied: bool) {
-        let result = if applied { "applied" } else { "refused" };
+        let result = reload_result(applied);
         self.reloads
             .get_or_create(&ReloadLabels {
                 file: kind.as_str(),
@@ -249,6 +331,11 @@ impl WebhookMetrics {
             })
             .inc();
     }
+}
+
+/// The `result` label of a reload.
+fn reload_result(applied: bool) -> &'static str {
+    if applied { "applied" } else { "refused" }
 }
 
 /// The one log line and the metrics of one answered AdmissionReview.
