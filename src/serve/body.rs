@@ -15,6 +15,7 @@
 //! (`axum::body::to_bytes`) kept a list entry and a piece of read buffer per chunk: 360 MB for
 //! 6 MiB sent as one-byte chunks. Here each frame is copied into one buffer and dropped at once,
 //! so a body costs its own size (at most twice, while the buffer doubles), whatever its framing.
+//! And a body may come in at most [`MAX_FRAMES`] pieces, which bounds the time its framing costs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,13 @@ use crate::serve::metrics::Rejection;
 /// The first buffer of a chunked body: the size of a small review, so most reviews never
 /// reallocate, and small enough that a thousand stalled one-chunk bodies hold 8 MiB.
 const FIRST_BUFFER: usize = 8 * 1024;
+
+/// Most pieces (chunks, or reads of a `Content-Length` body) one body may arrive in. hyper
+/// hands each chunk over through a channel to the handler's task, about half a microsecond
+/// apiece: 6 MiB of one-byte chunks took 3.3 s of CPU. This many bounds that to about 30 ms,
+/// and it is far more than honest clients need: the API server sends a `Content-Length` body,
+/// which arrives in reads of kilobytes, and a 6 MiB body within it averages 96-byte chunks.
+const MAX_FRAMES: usize = 64 * 1024;
 
 /// How long a client told 503 should wait before it tries again: bodies in flight are answered
 /// or timed out within one `--read-timeout` (10 s), and most within milliseconds.
@@ -140,6 +148,7 @@ pub(super) async fn read_body(
         Some(n) => held.grow_to(n as usize, budget, deadline).await?,
         None => {}
     }
+    let mut frames = 0usize;
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => {
@@ -159,6 +168,13 @@ pub(super) async fn read_body(
             }
             Ok(Some(Ok(frame))) => frame,
         };
+        frames += 1;
+        if frames > MAX_FRAMES {
+            let detail = format!(
+                "the body came in more than {MAX_FRAMES} pieces; send it with a Content-Length or in larger chunks"
+            );
+            return Err((Rejection::BadFraming, detail));
+        }
         // Trailers carry nothing the review needs.
         let Ok(data) = frame.into_data() else {
             continue;
@@ -267,24 +283,36 @@ mod tests {
         assert_eq!(budget.available(), 2 * max);
     }
 
+    /// One piece more than [`MAX_FRAMES`] is refused as bad framing, and its budget given back.
+    #[tokio::test]
+    async fn a_body_in_too_many_pieces_is_refused() {
+        let budget = BodyBudget::new(Limits::default().max_body);
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            (0..=MAX_FRAMES).map(|_| Ok(vec![b' '])).collect();
+        let body = Body::from_stream(futures::stream::iter(chunks));
+        let refused = read_body(&Limits::default(), &budget, &HeaderMap::new(), body).await;
+        assert_eq!(refused.unwrap_err().0, Rejection::BadFraming);
+        assert_eq!(budget.available(), Limits::default().max_body);
+    }
+
     /// A body of many small chunks is one buffer of its size, charged to the budget as it grows
     /// and given back when dropped.
     #[tokio::test]
     async fn a_chunked_body_is_copied_into_one_buffer_charged_as_it_grows() {
         let budget = BodyBudget::new(Limits::default().max_body);
-        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..100_000)
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..50_000)
             .map(|i| Ok(vec![b'0' + (i % 10) as u8]))
             .collect();
         let body = Body::from_stream(futures::stream::iter(chunks));
         let held = read_body(&Limits::default(), &budget, &HeaderMap::new(), body)
             .await
             .unwrap();
-        assert_eq!(held.bytes().len(), 100_000);
+        assert_eq!(held.bytes().len(), 50_000);
         assert!(held.bytes().starts_with(b"0123456789"));
         let charged = Limits::default().max_body - budget.available();
         assert!(
-            (100_000..=2 * 100_000).contains(&charged),
-            "charged {charged} bytes for a 100,000-byte body"
+            (50_000..=2 * 50_000).contains(&charged),
+            "charged {charged} bytes for a 50,000-byte body"
         );
         drop(held);
         assert_eq!(budget.available(), Limits::default().max_body);
