@@ -2,6 +2,9 @@
 CARGO ?= cargo
 KUBECTL ?= kubectl
 DOCKER ?= docker
+# Helm 3 or 4 (`.ci/install-helm` puts both under /usr/local/lib/helm{3,4}/); both render alike.
+HELM ?= $(shell command -v helm 2>/dev/null || echo /usr/local/lib/helm3/helm)
+CHART := charts/lightstep-tekton-webhook
 BIN := target/release/lightstep-tekton-webhook
 
 # Cluster install: which overlay `deploy`/`undeploy` use (cert-manager or self-signed), and the
@@ -23,7 +26,7 @@ FUZZ_SECONDS ?= 120
 SOAK_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help build test lint run certs crd manifests deploy undeploy bench soak fuzz image
+.PHONY: help build test lint run certs crd manifests manifests-base chart deploy undeploy bench soak fuzz image
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -31,7 +34,7 @@ help: ## List the targets
 build: ## Build the release binary
 	$(CARGO) build --locked --release
 
-test: ## Run every test: unit, contract, fixtures, patches, properties, preview, server, manifests, tracing_policy, cluster, watch, docs
+test: ## Run every test: unit, contract, fixtures, patches, properties, preview, server, manifests, chart, tracing_policy, cluster, lease, watch, otlp, spans, docs
 	$(CARGO) test --locked
 
 lint: ## Check formatting and run clippy with warnings as errors
@@ -45,8 +48,31 @@ certs: ## Make (or rotate) the CA and serving certificate for the self-signed ov
 	$(CARGO) run --locked --quiet -- certs --service $(SERVICE) --namespace $(NAMESPACE) \
 		--days $(CERT_DAYS) --out $(CERTS_DIR) >/dev/null
 
-crd: ## Regenerate manifests/base/crd-tracingpolicy.yaml from the Rust types (a test checks it)
-	$(CARGO) run --locked --quiet -- crd > manifests/base/crd-tracingpolicy.yaml
+crd: ## Regenerate the chart's CRD from the Rust types, then manifests/base (tests check both)
+	$(CARGO) run --locked --quiet -- crd > $(CHART)/crds/crd-tracingpolicy.yaml
+	$(MAKE) manifests-base
+
+# manifests/base and the cert-manager overlay's certificates.yaml are renderings of the chart
+# (values: $(CHART)/ci/kustomize-base-values.yaml and ci/cert-manager-values.yaml), so the chart
+# is the one place the install is written. Only kustomization.yaml, namespace.yaml and the
+# example token Secret in manifests/base are kept by hand. tests/chart.rs runs this target into a
+# temporary directory and fails when the checked-in files differ.
+BASE_DIR ?= manifests/base
+CERT_MANAGER_DIR ?= manifests/overlays/cert-manager
+RENDER_DIR ?= target/chart-render
+RENDERED_NOTE := \# Rendered from $(CHART) by `make manifests-base`; edit the chart, not this file.
+manifests-base: ## Render manifests/base and the cert-manager overlay's certificates from the chart (a test checks them)
+	@rm -rf $(RENDER_DIR) && mkdir -p $(RENDER_DIR)
+	$(HELM) template $(SERVICE) $(CHART) --namespace $(NAMESPACE) --include-crds --skip-tests \
+		-f $(CHART)/ci/kustomize-base-values.yaml --output-dir $(RENDER_DIR) >/dev/null
+	@for f in $(RENDER_DIR)/*/crds/*.yaml $(RENDER_DIR)/*/templates/*.yaml; do \
+		{ echo '$(RENDERED_NOTE)'; cat "$$f"; } > $(BASE_DIR)/$$(basename "$$f"); done
+	@{ echo '$(RENDERED_NOTE)'; $(HELM) template $(SERVICE) $(CHART) --namespace $(NAMESPACE) \
+		-f $(CHART)/ci/cert-manager-values.yaml --show-only templates/certificates.yaml; } \
+		> $(CERT_MANAGER_DIR)/certificates.yaml
+
+chart: ## Package the chart into target/ (lint it first with both Helm majors: cargo test --test chart)
+	$(HELM) package $(CHART) --destination target
 
 # The self-signed overlay cannot build without certificates; make them once if missing.
 $(CERTS_DIR)/tls.crt:
@@ -62,7 +88,7 @@ deploy: $(if $(filter self-signed,$(OVERLAY)),$(CERTS_DIR)/tls.crt) ## Apply an 
 	$(KUBECTL) apply -k manifests/overlays/$(OVERLAY)
 	$(KUBECTL) -n $(NAMESPACE) rollout status deployment/$(SERVICE) --timeout=180s
 
-# The webhook configuration goes first: with the Deployment gone but the enforced webhook still
+# The webhook configurations go first: with the Deployment gone but the enforced webhook still
 # registered, the API server would refuse every Tekton pod in enforced namespaces.
 # Deleting needs no certificates: the self-signed overlay is the base plus the certificate Secret
 # (and a caBundle patch), so that overlay is deleted as those two, and an empty certs directory
@@ -73,7 +99,7 @@ deploy: $(if $(filter self-signed,$(OVERLAY)),$(CERTS_DIR)/tls.crt) ## Apply an 
 TLS_SECRET := lightstep-tekton-webhook-tls
 KEEP_TRACING_POLICIES ?=
 undeploy: ## Delete what deploy applied, the TracingPolicy CRD too unless KEEP_TRACING_POLICIES=1 (OVERLAY=cert-manager|self-signed)
-	$(KUBECTL) delete --ignore-not-found mutatingwebhookconfiguration $(SERVICE)
+	$(KUBECTL) delete --ignore-not-found mutatingwebhookconfiguration,validatingwebhookconfiguration $(SERVICE)
 ifneq ($(KEEP_TRACING_POLICIES),)
 	$(KUBECTL) delete --ignore-not-found namespace $(NAMESPACE)
 	$(KUBECTL) delete --ignore-not-found clusterrolebinding,clusterrole $(SERVICE)

@@ -2,6 +2,8 @@
 //!
 //! `decide/<fixture>` is the pure decision on an already-decoded pod; `review/<fixture>` is the
 //! whole request path the server runs per admission: decode the review, decide, encode the reply.
+//! `*/pac-bomb-40` is the worst case of issue 14's D1: the 40-step pod with the eleven
+//! Pipelines-as-Code annotations set to 22 KB of commas each, which once forced a 40 MB reply.
 //! Run with `cargo bench --bench decide` (or `make bench`).
 
 use std::hint::black_box;
@@ -27,6 +29,31 @@ fn load(name: &str) -> Vec<u8> {
         .join("tests/fixtures")
         .join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// D1's adversarial review: every PaC annotation the attributes read, at 22 KB of commas (each
+/// percent-encodes to three times its size), on the 40-step pod.
+fn pac_bomb() -> Vec<u8> {
+    let mut review: serde_json::Value =
+        serde_json::from_slice(&load("tekton-40-steps.json")).unwrap();
+    let annotations = &mut review["request"]["object"]["metadata"]["annotations"];
+    let commas = ",".repeat(22 * 1024);
+    for key in [
+        "sha",
+        "branch",
+        "source-branch",
+        "url-org",
+        "url-repository",
+        "sender",
+        "event-type",
+        "pull-request",
+        "git-provider",
+        "repo-url",
+        "log-url",
+    ] {
+        annotations[format!("pipelinesascode.tekton.dev/{key}")] = commas.clone().into();
+    }
+    serde_json::to_vec(&review).unwrap()
 }
 
 fn benches(c: &mut Criterion) {
@@ -56,6 +83,16 @@ fn benches(c: &mut Criterion) {
         });
     }
     review.finish();
+
+    // Few samples: before the bound, one iteration built a 40 MB reply.
+    let bomb = pac_bomb();
+    let mut worst = c.benchmark_group("worst");
+    worst.sample_size(10);
+    worst.throughput(Throughput::Bytes(bomb.len() as u64));
+    worst.bench_function("review/pac-bomb-40", |b| {
+        b.iter(|| admission::review(black_box(&bomb), &policy, Mode::Inject).unwrap())
+    });
+    worst.finish();
 }
 
 criterion_group!(decide_benches, benches);

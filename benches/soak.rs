@@ -18,21 +18,30 @@
 //!   invalid one that the replicas must refuse while they keep the previous policy;
 //! - every `--restart-every` seconds, one replica (in turn) gets SIGTERM, must exit 0 after its
 //!   drain, and is started again; the next restart waits until it is ready, as a rolling update
-//!   waits for the new pod. A start that fails (say the policy file is the invalid version at
-//!   that moment) is retried after a second, as the kubelet restarts a crashing container;
+//!   waits for the new pod. A replica whose policy file is the invalid version at that moment
+//!   starts all the same (without a file policy, answering `allowed` untouched); a start that
+//!   fails anyway is retried after a second, as the kubelet restarts a crashing container, and
+//!   counted as a failure;
+//! - with `--restart-both-invalid`, the first restart is instead an invalid-policy window: an
+//!   invalid version is written and held (no other policy write until the window closes), both
+//!   replicas are restarted one after the other inside it, then a valid version is written.
+//!   The replies to pods while no replica has a policy are `allowed` without a patch (counted
+//!   as "answered without a policy", which must then be above zero), and the valid version
+//!   must reach the replies afterwards, as every other one;
 //! - an endpoints controller: it polls each replica's `/readyz` every `--probe-ms` over a fresh
 //!   TLS connection, and the load only goes to replicas that answered 200. A replica that turned
 //!   unready has its connections dropped by the load workers, so (with `--shutdown-delay` longer
 //!   than a probe period) nothing is sent to a replica that is about to stop accepting. Nothing
 //!   is retried: a request that fails is counted.
 //! - the load: `--workers` paced tasks sharing `--rate` reviews/s, the Tekton and plain fixtures
-//!   round robin, each with a fresh uid, over keep-alive connections to the ready replicas.
+//!   round robin, each with a fresh uid, alternately to `/mutate` and `/enforce`, over
+//!   keep-alive connections to the ready replicas.
 //!
 //! Every reply is checked with the test suite's own rules (`tests/common/mod.rs`: v1
 //! AdmissionReview, uid echoed, patch with its type, base64, short warnings; the patch applies to
 //! the pod and leaves a pod the API server accepts). The run fails (exit 1) unless failed
 //! requests, connection errors (TCP or TLS, to a replica marked ready), bad replies, requests
-//! with no ready replica and unclean exits all count zero, every valid policy version reached
+//! with no ready replica, starts that failed and unclean exits all count zero, every valid policy version reached
 //! the replies, the invalid ones were refused, and no replica's resident memory grew by more
 //! than `--rss-growth-mb` between its first sample (a few seconds after it became ready) and its
 //! last.
@@ -73,6 +82,11 @@ const RSS_WARMUP: Duration = Duration::from_secs(5);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The annotation that names the policy which patched a pod.
 const INJECTED: &str = "lightstep-tekton.io/injected";
+/// How long a policy version stays before the invalid-policy window replaces it: two polls of
+/// the replicas' `--reload-interval 1`, so it reaches the replies as every version must.
+const POLICY_SEEN: Duration = Duration::from_secs(2);
+/// The words of the warning on a pod a replica without a policy let through.
+const NO_POLICY_WARNING: &str = "policy file is invalid";
 
 #[derive(Debug, Parser)]
 #[command(name = "soak", about = "Soak run for lightstep-tekton-webhook serve")]
@@ -104,6 +118,9 @@ struct Args {
     /// Largest accepted growth of a replica's RSS, first sample to last, in MB.
     #[arg(long, default_value_t = 8)]
     rss_growth_mb: u64,
+    /// Make the first restart an invalid-policy window in which both replicas restart.
+    #[arg(long)]
+    restart_both_invalid: bool,
     /// Keep the scratch directory (certificates, policies, the replicas' logs).
     #[arg(long)]
     keep: bool,
@@ -157,8 +174,11 @@ impl Backend {
 #[derive(Default)]
 struct Counters {
     sent: AtomicU64,
+    sent_enforce: AtomicU64,
     ok: AtomicU64,
     patched: AtomicU64,
+    /// Allowed untouched with the webhook's "policy file is invalid" warning.
+    no_policy: AtomicU64,
     failed: AtomicU64,
     connect_errors: AtomicU64,
     bad_replies: AtomicU64,
@@ -230,7 +250,12 @@ async fn run(args: Args) -> Result<bool, String> {
 
     // The first certificate and policy version, before anything starts.
     scratch.rotate(0)?;
-    let first_policy = write_policy(&scratch, 0)?.ok_or("policy version 0 is valid")?;
+    let policies = Arc::new(Mutex::new(Policies::default()));
+    policies
+        .lock()
+        .unwrap()
+        .write(&scratch, Some(true))?
+        .ok_or("policy version 0 is valid")?;
 
     let backends: Vec<Arc<Backend>> = ["a", "b"]
         .into_iter()
@@ -248,7 +273,7 @@ async fn run(args: Args) -> Result<bool, String> {
 
     println!(
         "soak: {} s at {rate} reviews/s, {} workers, replicas {} and {}, certificate every {} s, \
-         policy every {} s, restart every {} s, shutdown delay {} s, probes every {} ms",
+         policy every {} s, restart every {} s{}, shutdown delay {} s, probes every {} ms",
         duration.as_secs(),
         args.workers,
         backends[0].addr,
@@ -256,6 +281,11 @@ async fn run(args: Args) -> Result<bool, String> {
         args.rotate_every,
         args.policy_every,
         args.restart_every,
+        if args.restart_both_invalid {
+            " (the first: both replicas, inside an invalid-policy window)"
+        } else {
+            ""
+        },
         args.shutdown_delay,
         args.probe_ms
     );
@@ -294,7 +324,7 @@ async fn run(args: Args) -> Result<bool, String> {
     // The kubelet's side: Secret and ConfigMap updates, on their own timeline.
     let writer = tokio::spawn(rotate_and_rewrite(
         scratch.clone(),
-        first_policy,
+        policies.clone(),
         Duration::from_secs(args.rotate_every.max(1)),
         Duration::from_secs(args.policy_every.max(1)),
         counters.clone(),
@@ -306,13 +336,36 @@ async fn run(args: Args) -> Result<bool, String> {
     let mut next_restart = Instant::now() + Duration::from_secs(args.restart_every.max(5));
     let mut restarts = 0u64;
     let mut turn = 0usize;
+    let mut window_done = !args.restart_both_invalid;
     while Instant::now() < end {
         for p in &mut processes {
             sample_rss(&mut p.life);
         }
         let now = Instant::now();
         // A restart needs time to finish inside the run: none in the last 20 s.
-        if now >= next_restart && end.saturating_duration_since(now) > Duration::from_secs(20) {
+        let time_left = end.saturating_duration_since(now) > Duration::from_secs(20);
+        if now >= next_restart && time_left && !window_done {
+            window_done = true;
+            // Held invalid: no other policy write until both replicas have restarted on it. The
+            // version before it gets its time to reach the replies first, as every version does.
+            let last_write = policies.lock().unwrap().stop_writer();
+            tokio::time::sleep(POLICY_SEEN.saturating_sub(last_write.elapsed())).await;
+            let invalid = policies.lock().unwrap().hold(&scratch)?;
+            println!("  invalid-policy window: version {invalid} written; restarting both");
+            // Long enough for the running replicas to poll it (--reload-interval 1).
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            for i in 0..backends.len() {
+                let old = stop_process(&backends[i], &mut processes[i], &counters).await;
+                lives.push(old);
+                processes[i] = start_ready(&scratch, &backends[i], &args, &counters).await?;
+                restarts += 1;
+            }
+            // Both serve without a file policy now; let the load see it, then repair.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let valid = policies.lock().unwrap().release(&scratch)?;
+            println!("  invalid-policy window closed: valid version {valid} written");
+            next_restart = Instant::now() + Duration::from_secs(args.restart_every.max(5));
+        } else if now >= next_restart && time_left {
             let i = turn % backends.len();
             turn += 1;
             let old = stop_process(&backends[i], &mut processes[i], &counters).await;
@@ -327,7 +380,11 @@ async fn run(args: Args) -> Result<bool, String> {
     for w in workers {
         w.await.map_err(|e| e.to_string())?;
     }
-    let (written_markers, invalid_writes) = writer.await.map_err(|e| e.to_string())??;
+    writer.await.map_err(|e| e.to_string())??;
+    let (written_markers, invalid_writes) = {
+        let p = policies.lock().unwrap();
+        (p.written.clone(), p.invalid)
+    };
     let seconds = started.elapsed().as_secs_f64();
     for (b, mut p) in backends.iter().zip(processes) {
         lives.push(stop_process(b, &mut p, &counters).await);
@@ -375,11 +432,15 @@ fn report(
         );
     };
     println!(
-        "requests sent {} in {seconds:.1} s ({:.0}/s); good replies {} (patched {})",
+        "requests sent {} in {seconds:.1} s ({:.0}/s; /mutate {}, /enforce {}); good replies {} \
+         (patched {}, answered without a policy {})",
         get(&c.sent),
         get(&c.sent) as f64 / seconds,
+        get(&c.sent) - get(&c.sent_enforce),
+        get(&c.sent_enforce),
         get(&c.ok),
-        get(&c.patched)
+        get(&c.patched),
+        get(&c.no_policy)
     );
     check("failed requests (transport error, non-200)", get(&c.failed));
     check(
@@ -396,13 +457,20 @@ fn report(
         get(&c.probe_tls_errors),
     );
     check("unclean exits after SIGTERM", get(&c.unclean_exits));
+    check(
+        "starts that failed (exited before ready)",
+        get(&c.start_failures),
+    );
     println!(
         "certificate rotations {}, policy writes {} valid + {invalid_writes} invalid, restarts \
-         {restarts}, starts refused and retried {}",
+         {restarts}",
         get(&c.rotations),
         written.len(),
-        get(&c.start_failures)
     );
+    if args.restart_both_invalid && get(&c.no_policy) == 0 {
+        println!("  FAIL: both replicas restarted on an invalid policy, but no reply says so");
+        ok = false;
+    }
     let total = |f: fn(&Life) -> f64| lives.iter().map(f).sum::<f64>();
     println!(
         "replicas' own counts: tls reloads applied {} refused {}, policy reloads applied {} \
@@ -555,10 +623,70 @@ fn swap_data(dir: &Path, version: u64, files: &[(&str, &str)]) -> Result<(), Str
     Ok(())
 }
 
-/// Writes policy version `n`: every fourth one invalid, the others distinct valid policies.
-/// Returns the marker a valid version puts on pods.
-fn write_policy(scratch: &Scratch, n: u64) -> Result<Option<String>, String> {
-    let (text, marker) = if n % 4 == 3 {
+/// The policy versions written so far, and the invalid-policy window's hold.
+struct Policies {
+    /// The next version number.
+    next: u64,
+    /// The markers of the valid versions written, in order.
+    written: Vec<String>,
+    invalid: u64,
+    /// While set, the periodic writer writes nothing.
+    held: bool,
+    last_write: Instant,
+}
+
+impl Default for Policies {
+    fn default() -> Self {
+        Policies {
+            next: 0,
+            written: Vec::new(),
+            invalid: 0,
+            held: false,
+            last_write: Instant::now(),
+        }
+    }
+}
+
+impl Policies {
+    /// Stops the periodic writer; returns when the last version was written.
+    fn stop_writer(&mut self) -> Instant {
+        self.held = true;
+        self.last_write
+    }
+
+    /// Writes the next version: valid or invalid as `valid` says, or by the rotation (every
+    /// fourth invalid) when `None`. Returns the marker of a valid version.
+    fn write(&mut self, scratch: &Scratch, valid: Option<bool>) -> Result<Option<String>, String> {
+        let n = self.next;
+        self.next += 1;
+        self.last_write = Instant::now();
+        let marker = write_policy(scratch, n, valid.unwrap_or(n % 4 != 3))?;
+        match &marker {
+            Some(m) => self.written.push(m.clone()),
+            None => self.invalid += 1,
+        }
+        Ok(marker)
+    }
+
+    /// Writes an invalid version and holds it; returns its number.
+    fn hold(&mut self, scratch: &Scratch) -> Result<u64, String> {
+        self.held = true;
+        self.write(scratch, Some(false))?;
+        Ok(self.next - 1)
+    }
+
+    /// Writes a valid version and lets the periodic writer go on; returns its number.
+    fn release(&mut self, scratch: &Scratch) -> Result<u64, String> {
+        self.held = false;
+        self.write(scratch, Some(true))?;
+        Ok(self.next - 1)
+    }
+}
+
+/// Writes policy version `n`, a distinct valid policy or an invalid one. Returns the marker a
+/// valid version puts on pods.
+fn write_policy(scratch: &Scratch, n: u64, valid: bool) -> Result<Option<String>, String> {
+    let (text, marker) = if !valid {
         let text = format!("# soak version {n}: invalid on purpose\nsampling:\n  ratio: 2\n");
         (text, None)
     } else {
@@ -574,25 +702,22 @@ fn write_policy(scratch: &Scratch, n: u64) -> Result<Option<String>, String> {
     Ok(marker)
 }
 
-/// Rotates the certificate and rewrites the policy until `end`; returns the markers of the
-/// valid policy versions written (the first one included) and the number of invalid ones.
+/// Rotates the certificate and rewrites the policy (unless held) until `end`.
 async fn rotate_and_rewrite(
     scratch: Arc<Scratch>,
-    first_policy: String,
+    policies: Arc<Mutex<Policies>>,
     rotate_every: Duration,
     policy_every: Duration,
     counters: Arc<Counters>,
     end: Instant,
-) -> Result<(Vec<String>, u64), String> {
-    let mut written = vec![first_policy];
-    let mut invalid = 0u64;
-    let (mut rotation, mut version) = (1u64, 1u64);
+) -> Result<(), String> {
+    let mut rotation = 1u64;
     let mut next_rotation = Instant::now() + rotate_every;
     let mut next_policy = Instant::now() + policy_every;
     loop {
         let next = next_rotation.min(next_policy);
         if next >= end {
-            return Ok((written, invalid));
+            return Ok(());
         }
         tokio::time::sleep_until(next.into()).await;
         if Instant::now() >= next_rotation {
@@ -602,11 +727,10 @@ async fn rotate_and_rewrite(
             next_rotation += rotate_every;
         }
         if Instant::now() >= next_policy {
-            match write_policy(&scratch, version)? {
-                Some(marker) => written.push(marker),
-                None => invalid += 1,
+            let mut p = policies.lock().unwrap();
+            if !p.held {
+                p.write(&scratch, None)?;
             }
-            version += 1;
             next_policy += policy_every;
         }
     }
@@ -899,12 +1023,18 @@ async fn worker(
         let mut review = review.clone();
         review["request"]["uid"] = Value::String(uid.clone());
         let body = serde_json::to_vec(&review).expect("review serializes");
-        let request = hyper::Request::post("/mutate")
+        // Both pod paths, alternately: neither may fail, whatever the policy file holds.
+        let enforce = (n / workers as u64) % 2 == 1;
+        let path = if enforce { "/enforce" } else { "/mutate" };
+        let request = hyper::Request::post(path)
             .header("host", "localhost")
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)))
             .expect("request");
         c.sent.fetch_add(1, Ordering::Relaxed);
+        if enforce {
+            c.sent_enforce.fetch_add(1, Ordering::Relaxed);
+        }
         let sender = &mut conns[i].as_mut().expect("connected").1;
         let reply = async {
             sender.ready().await?;
@@ -916,11 +1046,19 @@ async fn worker(
         .await;
         match reply {
             Ok((200, body)) => match check(&body, &uid, object) {
-                Ok(marker) => {
+                Ok(reply) => {
                     c.ok.fetch_add(1, Ordering::Relaxed);
-                    if let Some(m) = marker {
-                        c.patched.fetch_add(1, Ordering::Relaxed);
-                        *markers.lock().unwrap().entry(m).or_default() += 1;
+                    match reply {
+                        Reply::Patched(marker) => {
+                            c.patched.fetch_add(1, Ordering::Relaxed);
+                            if let Some(m) = marker {
+                                *markers.lock().unwrap().entry(m).or_default() += 1;
+                            }
+                        }
+                        Reply::NoPolicy => {
+                            c.no_policy.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Reply::Untouched => {}
                     }
                 }
                 Err(why) => {
@@ -945,17 +1083,39 @@ async fn worker(
     }
 }
 
-/// The test suite's rules for a reply; the policy marker of a patched pod.
-fn check(body: &[u8], uid: &str, object: &Value) -> Result<Option<String>, String> {
+/// What a good reply did to its pod.
+enum Reply {
+    /// Patched by the policy with this marker.
+    Patched(Option<String>),
+    /// Allowed untouched because the replica has no policy (its warning says so).
+    NoPolicy,
+    /// Allowed untouched for any other reason (not a TaskRun pod, already injected).
+    Untouched,
+}
+
+/// The test suite's rules for a reply, and what it did.
+fn check(body: &[u8], uid: &str, object: &Value) -> Result<Reply, String> {
     std::panic::catch_unwind(|| {
-        let (_, patch) = common::check_reply(body, uid);
+        let (v, patch) = common::check_reply(body, uid);
         if patch.0.is_empty() {
-            return None;
+            let warned = v["response"]["warnings"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|w| w.as_str().is_some_and(|w| w.contains(NO_POLICY_WARNING)));
+            assert_eq!(v["response"]["allowed"], true, "{v}");
+            return if warned {
+                Reply::NoPolicy
+            } else {
+                Reply::Untouched
+            };
         }
         let pod = common::validated_pod(&common::apply(object, &patch));
-        pod.metadata
-            .annotations
-            .and_then(|a| a.get(INJECTED).cloned())
+        Reply::Patched(
+            pod.metadata
+                .annotations
+                .and_then(|a| a.get(INJECTED).cloned()),
+        )
     })
     .map_err(|e| {
         e.downcast_ref::<String>()

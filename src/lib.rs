@@ -38,6 +38,8 @@ pub mod admission;
 pub mod certs;
 pub mod cluster;
 pub mod contract;
+pub mod export;
 pub mod policy;
 pub mod runtime;
 pub mod serve;
+pub mod spans;

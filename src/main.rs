@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use lightstep_tekton_webhook::admission::preview;
 use lightstep_tekton_webhook::policy::resource;
-use lightstep_tekton_webhook::{certs, serve};
+use lightstep_tekton_webhook::{certs, serve, spans};
 
 /// mimalloc instead of glibc's malloc: decoding a review allocates many small strings and maps,
 /// and glibc spent about a seventh of the server's CPU in malloc and free (consolidating its
@@ -32,8 +32,10 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Serve the webhook over HTTPS: POST /mutate, POST /enforce, GET /healthz, GET /readyz.
     Serve(Box<serve::ServeArgs>),
-    /// Print the TracingPolicy CustomResourceDefinition (YAML), as manifests/base holds it.
+    /// Print the TracingPolicy CustomResourceDefinition (YAML), as the Helm chart's crds/ holds it.
     Crd,
+    /// Preview the spans of finished PipelineRuns/TaskRuns (JSON or YAML) without a cluster.
+    Spans(spans::preview::SpansArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         Command::Mutate(args) => preview::run(args),
         Command::Certs(args) => certs::run(args),
         Command::Serve(args) => serve::run(*args),
+        Command::Spans(args) => spans::preview::run(args),
         Command::Crd => {
             print!("{}", resource::crd_yaml());
             ExitCode::SUCCESS

@@ -1,9 +1,14 @@
 //! The watch caches without a cluster: watch events fed to the reflector writers as kube-runtime's
-//! watcher would deliver them, then admission decided from what the caches hold.
+//! watcher would deliver them, then admission decided from what the caches hold; and the status
+//! writer against a stand-in API server: retried on a timer after a failure, a conflict re-read,
+//! the leader alone writing.
 
 mod common;
+mod fake_api;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::*;
 use k8s_openapi::api::core::v1::Namespace;
@@ -13,11 +18,16 @@ use kube::core::{DynamicObject, PartialObjectMeta};
 use kube::runtime::watcher::Event;
 use lightstep_tekton_webhook::admission::decide::Mode;
 use lightstep_tekton_webhook::admission::{self, Outcome};
-use lightstep_tekton_webhook::cluster::{Caches, Cluster};
+use lightstep_tekton_webhook::cluster::{
+    Caches, Cluster, ClusterMetrics, StatusTiming, StatusWriter,
+};
 use lightstep_tekton_webhook::policy::Policy;
 use lightstep_tekton_webhook::policy::resource::TracingPolicyStatus;
 use lightstep_tekton_webhook::policy::selection::Fallback;
+use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 fn policy_object(name: &str, generation: i64, spec: Value) -> DynamicObject {
     serde_json::from_value(json!({
@@ -269,4 +279,175 @@ fn statuses_are_computed_from_the_caches_and_written_only_when_they_change() {
         status_of(&updates[0].object).conditions[0].last_transition_time,
         now
     );
+}
+
+/// Caches holding one valid policy, generation 4 at resourceVersion 400, and two namespaces it
+/// selects: its status must be written.
+fn caches_with_one_policy() -> Caches {
+    let mut caches = Caches::new();
+    for event in [
+        Event::Init,
+        Event::InitApply(prod_policy(4, "inject")),
+        Event::InitDone,
+    ] {
+        caches.apply_policy_event(event);
+    }
+    caches.apply_namespace_event(Event::Init);
+    for name in ["a", "b"] {
+        caches.apply_namespace_event(Event::InitApply(namespace(name, &[("env", "prod")])));
+    }
+    caches.apply_namespace_event(Event::InitDone);
+    caches
+}
+
+const PROD_STATUS: &str = "/apis/lightstep-tekton.io/v1alpha1/tracingpolicies/prod/status";
+
+/// Short timings: the retry is what is tested, not its length.
+const TIMING: StatusTiming = StatusTiming {
+    debounce: Duration::from_millis(10),
+    first_retry: Duration::from_millis(50),
+    max_retry: Duration::from_millis(200),
+};
+
+/// Starts a status writer against `handler`; the requests it made, and its metrics.
+async fn status_writer(
+    caches: &Caches,
+    leading: watch::Receiver<bool>,
+    handler: impl Fn(&fake_api::Request, usize) -> (u16, Value) + Send + Sync + 'static,
+) -> (Arc<Mutex<Vec<fake_api::Request>>>, Registry) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let (_, client) = fake_api::start(Arc::new(move |r: &fake_api::Request| {
+        let mut log = log.lock().unwrap();
+        log.push(r.clone());
+        handler(r, log.len())
+    }))
+    .await;
+    let mut registry = Registry::default();
+    let metrics = ClusterMetrics::register(&mut registry);
+    let writer = StatusWriter::new(client, caches.cluster(), leading, metrics).with_timing(TIMING);
+    tokio::spawn(writer.run());
+    (seen, registry)
+}
+
+async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    // Far above what any step needs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn encoded(registry: &Registry) -> String {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_status_write_is_retried_on_a_timer_without_another_event() {
+    let caches = caches_with_one_policy();
+    let (_leader, leading) = watch::channel(true);
+    // The API server fails the first two writes, then takes them.
+    let (seen, registry) = status_writer(&caches, leading, |r, n| match n {
+        1 | 2 => fake_api::status(500, "InternalError"),
+        _ => (200, r.body.clone()),
+    })
+    .await;
+    let puts = eventually("three writes", || {
+        let seen = seen.lock().unwrap();
+        (seen.len() >= 3).then(|| seen.clone())
+    })
+    .await;
+    for put in &puts {
+        assert_eq!(
+            (put.method.as_str(), put.path.as_str()),
+            ("PUT", PROD_STATUS)
+        );
+        assert_eq!(put.body["metadata"]["resourceVersion"], "400");
+        assert_eq!(put.body["status"]["matchedNamespaces"], 2);
+    }
+    // The third write's answer is counted after the stand-in saw it: wait for the count.
+    eventually("the written write counted", || {
+        encoded(&registry)
+            .contains("status_writes_total{result=\"written\"} 1")
+            .then_some(())
+    })
+    .await;
+    let text = encoded(&registry);
+    assert!(
+        text.contains("status_writes_total{result=\"error\"} 2"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_is_re_read_and_compared_not_lost() {
+    let caches = caches_with_one_policy();
+    let (_leader, leading) = watch::channel(true);
+    // Someone changed the object (now at 401) before the first write; it still has no status.
+    let (seen, registry) = status_writer(&caches, leading, |r, _| {
+        match (
+            r.method.as_str(),
+            r.body["metadata"]["resourceVersion"].as_str(),
+        ) {
+            ("PUT", Some("400")) => fake_api::status(409, "Conflict"),
+            ("PUT", _) => (200, r.body.clone()),
+            _ => {
+                let mut fresh = serde_json::to_value(prod_policy(4, "inject")).unwrap();
+                fresh["metadata"]["resourceVersion"] = json!("401");
+                (200, fresh)
+            }
+        }
+    })
+    .await;
+    let requests = eventually("the second write", || {
+        let seen = seen.lock().unwrap();
+        (seen.len() >= 3).then(|| seen.clone())
+    })
+    .await;
+    let calls: Vec<(&str, &str)> = requests
+        .iter()
+        .map(|r| (r.method.as_str(), r.path.as_str()))
+        .collect();
+    let prod = &PROD_STATUS[..PROD_STATUS.len() - "/status".len()];
+    assert_eq!(
+        calls[..3],
+        [("PUT", PROD_STATUS), ("GET", prod), ("PUT", PROD_STATUS)]
+    );
+    assert_eq!(requests[2].body["metadata"]["resourceVersion"], "401");
+    assert_eq!(requests[2].body["status"]["matchedNamespaces"], 2);
+    let text = encoded(&registry);
+    assert!(
+        text.contains("status_writes_total{result=\"conflict\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("status_writes_total{result=\"written\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("status_writes_total{result=\"error\"} 0"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes_and_a_new_leader_writes_at_once() {
+    let caches = caches_with_one_policy();
+    let (leader, leading) = watch::channel(false);
+    let (seen, _registry) = status_writer(&caches, leading, |r, _| (200, r.body.clone())).await;
+    // Standing by: several debounce periods pass without a write.
+    tokio::time::sleep(TIMING.debounce * 20).await;
+    assert!(seen.lock().unwrap().is_empty(), "a standby wrote");
+    leader.send(true).unwrap();
+    eventually("the new leader's write", || {
+        let seen = seen.lock().unwrap();
+        (seen.len() == 1 && seen[0].path == PROD_STATUS).then_some(())
+    })
+    .await;
 }

@@ -662,3 +662,163 @@ fn a_changed_policy_updates_the_marker() {
         policy.marker()
     );
 }
+
+/// D4: a step's own endpoint for any signal keeps the token out (inject) or is governed
+/// (enforce); the token never shares a container with an endpoint the policy did not choose.
+#[test]
+fn every_signals_endpoint_belongs_to_the_exporter_group() {
+    let foreign = "http://collector.other-team:4318";
+    for own in [
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+        "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL",
+    ] {
+        let mut object = object_of("tekton-matrix-triggers.json");
+        object["spec"]["containers"][0]["env"] = json!([{"name": own, "value": foreign}]);
+        let r = run_object(&object, &Policy::embedded_default(), Mode::Inject);
+        let step = "step-kaniko";
+        assert!(var(&r.pod, step, "TRACEPARENT").is_some(), "{own}");
+        for name in [
+            "LS_ACCESS_TOKEN",
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ] {
+            assert!(var(&r.pod, step, name).is_none(), "{name} next to {own}");
+        }
+        assert_eq!(value(&r.pod, step, own), Some(foreign));
+
+        let r = run_object(&object, &Policy::embedded_default(), Mode::Enforce);
+        assert_token_is_a_reference(&r, step);
+        assert_ne!(value(&r.pod, step, own), Some(foreign), "{own} kept");
+        assert!(
+            r.reply.warnings.iter().any(|w| w.contains(own)),
+            "{own}: {:?}",
+            r.reply.warnings
+        );
+    }
+
+    // Enforce mode, HTTP policy: each signal's endpoint is the policy's, with its own path.
+    let policy = Policy::from_yaml(
+        "exporter: {endpoint: 'https://ingest.example.com/', protocol: http/protobuf}",
+    )
+    .unwrap();
+    let mut object = object_of("tekton-matrix-triggers.json");
+    object["spec"]["containers"][0]["env"] = json!([
+        {"name": "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "value": foreign},
+        {"name": "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "value": foreign},
+    ]);
+    let r = run_object(&object, &policy, Mode::Enforce);
+    assert_eq!(
+        value(&r.pod, "step-kaniko", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
+        Some("https://ingest.example.com/v1/metrics")
+    );
+    assert_eq!(
+        value(&r.pod, "step-kaniko", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"),
+        Some("https://ingest.example.com/v1/logs")
+    );
+
+    // An envFrom source may define any of them: enforce mode pins each signal's variables.
+    let mut object = object_of("tekton-matrix-triggers.json");
+    object["spec"]["containers"][0]["envFrom"] = json!([{"configMapRef": {"name": "otel"}}]);
+    let r = run_object(&object, &Policy::embedded_default(), Mode::Enforce);
+    assert_token_is_a_reference(&r, "step-kaniko");
+    for name in [
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ] {
+        assert_eq!(
+            value(&r.pod, "step-kaniko", name),
+            Some("https://ingest.lightstep.com:443"),
+            "{name}"
+        );
+    }
+}
+
+/// The eleven Pipelines-as-Code annotations, each set to `value`, on a copy of the 40-step pod
+/// grown (or cut) to `steps` steps: the adversarial pod of D1.
+fn pac_bomb(value: &str, steps: usize) -> Value {
+    let mut object = object_of("tekton-40-steps.json");
+    for key in [
+        "sha",
+        "branch",
+        "source-branch",
+        "url-org",
+        "url-repository",
+        "sender",
+        "event-type",
+        "pull-request",
+        "git-provider",
+        "repo-url",
+        "log-url",
+    ] {
+        object["metadata"]["annotations"][format!("pipelinesascode.tekton.dev/{key}")] =
+            json!(value);
+    }
+    let containers = object["spec"]["containers"].as_array_mut().unwrap();
+    let template = containers[0].clone();
+    containers.resize(steps, template);
+    for (i, c) in containers.iter_mut().enumerate() {
+        c["name"] = json!(format!("step-s{i}"));
+    }
+    object
+}
+
+/// D1: one small review must not force a huge reply. 40 steps and eleven annotations of 22 KB
+/// of commas (each percent-encoded to 66 KB and copied into every step) gave a 40 MB reply.
+#[test]
+fn an_adversarial_pod_gets_a_small_reply_that_applies() {
+    let commas = ",".repeat(22 * 1024);
+    let body = review_of("uid-x", "team-a", &pac_bomb(&commas, 40));
+    for mode in [Mode::Inject, Mode::Enforce] {
+        let r = run_review(&body, &Policy::embedded_default(), mode);
+        // The reply is smaller than the review, and the patch within its bound.
+        assert!(
+            r.reply.body.len() < body.len(),
+            "{} bytes",
+            r.reply.body.len()
+        );
+        assert!(r.reply.patch_bytes <= 256 * 1024, "{}", r.reply.patch_bytes);
+        for step in ["step-s0", "step-s39"] {
+            let attrs = value(&r.pod, step, "OTEL_RESOURCE_ATTRIBUTES").unwrap();
+            for pair in attrs.split(',') {
+                let (_, v) = pair.split_once('=').unwrap();
+                assert!(v.len() <= 255, "{} bytes", v.len());
+            }
+            assert!(attrs.contains("vcs.ref.head.revision=%2C%2C"), "{attrs}");
+        }
+    }
+
+    // 150 steps: even bounded, the attributes would pass the patch limit; they are skipped
+    // with a warning and the rest is injected.
+    let body = review_of("uid-x", "team-a", &pac_bomb(&commas, 150));
+    let r = run_review(&body, &Policy::embedded_default(), Mode::Inject);
+    assert!(r.reply.patch_bytes <= 256 * 1024, "{}", r.reply.patch_bytes);
+    assert!(value(&r.pod, "step-s149", "TRACEPARENT").is_some());
+    assert!(var(&r.pod, "step-s149", "OTEL_RESOURCE_ATTRIBUTES").is_none());
+    assert!(
+        r.reply
+            .warnings
+            .iter()
+            .any(|w| w.contains("OTEL_RESOURCE_ATTRIBUTES not injected")),
+        "{:?}",
+        r.reply.warnings
+    );
+
+    // 400 steps: even the smallest plan would pass it. The containers are left alone, with a
+    // warning; the labels and annotations still say which trace the run is in.
+    let body = review_of("uid-x", "team-a", &pac_bomb("main", 400));
+    let r = run_review(&body, &Policy::embedded_default(), Mode::Enforce);
+    assert!(r.reply.patch_bytes <= 256 * 1024, "{}", r.reply.patch_bytes);
+    assert!(var(&r.pod, "step-s0", "TRACEPARENT").is_none());
+    assert!(label(&r, TRACE_ID_LABEL).is_some());
+    assert!(
+        r.reply
+            .warnings
+            .iter()
+            .any(|w| w.contains("tracing not injected into the containers")),
+        "{:?}",
+        r.reply.warnings
+    );
+}

@@ -7,84 +7,33 @@
 //! The TracingPolicy CRD is checked against the code that generates it (and that it is a
 //! structural schema the API server accepts), and the RBAC against what the code needs.
 //!
+//! manifests/base is a rendering of the Helm chart (tests/chart.rs checks it is current); the
+//! checks themselves live in tests/common/install.rs, shared with the chart's suite.
+//!
 //! kubectl comes from `$KUBECTL` (default `kubectl`); `.ci/run` installs it on a fresh machine.
 
-use std::collections::BTreeMap;
+#[path = "common/install.rs"]
+mod install;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use k8s_openapi::api::admissionregistration::v1::{MutatingWebhook, MutatingWebhookConfiguration};
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, PodSpec, Secret, Service, ServiceAccount,
-};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
+use install::*;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use lightstep_tekton_webhook::admission::validate::{POLICY_KEY, POLICY_LABEL};
 use lightstep_tekton_webhook::certs;
 use lightstep_tekton_webhook::policy::Policy;
-use lightstep_tekton_webhook::policy::resource::{self, TracingPolicy};
+use lightstep_tekton_webhook::policy::resource;
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_lightstep-tekton-webhook");
-const NAMESPACE: &str = "lightstep-tekton";
-const SERVICE: &str = "lightstep-tekton-webhook";
-/// What the opt-in and the enforced webhook must be, from issue 4 and the server's routes.
-const WEBHOOKS: [(&str, &str, &str, &str); 2] = [
-    ("inject.lightstep-tekton.io", "enabled", "/mutate", "Ignore"),
-    (
-        "enforce.lightstep-tekton.io",
-        "enforced",
-        "/enforce",
-        "Fail",
-    ),
-];
 
 fn manifests_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("manifests")
-}
-
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("ltw-{tag}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 /// A copy of manifests/ without any certificates a developer made locally.
@@ -132,11 +81,7 @@ fn kustomize(dir: &Path) -> Vec<Value> {
         dir.display(),
         String::from_utf8_lossy(&output.stderr)
     );
-    let text = String::from_utf8(output.stdout).unwrap();
-    let objects: Vec<Value> = serde_norway::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).unwrap())
-        .filter(|v| !v.is_null())
-        .collect();
+    let objects = parse_objects(&String::from_utf8(output.stdout).unwrap());
     assert!(!objects.is_empty(), "{} rendered nothing", dir.display());
     objects
 }
@@ -154,679 +99,12 @@ fn render_self_signed(tmp: &TempDir) -> (Vec<Value>, PathBuf) {
     (kustomize(&overlay), certs_dir)
 }
 
-/// Secret `data` is base64 that kustomize may wrap over several lines; the API server's decoder
-/// skips the line breaks, k8s-openapi's does not.
-fn unwrap_secret_data(object: &mut Value) {
-    if let Some(data) = object.get_mut("data").and_then(Value::as_object_mut) {
-        for value in data.values_mut() {
-            if let Some(s) = value.as_str() {
-                *value = Value::String(s.split_whitespace().collect());
-            }
-        }
-    }
-}
-
-/// Decodes `object` into `T` and checks that nothing was dropped on the way: a misspelt or
-/// misplaced field would be silently ignored by the API server's non-strict clients too.
-fn typed<T: DeserializeOwned + serde::Serialize>(object: &Value) -> T {
-    let mut object = object.clone();
-    unwrap_secret_data(&mut object);
-    let deserializer = object.clone();
-    let value: T = serde_path_to_error::deserialize(deserializer)
-        .unwrap_or_else(|e| panic!("{} {}: {e}", object["kind"], object["metadata"]["name"]));
-    let back = serde_json::to_value(&value).unwrap();
-    assert_eq!(
-        back, object,
-        "{} {} does not round-trip through its schema (unknown or misplaced field?)",
-        object["kind"], object["metadata"]["name"]
-    );
-    value
-}
-
-/// Every rendered object, by kind; each one decoded into its k8s-openapi type, or for
-/// cert-manager's kinds checked for the fields this install relies on.
-#[derive(Default)]
-struct Install {
-    namespaces: Vec<Namespace>,
-    service_accounts: Vec<ServiceAccount>,
-    deployments: Vec<Deployment>,
-    pdbs: Vec<PodDisruptionBudget>,
-    services: Vec<Service>,
-    config_maps: Vec<ConfigMap>,
-    secrets: Vec<Secret>,
-    webhook_configs: Vec<MutatingWebhookConfiguration>,
-    crds: Vec<CustomResourceDefinition>,
-    cluster_roles: Vec<ClusterRole>,
-    cluster_role_bindings: Vec<ClusterRoleBinding>,
-    cert_manager: Vec<Value>,
-}
-
-impl Install {
-    fn decode(objects: &[Value]) -> Install {
-        let mut install = Install::default();
-        for object in objects {
-            let api_version = object["apiVersion"].as_str().unwrap_or_default();
-            let kind = object["kind"].as_str().unwrap_or_default();
-            match (api_version, kind) {
-                ("v1", "Namespace") => install.namespaces.push(typed(object)),
-                ("v1", "ServiceAccount") => install.service_accounts.push(typed(object)),
-                ("apps/v1", "Deployment") => install.deployments.push(typed(object)),
-                ("policy/v1", "PodDisruptionBudget") => install.pdbs.push(typed(object)),
-                ("v1", "Service") => install.services.push(typed(object)),
-                ("v1", "ConfigMap") => install.config_maps.push(typed(object)),
-                ("v1", "Secret") => install.secrets.push(typed(object)),
-                ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
-                    install.webhook_configs.push(typed(object))
-                }
-                ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
-                    install.crds.push(typed(object))
-                }
-                ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
-                    install.cluster_roles.push(typed(object))
-                }
-                ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
-                    install.cluster_role_bindings.push(typed(object))
-                }
-                ("cert-manager.io/v1", "Issuer" | "Certificate") => {
-                    assert!(object["metadata"]["name"].is_string(), "{object}");
-                    assert_eq!(object["metadata"]["namespace"], NAMESPACE, "{object}");
-                    assert!(object["spec"].is_object(), "{object}");
-                    install.cert_manager.push(object.clone());
-                }
-                _ => panic!("unexpected object {api_version} {kind}: {object}"),
-            }
-        }
-        install
-    }
-
-    fn deployment(&self) -> &Deployment {
-        assert_eq!(self.deployments.len(), 1);
-        &self.deployments[0]
-    }
-
-    /// The pod template's spec of the Deployment.
-    fn pod_spec(&self) -> &PodSpec {
-        self.deployment()
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-    }
-
-    fn container(&self) -> &Container {
-        let containers = &self.pod_spec().containers;
-        assert_eq!(containers.len(), 1);
-        &containers[0]
-    }
-
-    fn service(&self) -> &Service {
-        assert_eq!(self.services.len(), 1);
-        &self.services[0]
-    }
-
-    fn webhook_config(&self) -> &MutatingWebhookConfiguration {
-        assert_eq!(self.webhook_configs.len(), 1);
-        &self.webhook_configs[0]
-    }
-
-    fn cert_manager(&self, kind: &str, name: &str) -> &Value {
-        self.cert_manager
-            .iter()
-            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
-            .unwrap_or_else(|| panic!("no {kind} {name}"))
-    }
-}
-
-/// The container's `--flag=value` arguments.
-fn flags(container: &Container) -> BTreeMap<String, String> {
-    let args = container.args.as_ref().expect("args");
-    assert_eq!(args[0], "serve", "the container runs `serve`");
-    args[1..]
-        .iter()
-        .map(|arg| {
-            let (flag, value) = arg
-                .strip_prefix("--")
-                .and_then(|a| a.split_once('='))
-                .unwrap_or_else(|| panic!("{arg}: write flags as --flag=value"));
-            (flag.to_string(), value.to_string())
-        })
-        .collect()
-}
-
-fn port_of(addr: &str) -> i32 {
-    addr.rsplit_once(':').unwrap().1.parse().unwrap()
-}
-
-/// Checks that hold for the base, whichever overlay provides the certificate.
-fn check_common(install: &Install) {
-    let pod_labels = install
-        .deployment()
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .labels
-        .clone()
-        .unwrap();
-    let selects_pods = |selector: &BTreeMap<String, String>| {
-        !selector.is_empty() && selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
-    };
-
-    // Namespace and ServiceAccount.
-    assert_eq!(install.namespaces.len(), 1);
-    assert_eq!(
-        install.namespaces[0].metadata.name.as_deref(),
-        Some(NAMESPACE)
-    );
-    assert_eq!(install.service_accounts.len(), 1);
-    let account = &install.service_accounts[0];
-    // Only the webhook's own pods get the account's token (the Deployment asks for it).
-    assert_eq!(account.automount_service_account_token, Some(false));
-
-    // Deployment: two replicas, the ServiceAccount, spread, restricted security context.
-    let deployment = install.deployment();
-    assert_eq!(deployment.metadata.namespace.as_deref(), Some(NAMESPACE));
-    let spec = deployment.spec.as_ref().unwrap();
-    assert_eq!(spec.replicas, Some(2));
-    assert!(selects_pods(spec.selector.match_labels.as_ref().unwrap()));
-    let pod = spec.template.spec.as_ref().unwrap();
-    assert_eq!(pod.service_account_name, account.metadata.name);
-    assert_eq!(pod.automount_service_account_token, Some(true));
-    let spread = pod
-        .topology_spread_constraints
-        .as_ref()
-        .expect("topology spread");
-    assert!(
-        spread
-            .iter()
-            .any(|c| c.topology_key == "kubernetes.io/hostname")
-    );
-    for constraint in spread {
-        let selector = constraint.label_selector.as_ref().unwrap();
-        assert!(selects_pods(selector.match_labels.as_ref().unwrap()));
-    }
-    let pod_security = pod.security_context.as_ref().unwrap();
-    assert_eq!(pod_security.run_as_non_root, Some(true));
-    // Not root, and the user the image itself declares (the kubelet checks runAsNonRoot only
-    // against a numeric user).
-    let user = pod_security.run_as_user.expect("runAsUser");
-    let group = pod_security.run_as_group.expect("runAsGroup");
-    assert!(user != 0 && group != 0, "runs as root");
-    let dockerfile =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile")).unwrap();
-    let image_user = dockerfile
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("USER "))
-        .next_back()
-        .expect("the Dockerfile sets USER");
-    assert_eq!(image_user.trim(), format!("{user}:{group}"));
-    assert_eq!(
-        pod_security.seccomp_profile.as_ref().unwrap().type_,
-        "RuntimeDefault"
-    );
-
-    let container = install.container();
-    let security = container.security_context.as_ref().unwrap();
-    assert_eq!(security.run_as_non_root, Some(true));
-    assert_eq!(security.read_only_root_filesystem, Some(true));
-    assert_eq!(security.allow_privilege_escalation, Some(false));
-    assert_eq!(
-        security.capabilities.as_ref().unwrap().drop.as_deref(),
-        Some(&["ALL".to_string()][..])
-    );
-    assert_eq!(
-        security.seccomp_profile.as_ref().unwrap().type_,
-        "RuntimeDefault"
-    );
-    let resources = container.resources.as_ref().unwrap();
-    for key in ["cpu", "memory"] {
-        assert!(
-            resources.requests.as_ref().unwrap().contains_key(key),
-            "request {key}"
-        );
-        assert!(
-            resources.limits.as_ref().unwrap().contains_key(key),
-            "limit {key}"
-        );
-    }
-
-    // Ports: the container listens where --listen says, and the Service reaches it.
-    let flags = flags(container);
-    let container_port = |name: &str| {
-        container
-            .ports
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|p| p.name.as_deref() == Some(name))
-            .unwrap_or_else(|| panic!("container port {name}"))
-            .container_port
-    };
-    assert_eq!(container_port("https"), 8443);
-    assert_eq!(port_of(&flags["listen"]), container_port("https"));
-    assert_eq!(port_of(&flags["metrics-listen"]), container_port("metrics"));
-
-    // Probes: the server's health routes, over HTTPS on the serving port.
-    for (probe, path) in [
-        (container.readiness_probe.as_ref(), "/readyz"),
-        (container.liveness_probe.as_ref(), "/healthz"),
-    ] {
-        let get = probe.and_then(|p| p.http_get.as_ref()).expect(path);
-        assert_eq!(get.path.as_deref(), Some(path));
-        assert_eq!(get.scheme.as_deref(), Some("HTTPS"));
-        assert_eq!(get.port, IntOrString::String("https".into()));
-    }
-
-    // PodDisruptionBudget over the same pods.
-    assert_eq!(install.pdbs.len(), 1);
-    let pdb = install.pdbs[0].spec.as_ref().unwrap();
-    assert!(selects_pods(
-        pdb.selector
-            .as_ref()
-            .unwrap()
-            .match_labels
-            .as_ref()
-            .unwrap()
-    ));
-    assert_eq!(pdb.min_available, Some(IntOrString::Int(1)));
-
-    // Service: selects the pods; 443 → https (8443) and the metrics port.
-    let service = install.service();
-    assert_eq!(service.metadata.name.as_deref(), Some(SERVICE));
-    assert_eq!(service.metadata.namespace.as_deref(), Some(NAMESPACE));
-    let service_spec = service.spec.as_ref().unwrap();
-    assert!(selects_pods(service_spec.selector.as_ref().unwrap()));
-    let service_ports = service_spec.ports.as_ref().unwrap();
-    let target = |port: i32| {
-        let p = service_ports.iter().find(|p| p.port == port).unwrap();
-        match p.target_port.as_ref().unwrap() {
-            IntOrString::Int(n) => *n,
-            IntOrString::String(name) => container_port(name),
-        }
-    };
-    assert_eq!(target(443), 8443);
-    assert!(service_ports.iter().any(
-        |p| p.name.as_deref() == Some("metrics") && target(p.port) == container_port("metrics")
-    ));
-
-    // Mounted files: whole directories (kubelet never updates subPath mounts, so reloads would
-    // never happen), and the paths the flags name are inside them.
-    let volumes = pod.volumes.as_ref().unwrap();
-    let mounts = container.volume_mounts.as_ref().unwrap();
-    assert!(
-        mounts
-            .iter()
-            .all(|m| m.sub_path.is_none() && m.sub_path_expr.is_none())
-    );
-    let mount_of = |file: &str| {
-        let path = Path::new(file);
-        let mount = mounts
-            .iter()
-            .find(|m| path.parent() == Some(Path::new(&m.mount_path)))
-            .unwrap_or_else(|| panic!("{file} is not in a mounted directory"));
-        assert_eq!(mount.read_only, Some(true));
-        let volume = volumes.iter().find(|v| v.name == mount.name).unwrap();
-        (
-            volume.clone(),
-            path.file_name().unwrap().to_str().unwrap().to_string(),
-        )
-    };
-    let (tls_cert, cert_file) = mount_of(&flags["tls-cert"]);
-    let (tls_key, key_file) = mount_of(&flags["tls-key"]);
-    assert_eq!(tls_cert, tls_key);
-    assert_eq!(
-        (cert_file.as_str(), key_file.as_str()),
-        ("tls.crt", "tls.key")
-    );
-    let tls_secret = tls_cert
-        .secret
-        .as_ref()
-        .unwrap()
-        .secret_name
-        .as_deref()
-        .unwrap();
-    assert_eq!(tls_secret, "lightstep-tekton-webhook-tls");
-    let (policy_volume, policy_file) = mount_of(&flags["policy"]);
-    let policy_map_name = policy_volume.config_map.as_ref().unwrap().name.clone();
-    let policy_map = install
-        .config_maps
-        .iter()
-        .find(|m| m.metadata.name.as_deref() == Some(policy_map_name.as_str()))
-        .expect("the mounted policy ConfigMap is part of the install");
-    let policy_text = &policy_map.data.as_ref().unwrap()[&policy_file];
-    assert_eq!(
-        Policy::from_yaml(policy_text).unwrap(),
-        Policy::embedded_default(),
-        "manifests/base/policy.yaml drifted from src/default-policy.yaml"
-    );
-
-    // The server watches TracingPolicies and namespaces, with the RBAC for exactly that.
-    assert_eq!(flags["watch-tracing-policies"], "true");
-    check_rbac(install, account);
-    check_crd(install);
-
-    // No token anywhere in the install: only the example file holds a placeholder.
-    assert!(
-        install
-            .secrets
-            .iter()
-            .all(|s| s.type_.as_deref() == Some("kubernetes.io/tls"))
-    );
-
-    check_webhooks(install);
-}
-
-/// The ClusterRole grants what the watch caches and the status writer use, nothing else (above
-/// all nothing on Secrets), and is bound to the webhook's ServiceAccount only.
-fn check_rbac(install: &Install, account: &ServiceAccount) {
-    assert_eq!(install.cluster_roles.len(), 1);
-    let role = &install.cluster_roles[0];
-    let rule = |group: &str, resource: &str, verbs: &[&str]| PolicyRule {
-        api_groups: Some(vec![group.to_string()]),
-        resources: Some(vec![resource.to_string()]),
-        verbs: verbs.iter().map(|v| v.to_string()).collect(),
-        ..PolicyRule::default()
-    };
-    let status = format!("{}/status", resource::PLURAL);
-    let expected = vec![
-        rule("", "namespaces", &["get", "list", "watch"]),
-        rule(resource::GROUP, resource::PLURAL, &["get", "list", "watch"]),
-        rule(resource::GROUP, &status, &["update"]),
-    ];
-    assert_eq!(
-        role.rules.as_ref().unwrap(),
-        &expected,
-        "manifests/base/rbac.yaml: the ClusterRole must grant exactly what the webhook uses"
-    );
-    assert!(role.aggregation_rule.is_none());
-    let everything = serde_json::to_string(role).unwrap();
-    assert!(!everything.contains("secrets") && !everything.contains('*'));
-
-    assert_eq!(install.cluster_role_bindings.len(), 1);
-    let binding = &install.cluster_role_bindings[0];
-    assert_eq!(binding.role_ref.kind, "ClusterRole");
-    assert_eq!(binding.role_ref.api_group, "rbac.authorization.k8s.io");
-    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
-    let subjects = binding.subjects.as_ref().unwrap();
-    assert_eq!(subjects.len(), 1);
-    assert_eq!(subjects[0].kind, "ServiceAccount");
-    assert_eq!(Some(&subjects[0].name), account.metadata.name.as_ref());
-    assert_eq!(subjects[0].namespace, account.metadata.namespace);
-}
-
-/// The installed CRD is the one the code generates, names what the code and the RBAC use, and
-/// is a structural schema (the API server refuses a v1 CRD whose schema is not).
-fn check_crd(install: &Install) {
-    assert_eq!(install.crds.len(), 1);
-    let crd = &install.crds[0];
-    assert_eq!(
-        crd,
-        &resource::crd(),
-        "manifests/base/crd-tracingpolicy.yaml differs from the code; regenerate it with `make crd` \
-         (`cargo run --quiet -- crd > manifests/base/crd-tracingpolicy.yaml`)"
-    );
-    let spec = &crd.spec;
-    assert_eq!(spec.group, resource::GROUP);
-    assert_eq!(spec.names.plural, resource::PLURAL);
-    assert_eq!(spec.names.kind, resource::KIND);
-    assert_eq!(spec.scope, "Cluster");
-    assert_eq!(
-        crd.metadata.name.as_deref(),
-        Some(format!("{}.{}", resource::PLURAL, resource::GROUP).as_str())
-    );
-    assert_eq!(spec.versions.len(), 1);
-    let version = &spec.versions[0];
-    assert_eq!(version.name, resource::VERSION);
-    assert!(version.served && version.storage);
-    assert!(
-        version.subresources.as_ref().unwrap().status.is_some(),
-        "status is a subresource: the RBAC grants update on tracingpolicies/status only"
-    );
-    {
-        use kube::Resource as _;
-        assert_eq!(TracingPolicy::group(&()), resource::GROUP);
-        assert_eq!(TracingPolicy::plural(&()), resource::PLURAL);
-        assert_eq!(TracingPolicy::version(&()), resource::VERSION);
-    }
-    let schema = serde_json::to_value(
-        version
-            .schema
-            .as_ref()
-            .unwrap()
-            .open_api_v3_schema
-            .as_ref()
-            .unwrap(),
-    )
-    .unwrap();
-    check_structural(&schema, "openAPIV3Schema", true);
-}
-
-/// The rules of a structural schema that a generated schema could break (Kubernetes'
-/// apiextensions validation): every node has a type, `properties` and `additionalProperties`
-/// are not combined, and no `anyOf`/`oneOf`/`allOf`/`not` carries types, defaults or nullability.
-fn check_structural(node: &Value, at: &str, typed_required: bool) {
-    let object = node
-        .as_object()
-        .unwrap_or_else(|| panic!("{at}: not an object"));
-    let preserves = object.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true))
-        || object.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true));
-    if typed_required && !preserves {
-        assert!(object.contains_key("type"), "{at}: no type");
-    }
-    assert!(
-        !(object.contains_key("properties") && object.contains_key("additionalProperties")),
-        "{at}: properties and additionalProperties together"
-    );
-    assert_ne!(
-        object.get("additionalProperties"),
-        Some(&Value::Bool(false)),
-        "{at}: additionalProperties: false"
-    );
-    if let Some(values) = object.get("enum") {
-        assert!(
-            values.as_array().unwrap().iter().all(|v| !v.is_null()),
-            "{at}: null in enum"
-        );
-    }
-    for key in ["$ref", "definitions", "$schema"] {
-        assert!(!object.contains_key(key), "{at}: {key}");
-    }
-    for (key, child) in object {
-        match key.as_str() {
-            "properties" => {
-                for (name, property) in child.as_object().unwrap() {
-                    check_structural(property, &format!("{at}.{name}"), typed_required);
-                }
-            }
-            "items" | "additionalProperties" if child.is_object() => {
-                check_structural(child, &format!("{at}[]"), typed_required)
-            }
-            "anyOf" | "oneOf" | "allOf" => {
-                for (i, branch) in child.as_array().unwrap().iter().enumerate() {
-                    let branch_at = format!("{at}.{key}[{i}]");
-                    for banned in ["type", "nullable", "default", "additionalProperties"] {
-                        assert!(branch.get(banned).is_none(), "{branch_at}: {banned}");
-                    }
-                    check_structural(branch, &branch_at, false);
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-fn check_webhooks(install: &Install) {
-    let config = install.webhook_config();
-    let webhooks = config.webhooks.as_ref().unwrap();
-    assert_eq!(webhooks.len(), WEBHOOKS.len());
-    for (webhook, (name, label, path, failure_policy)) in webhooks.iter().zip(WEBHOOKS) {
-        check_webhook(install, webhook, name, label, path, failure_policy);
-    }
-    let names: Vec<&str> = webhooks.iter().map(|w| w.name.as_str()).collect();
-    assert_eq!(
-        names,
-        certs::WEBHOOK_NAMES,
-        "the caBundle patch `certs` writes names every webhook"
-    );
-    assert_eq!(
-        config.metadata.name.as_deref(),
-        Some(certs::WEBHOOK_CONFIGURATION)
-    );
-}
-
-fn check_webhook(
-    install: &Install,
-    webhook: &MutatingWebhook,
-    name: &str,
-    label: &str,
-    path: &str,
-    failure_policy: &str,
-) {
-    assert_eq!(webhook.name, name);
-    let service_ref = webhook.client_config.service.as_ref().unwrap();
-    let service = install.service();
-    assert_eq!(
-        Some(&service_ref.name),
-        service.metadata.name.as_ref(),
-        "{name}"
-    );
-    assert_eq!(
-        Some(&service_ref.namespace),
-        service.metadata.namespace.as_ref(),
-        "{name}"
-    );
-    let port = service_ref.port.unwrap_or(443);
-    assert!(
-        service
-            .spec
-            .as_ref()
-            .unwrap()
-            .ports
-            .as_ref()
-            .unwrap()
-            .iter()
-            .any(|p| p.port == port && p.name.as_deref() == Some("https")),
-        "{name}: port {port} is the Service's https port"
-    );
-    assert_eq!(service_ref.path.as_deref(), Some(path), "{name}");
-    assert!(webhook.client_config.url.is_none());
-
-    let rules = webhook.rules.as_ref().unwrap();
-    assert_eq!(rules.len(), 1, "{name}");
-    let rule = &rules[0];
-    assert_eq!(rule.api_groups.as_deref(), Some(&["".to_string()][..]));
-    assert_eq!(rule.api_versions.as_deref(), Some(&["v1".to_string()][..]));
-    assert_eq!(
-        rule.operations.as_deref(),
-        Some(&["CREATE".to_string()][..])
-    );
-    assert_eq!(rule.resources.as_deref(), Some(&["pods".to_string()][..]));
-
-    let never_here = LabelSelectorRequirement {
-        key: "kubernetes.io/metadata.name".into(),
-        operator: "NotIn".into(),
-        values: Some(vec![NAMESPACE.into(), "kube-system".into()]),
-    };
-    assert_eq!(
-        webhook.namespace_selector,
-        Some(LabelSelector {
-            match_labels: Some(BTreeMap::from([(
-                "lightstep-tekton.io/inject".to_string(),
-                label.to_string()
-            )])),
-            match_expressions: Some(vec![never_here]),
-        }),
-        "{name}"
-    );
-    assert_eq!(
-        webhook.object_selector,
-        Some(LabelSelector {
-            match_labels: None,
-            match_expressions: Some(vec![LabelSelectorRequirement {
-                key: "tekton.dev/taskRun".into(),
-                operator: "Exists".into(),
-                values: None,
-            }]),
-        }),
-        "{name}"
-    );
-    assert_eq!(webhook.side_effects, "None");
-    assert_eq!(webhook.admission_review_versions, ["v1"]);
-    assert!(matches!(webhook.timeout_seconds, Some(2..=3)), "{name}");
-    assert_eq!(webhook.reinvocation_policy.as_deref(), Some("IfNeeded"));
-    assert_eq!(
-        webhook.failure_policy.as_deref(),
-        Some(failure_policy),
-        "{name}"
-    );
-}
-
-fn verify(ca_pems: &[u8], cert_pem: &[u8], name: &str) -> Result<(), webpki::Error> {
-    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca_pems)
-        .collect::<Result<_, _>>()
-        .unwrap();
-    assert!(!cas.is_empty());
-    let anchors: Vec<_> = cas
-        .iter()
-        .map(|ca| webpki::anchor_from_trusted_cert(ca).unwrap())
-        .collect();
-    let leaf = CertificateDer::from_pem_slice(cert_pem).unwrap();
-    let cert = webpki::EndEntityCert::try_from(&leaf)?;
-    cert.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
-        &anchors,
-        &[],
-        UnixTime::now(),
-        webpki::KeyUsage::server_auth(),
-        None,
-        None,
-    )?;
-    cert.verify_is_valid_for_subject_name(&ServerName::try_from(name.to_string()).unwrap())
-}
-
 #[test]
 fn cert_manager_overlay_builds_and_agrees_with_itself() {
     let install = Install::decode(&render_cert_manager());
-    check_common(&install);
+    check_common(&install, &Expect::default());
 
-    // The serving certificate: the Service's names, in the Secret the Deployment mounts,
-    // issued by the CA issuer, whose CA the injector puts into the caBundle.
-    let serving = install.cert_manager("Certificate", SERVICE);
-    let dns_names: Vec<String> =
-        serde_json::from_value(serving["spec"]["dnsNames"].clone()).unwrap();
-    assert_eq!(dns_names, certs::service_dns_names(SERVICE, NAMESPACE));
-    assert_eq!(
-        serving["spec"]["secretName"],
-        "lightstep-tekton-webhook-tls"
-    );
-    let ca_issuer_name = serving["spec"]["issuerRef"]["name"].as_str().unwrap();
-    let ca_issuer = install.cert_manager("Issuer", ca_issuer_name);
-    let ca_secret = &ca_issuer["spec"]["ca"]["secretName"];
-    let ca = install
-        .cert_manager
-        .iter()
-        .find(|o| o["kind"] == "Certificate" && o["spec"]["secretName"] == *ca_secret)
-        .expect("a Certificate makes the CA issuer's secret");
-    assert_eq!(ca["spec"]["isCA"], true);
-    let root = install.cert_manager("Issuer", ca["spec"]["issuerRef"]["name"].as_str().unwrap());
-    assert!(root["spec"]["selfSigned"].is_object());
-
-    let config = install.webhook_config();
-    let annotations = config.metadata.annotations.as_ref().unwrap();
-    assert_eq!(
-        annotations["cert-manager.io/inject-ca-from"],
-        format!("{NAMESPACE}/{SERVICE}")
-    );
-    // The injector fills the caBundle; one set by hand would fight it.
-    for webhook in config.webhooks.as_ref().unwrap() {
-        assert!(webhook.client_config.ca_bundle.is_none());
-    }
+    check_cert_manager(&install);
     assert!(
         install.secrets.is_empty(),
         "cert-manager writes the Secrets"
@@ -838,7 +116,7 @@ fn self_signed_overlay_builds_from_certs_output_and_the_ca_bundle_verifies_the_s
     let tmp = TempDir::new("ss");
     let (objects, certs_dir) = render_self_signed(&tmp);
     let install = Install::decode(&objects);
-    check_common(&install);
+    check_common(&install, &Expect::default());
     assert!(install.cert_manager.is_empty());
 
     // The Secret the Deployment mounts holds what `certs` wrote, and never the CA key.
@@ -862,17 +140,13 @@ fn self_signed_overlay_builds_from_certs_output_and_the_ca_bundle_verifies_the_s
     // Every webhook trusts the CA that signed it, for the name the API server dials
     // (<service>.<namespace>.svc) and the Service's other names.
     let ca_pem = fs::read(certs_dir.join("ca.crt")).unwrap();
-    for webhook in install.webhook_config().webhooks.as_ref().unwrap() {
-        let bundle = &webhook
-            .client_config
-            .ca_bundle
-            .as_ref()
-            .expect("caBundle")
-            .0;
+    let clients = install.client_configs();
+    assert_eq!(clients.len(), 4, "two mutating and two validating webhooks");
+    for (webhook, client) in clients {
+        let bundle = &client.ca_bundle.as_ref().expect("caBundle").0;
         assert_eq!(
             bundle, &ca_pem,
-            "{}: caBundle is the CA `certs` wrote",
-            webhook.name
+            "{webhook}: caBundle is the CA `certs` wrote"
         );
         for name in certs::service_dns_names(SERVICE, NAMESPACE) {
             verify(bundle, cert_pem, &name).unwrap_or_else(|e| panic!("{name}: {e:?}"));
@@ -977,11 +251,13 @@ fn crd_file_is_what_the_crd_command_prints() {
     let output = Command::new(BIN).arg("crd").output().unwrap();
     assert!(output.status.success());
     let printed = String::from_utf8(output.stdout).unwrap();
-    let file = fs::read_to_string(manifests_dir().join("base/crd-tracingpolicy.yaml")).unwrap();
+    let chart_crd = "charts/lightstep-tekton-webhook/crds/crd-tracingpolicy.yaml";
+    let file =
+        fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(chart_crd)).unwrap();
     assert!(
         printed == file,
-        "manifests/base/crd-tracingpolicy.yaml is not what `lightstep-tekton-webhook crd` prints; \
-         regenerate it with `make crd` (`cargo run --quiet -- crd > manifests/base/crd-tracingpolicy.yaml`)"
+        "{chart_crd} is not what `lightstep-tekton-webhook crd` prints; regenerate it (and its \
+         rendering in manifests/base) with `make crd`"
     );
     // And what it prints is a CRD k8s-openapi reads, equal to the generated one.
     let crd: CustomResourceDefinition = serde_norway::from_str(&printed).unwrap();
@@ -1029,173 +305,6 @@ fn example_token_secret_matches_the_default_policy_and_holds_no_token() {
     let kustomization =
         fs::read_to_string(manifests_dir().join("base/kustomization.yaml")).unwrap();
     assert!(!kustomization.contains("token-secret"));
-}
-
-/// The binary, started with the Deployment's own arguments (mount paths mapped to a temp
-/// directory holding the Secret's and ConfigMap's files), killed on drop.
-struct Served {
-    child: std::process::Child,
-    https: std::net::SocketAddr,
-    metrics: std::net::SocketAddr,
-    log: PathBuf,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn serve_like_the_deployment(install: &Install, tmp: &TempDir) -> Served {
-    let container = install.container();
-    let pod = install.pod_spec();
-    // Materialize each mounted volume the way kubelet would: one file per key.
-    let mut mapped = Vec::new();
-    for mount in container.volume_mounts.as_ref().unwrap() {
-        let volume = pod
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == mount.name)
-            .unwrap();
-        let dir = tmp.0.join("volumes").join(&mount.name);
-        fs::create_dir_all(&dir).unwrap();
-        if let Some(source) = &volume.secret {
-            let name = source.secret_name.as_deref().unwrap();
-            let secret = install
-                .secrets
-                .iter()
-                .find(|s| s.metadata.name.as_deref() == Some(name))
-                .unwrap_or_else(|| panic!("Secret {name} is mounted but not installed"));
-            for (key, value) in secret.data.as_ref().unwrap() {
-                fs::write(dir.join(key), &value.0).unwrap();
-            }
-        }
-        if let Some(source) = &volume.config_map {
-            let map = install
-                .config_maps
-                .iter()
-                .find(|m| m.metadata.name.as_deref() == Some(source.name.as_str()))
-                .unwrap();
-            for (key, value) in map.data.as_ref().unwrap() {
-                fs::write(dir.join(key), value).unwrap();
-            }
-        }
-        mapped.push((mount.mount_path.clone(), dir));
-    }
-    let (https, metrics) = (free_port(), free_port());
-    let args: Vec<String> = container
-        .args
-        .as_ref()
-        .unwrap()
-        .iter()
-        .map(|arg| {
-            if arg.starts_with("--listen=") {
-                return format!("--listen={https}");
-            }
-            if arg.starts_with("--metrics-listen=") {
-                return format!("--metrics-listen={metrics}");
-            }
-            // There is no API server here; tests/cluster.rs covers the watch caches.
-            if arg.starts_with("--watch-tracing-policies=") {
-                return "--watch-tracing-policies=false".to_string();
-            }
-            let mut arg = arg.clone();
-            for (mount_path, dir) in &mapped {
-                arg = arg.replace(&format!("={mount_path}/"), &format!("={}/", dir.display()));
-            }
-            arg
-        })
-        .collect();
-    let log = tmp.0.join("serve.log");
-    let child = Command::new(BIN)
-        .args(&args)
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    Served {
-        child,
-        https,
-        metrics,
-        log,
-    }
-}
-
-/// One HTTP/1.1 request; returns the status and the body. `tls` is the client configuration and
-/// server name to use, as the API server would.
-fn request(
-    addr: std::net::SocketAddr,
-    tls: Option<(&std::sync::Arc<rustls::ClientConfig>, &str)>,
-    method: &str,
-    path: &str,
-    body: &[u8],
-) -> std::io::Result<(u16, Vec<u8>)> {
-    let tcp = std::net::TcpStream::connect(addr)?;
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {SERVICE}.{NAMESPACE}.svc\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let mut raw = Vec::new();
-    let mut exchange = |stream: &mut dyn ReadWrite| -> std::io::Result<()> {
-        stream.write_all(head.as_bytes())?;
-        stream.write_all(body)?;
-        stream.flush()?;
-        match stream.read_to_end(&mut raw) {
-            // A server that closes without close_notify still sent a complete response.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => Ok(()),
-            other => other.map(|_| ()),
-        }
-    };
-    match tls {
-        Some((config, name)) => {
-            let name = ServerName::try_from(name.to_string()).unwrap();
-            let connection = rustls::ClientConnection::new(config.clone(), name).unwrap();
-            exchange(&mut rustls::StreamOwned::new(connection, tcp))?;
-        }
-        None => exchange(&mut { tcp })?,
-    }
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a complete response head");
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut body = raw[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        body = dechunk(&body);
-    }
-    Ok((status, body))
-}
-
-trait ReadWrite: std::io::Read + std::io::Write {}
-impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size_text = String::from_utf8_lossy(&data[..line_end]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
-    }
 }
 
 #[test]
@@ -1276,6 +385,50 @@ fn the_binary_serves_the_webhook_configuration_as_installed() {
             "{}",
             webhook.name
         );
+    }
+
+    // The validating webhooks: the installed policy ConfigMap is allowed, the same ConfigMap
+    // with an out-of-range ratio is refused with the field, on the path the configuration names.
+    let validating = install.validating_config().webhooks.clone().unwrap();
+    let service = validating[0].client_config.service.as_ref().unwrap();
+    let server_name = format!("{}.{}.svc", service.name, service.namespace);
+    let tls = Some((&client, server_name.as_str()));
+    let path = service.path.as_deref().unwrap();
+    let policy_map = install
+        .config_maps
+        .iter()
+        .find(|m| {
+            m.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(POLICY_LABEL))
+        })
+        .expect("the labelled policy ConfigMap");
+    let mut bad_map = serde_json::to_value(policy_map).unwrap();
+    bad_map["data"][POLICY_KEY] = Value::from("sampling:\n  ratio: 2\n");
+    for (object, allowed) in [
+        (serde_json::to_value(policy_map).unwrap(), true),
+        (bad_map, false),
+    ] {
+        let review = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "validate-1",
+                        "kind": {"group": "", "version": "v1", "kind": "ConfigMap"},
+                        "resource": {"group": "", "version": "v1", "resource": "configmaps"},
+                        "namespace": NAMESPACE, "operation": "UPDATE", "object": object}
+        });
+        let body = serde_json::to_vec(&review).unwrap();
+        let (status, reply) = request(served.https, tls, "POST", path, &body).unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
+        let reply: Value = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(reply["response"]["uid"], "validate-1");
+        assert_eq!(reply["response"]["allowed"], allowed, "{reply}");
+        if !allowed {
+            assert_eq!(
+                reply["response"]["status"]["message"],
+                "data[policy.yaml]: sampling.ratio: must be between 0 and 1, got 2"
+            );
+        }
     }
 
     // Prometheus scrapes the Service's metrics port, plain HTTP.

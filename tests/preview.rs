@@ -105,6 +105,37 @@ fn explain_says_what_was_kept_and_where_the_trace_came_from() {
     assert!(explain.contains("Tekton's TaskRun span"), "{explain}");
 }
 
+/// D8: a `tracestate` is held to the W3C grammar: the invalid members (`ABC=d=e`,
+/// `"x"=<script>`) are left out of `TRACESTATE`, the valid ones kept, and `--explain` names the
+/// dropped ones by position, without echoing them.
+#[test]
+fn invalid_tracestate_members_are_dropped_and_explained() {
+    let mut review = fixture("tekton-pipeline-task-traced.json");
+    let annotations = &mut review["request"]["object"]["metadata"]["annotations"];
+    let key = "tekton.dev/taskrunSpanContext";
+    let mut carrier: Value = serde_json::from_str(annotations[key].as_str().unwrap()).unwrap();
+    carrier["tracestate"] = r#"ls=1,ABC=d=e,"x"=<script>,congo=t61"#.into();
+    annotations[key] = carrier.to_string().into();
+    let input = serde_json::to_vec(&review).unwrap();
+
+    let out = mutate(&["--output", "pod", "--explain", "-"], Some(&input));
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(stdout_json(&out)).unwrap();
+    let step = "step-kubectl-apply";
+    assert_eq!(value(&pod, step, "TRACESTATE"), Some("ls=1,congo=t61"));
+    let explain = String::from_utf8(out.stderr).unwrap();
+    assert!(explain.contains("tracestate: ls=1,congo=t61"), "{explain}");
+    for position in ["member 2: key", "member 3: key"] {
+        assert!(
+            explain.contains(&format!("tracestate dropped, {position}")),
+            "{explain}"
+        );
+    }
+    assert!(
+        !explain.contains("script") && !explain.contains("ABC"),
+        "{explain}"
+    );
+}
+
 #[test]
 fn plain_pods_print_an_empty_patch_and_say_why() {
     let out = mutate(&[&path("plain-pod.json")], None);

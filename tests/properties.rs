@@ -7,6 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
+use k8s_openapi::api::core::v1::{Container, EnvVar};
 use lightstep_tekton_webhook::admission;
 use lightstep_tekton_webhook::admission::decide::Mode;
 use lightstep_tekton_webhook::policy::Policy;
@@ -24,11 +25,20 @@ const ENV_NAMES: &[&str] = &[
     "OTEL_EXPORTER_OTLP_PROTOCOL",
     "OTEL_EXPORTER_OTLP_HEADERS",
     "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+    "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_LOGS_HEADERS",
+    "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL",
     "LS_ACCESS_TOKEN",
     "HOME",
     "GOFLAGS",
     "my.var-1",
 ];
+
+/// An endpoint no policy here chooses: a team's own plain-HTTP collector.
+const FOREIGN_ENDPOINT: &str = "http://collector.other-team:4318";
 
 fn label_value() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -81,6 +91,7 @@ fn env_var() -> impl Strategy<Value = Value> {
     let source = prop_oneof![
         any::<String>().prop_map(|v| json!({"value": v})),
         "[ -~]{0,30}".prop_map(|v| json!({"value": v})),
+        Just(json!({"value": FOREIGN_ENDPOINT})),
         Just(json!({})),
         Just(json!({"valueFrom": {"secretKeyRef": {"name": "mine", "key": "k"}}})),
         Just(json!({"valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})),
@@ -261,6 +272,7 @@ fn check(object: &Value, policy: &Policy, mode: Mode) -> Result<(), TestCaseErro
                 }
             }
         }
+        token_only_with_the_policys_endpoints(b, a, policy, mode)?;
         if !b.name.starts_with("step-") && !b.name.starts_with("sidecar-") {
             prop_assert_eq!(&b.env, &a.env);
         }
@@ -294,6 +306,68 @@ fn check(object: &Value, policy: &Policy, mode: Mode) -> Result<(), TestCaseErro
         "second patch: {}",
         serde_json::to_string(&second).unwrap()
     );
+    Ok(())
+}
+
+/// Whether a container carries the policy's token: the variable from its Secret, or a header
+/// variable that expands it.
+fn carries_token(c: &Container, policy: &Policy) -> bool {
+    let secret = policy.token.as_ref().map(|t| t.secret_name.as_str());
+    c.env.iter().flatten().any(|e| {
+        let from_secret = e
+            .value_from
+            .as_ref()
+            .and_then(|f| f.secret_key_ref.as_ref())
+            .is_some_and(|s| Some(s.name.as_str()) == secret);
+        let expands = e.name.ends_with("_HEADERS")
+            && e.value
+                .as_deref()
+                .is_some_and(|v| v.contains("$(LS_ACCESS_TOKEN)"));
+        (e.name == "LS_ACCESS_TOKEN" && from_secret) || expands
+    })
+}
+
+/// D4: where the webhook put the token (or, enforced, governs it), every endpoint the step can
+/// export to is one the policy chose: none is set to another value, none left to `envFrom`.
+fn token_only_with_the_policys_endpoints(
+    before: &Container,
+    after: &Container,
+    policy: &Policy,
+    mode: Mode,
+) -> Result<(), TestCaseError> {
+    let ours =
+        carries_token(after, policy) && (mode == Mode::Enforce || !carries_token(before, policy));
+    if !ours {
+        return Ok(());
+    }
+    let base = policy.exporter.endpoint.trim_end_matches('/');
+    let mut allowed = vec![policy.exporter.endpoint.clone()];
+    allowed.extend(["traces", "metrics", "logs"].map(|s| format!("{base}/v1/{s}")));
+    allowed.extend(policy.exporter.traces_endpoint.clone());
+    let env = after.env.as_deref().unwrap_or_default();
+    for name in
+        ["", "TRACES_", "METRICS_", "LOGS_"].map(|s| format!("OTEL_EXPORTER_OTLP_{s}ENDPOINT"))
+    {
+        let set: Vec<&EnvVar> = env.iter().filter(|e| e.name == name).collect();
+        for e in &set {
+            let value = e.value.as_deref().unwrap_or_default();
+            prop_assert!(
+                e.value_from.is_none() && allowed.iter().any(|a| a == value),
+                "{}: token next to {name}={value:?}",
+                after.name
+            );
+        }
+        let from_env_from = after
+            .env_from
+            .iter()
+            .flatten()
+            .any(|s| name.starts_with(s.prefix.as_deref().unwrap_or("")));
+        prop_assert!(
+            !set.is_empty() || !from_env_from,
+            "{}: token next to {name} from envFrom",
+            after.name
+        );
+    }
     Ok(())
 }
 

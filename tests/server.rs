@@ -108,22 +108,31 @@ impl Running {
     }
 
     async fn metrics(&self) -> String {
-        let mut tcp = TcpStream::connect(self.metrics_addr).await.unwrap();
-        tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        tcp.read_to_end(&mut out).await.unwrap();
-        String::from_utf8(out).unwrap()
+        scrape(self.metrics_addr).await
     }
 
     /// The value of one metric line (exact name and labels), 0 when absent.
     async fn metric(&self, series: &str) -> f64 {
-        let text = self.metrics().await;
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or(0.0)
+        metric_of(&self.metrics().await, series)
     }
+}
+
+/// GET /metrics over plain HTTP.
+async fn scrape(addr: SocketAddr) -> String {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tcp.read_to_end(&mut out).await.unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+/// The value of one metric line (exact name and labels) in a scrape, 0 when absent.
+fn metric_of(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn client_config(ca_pems: &[&str], identity: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
@@ -938,6 +947,97 @@ async fn a_new_policy_file_is_used_and_an_invalid_one_refused() {
     let (status, reply) = post_once(server.addr, &config, "/mutate", body.clone()).await;
     assert_eq!(status, 200);
     assert!(patch_of(reply).contains("http://collector-two:4318"));
+}
+
+/// The binary started on an invalid policy file (a ConfigMap applied with a typo, then a
+/// restart): it comes up and stays ready, answers every pod on /mutate and /enforce with
+/// `allowed: true`, no patch and a warning (never the embedded Lightstep default), says so in
+/// its log at every poll and in `policy_valid`, and serves the file once it is fixed.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_starts_on_an_invalid_policy_file_and_takes_the_fixed_one() {
+    let dir = TestDir::new("invalid-start");
+    let policy = dir.path("policy.yaml");
+    let log = dir.path("serve.log");
+    let collector = "profile: otlp\nexporter:\n  endpoint: http://collector-one:4318\n";
+    replace(&policy, &format!("{collector}sampling:\n  ratio: 2\n"));
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut server = DevServer::start(&dir.path("certs"), |c| {
+        c.arg("--policy")
+            .arg(&policy)
+            .args(["--metrics-listen", &metrics_addr.to_string()])
+            .args(["--reload-interval", "1"])
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap());
+    })
+    .await;
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let ca = std::fs::read_to_string(dir.path("certs").join("ca.crt")).unwrap();
+    let config = client_config(&[&ca], None);
+    let mut client = Client::connect(server.addr, &config).await.unwrap();
+    assert_eq!(client.get("/readyz").await.unwrap(), 200, "{}", log_text());
+
+    let (_, body) = fixtures()
+        .into_iter()
+        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
+        .unwrap();
+    for path in ["/mutate", "/enforce"] {
+        let (status, reply) = client.post(path, body.clone()).await.unwrap();
+        assert_eq!(status, 200, "{path}");
+        let v: Value = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(v["response"]["allowed"], true, "{path}: {v}");
+        assert!(v["response"].get("patch").is_none(), "{path}: {v}");
+        let warnings = v["response"]["warnings"].to_string();
+        assert!(warnings.contains("policy file is invalid"), "{path}: {v}");
+    }
+    // Still ready: an enforced namespace keeps creating pods.
+    assert_eq!(client.get("/readyz").await.unwrap(), 200);
+
+    let text = scrape(metrics_addr).await;
+    assert_eq!(
+        metric_of(&text, "lightstep_tekton_webhook_policy_valid"),
+        0.0,
+        "{text}"
+    );
+    for mode in ["inject", "enforce"] {
+        let series = format!(
+            "lightstep_tekton_webhook_admissions_total{{mode=\"{mode}\",outcome=\"no-policy\"}}"
+        );
+        assert_eq!(metric_of(&text, &series), 1.0, "{series}\n{text}");
+    }
+    // Said at the start and again at every poll, naming the field.
+    eventually("the log repeats the problem", || async {
+        log_text()
+            .lines()
+            .filter(|l| l.contains("policy file invalid") && l.contains("sampling.ratio"))
+            .count()
+            >= 2
+    })
+    .await;
+
+    // Fixed: the file's policy is served from the next poll on.
+    replace(&policy, collector);
+    eventually("the fixed policy is served", || async {
+        let (_, reply) = post_once(server.addr, &config, "/mutate", body.clone()).await;
+        let v: Value = serde_json::from_slice(&reply).unwrap();
+        let patch = v["response"]["patch"].as_str().unwrap_or_default();
+        let patch = base64::engine::general_purpose::STANDARD
+            .decode(patch)
+            .unwrap();
+        String::from_utf8_lossy(&patch).contains("http://collector-one:4318")
+    })
+    .await;
+    let text = scrape(metrics_addr).await;
+    assert_eq!(
+        metric_of(&text, "lightstep_tekton_webhook_policy_valid"),
+        1.0
+    );
+    assert!(log_text().contains("policy reloaded"), "{}", log_text());
+    drop(client);
+    assert_eq!(server.terminate().await.code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -634,10 +634,50 @@ fn an_unknown_namespace_gets_the_fallback_policy() {
     assert_eq!(reply.outcome, Outcome::Patched);
 }
 
+/// With the policy file invalid (no fallback), a TracingPolicy that selects the namespace still
+/// applies, enforce mode included; where none does, or the namespace is unknown, the pod passes
+/// untouched on either path.
+#[test]
+fn without_a_file_policy_tracing_policies_still_apply() {
+    let snapshot = otlp_policy("prod", "enforce");
+    let body = fixture_bytes("tekton-pipeline-task-traced.json");
+    let uid = fixture("tekton-pipeline-task-traced.json")["request"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let prod = labels(&[("env", "prod")]);
+    let reply = admission::review_or_pass(&body, Mode::Inject, |_| {
+        selection::select_tracing_policy(&snapshot, Some(&prod))
+    })
+    .unwrap();
+    assert_eq!(reply.outcome, Outcome::Patched);
+    assert!(reply.policy.starts_with("prod@gen5/"), "{}", reply.policy);
+    assert_eq!(reply.mode, Mode::Enforce);
+    let (_, patch) = check_reply(&reply.body, &uid);
+    assert!(!patch.0.is_empty());
+
+    let dev = labels(&[("env", "dev")]);
+    for (namespace_labels, path) in [
+        (Some(&dev), Mode::Inject),
+        (Some(&dev), Mode::Enforce),
+        (None, Mode::Enforce),
+    ] {
+        let reply = admission::review_or_pass(&body, path, |_| {
+            selection::select_tracing_policy(&snapshot, namespace_labels)
+        })
+        .unwrap();
+        assert_eq!(reply.outcome, Outcome::NoPolicy, "{path:?}");
+        let (v, patch) = check_reply(&reply.body, &uid);
+        assert!(patch.0.is_empty());
+        assert_eq!(v["response"]["allowed"], true);
+    }
+}
+
 #[test]
 fn the_spec_holds_every_field_of_the_file_policy_and_three_more() {
     use lightstep_tekton_webhook::policy::{
-        ContainersSpec, EnvFromPolicy, ExporterSpec, PolicySpec, Profile, SamplingSpec, TokenSpec,
+        ContainersSpec, EnvFromPolicy, ExporterSpec, PolicySpec, Profile, RunSpansSpec,
+        SamplingSpec, TokenSpec,
     };
     // Written out field by field (no `..Default`): a field added to the file policy fails to
     // compile here until it is added to this list, and then fails below until the CRD has it.
@@ -652,6 +692,7 @@ fn the_spec_holds_every_field_of_the_file_policy_and_three_more() {
         propagators: Some(Vec::new()),
         resource_attributes: Some(BTreeMap::new()),
         env_from: Some(EnvFromPolicy::Preserve),
+        run_spans: Some(RunSpansSpec::default()),
     };
     let mut file_fields: Vec<String> = serde_json::to_value(&file)
         .unwrap()
@@ -675,4 +716,221 @@ fn the_spec_holds_every_field_of_the_file_policy_and_three_more() {
     assert_eq!(crd_fields, file_fields);
     // `token: null` must survive the API server: the schema says it may be null.
     assert_eq!(spec["properties"]["token"]["nullable"], true);
+}
+
+/// The installed CRD's `openAPIV3Schema`.
+fn crd_schema() -> Value {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("manifests/base/crd-tracingpolicy.yaml"),
+    )
+    .unwrap();
+    let crd: Value = serde_norway::from_str(&text).unwrap();
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+/// What the API server checks of an object against a structural schema, for the keywords the
+/// generated CRD uses: type, nullable, properties, required, additionalProperties, items, enum,
+/// minimum, maximum, minLength, maxLength, minItems, pattern. Unknown fields are not errors
+/// (the API server prunes them). The error names the path, as the API server's does.
+fn check_schema(schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+    let fail = |what: String| Err(format!("{at}: {what}"));
+    if value.is_null() {
+        return match schema["nullable"].as_bool() {
+            Some(true) => Ok(()),
+            _ => fail("must not be null".into()),
+        };
+    }
+    let type_ok = match schema["type"].as_str() {
+        Some("object") => value.is_object(),
+        Some("array") => value.is_array(),
+        Some("string") => value.is_string(),
+        Some("boolean") => value.is_boolean(),
+        Some("integer") => value.is_i64() || value.is_u64(),
+        Some("number") => value.is_number(),
+        None => true,
+        Some(other) => panic!("{at}: type {other}"),
+    };
+    if !type_ok {
+        return fail(format!("must be of type {}", schema["type"]));
+    }
+    if let Some(values) = schema["enum"].as_array()
+        && !values.contains(value)
+    {
+        return fail(format!("must be one of {}", schema["enum"]));
+    }
+    if let Some(n) = value.as_f64() {
+        if schema["minimum"].as_f64().is_some_and(|min| n < min) {
+            return fail(format!("must be at least {}", schema["minimum"]));
+        }
+        if schema["maximum"].as_f64().is_some_and(|max| n > max) {
+            return fail(format!("must be at most {}", schema["maximum"]));
+        }
+    }
+    if let Some(s) = value.as_str() {
+        let chars = s.chars().count() as u64;
+        if schema["minLength"].as_u64().is_some_and(|min| chars < min) {
+            return fail(format!("shorter than {}", schema["minLength"]));
+        }
+        if schema["maxLength"].as_u64().is_some_and(|max| chars > max) {
+            return fail(format!("longer than {}", schema["maxLength"]));
+        }
+        if let Some(pattern) = schema["pattern"].as_str()
+            && !regex::Regex::new(pattern).unwrap().is_match(s)
+        {
+            return fail(format!("must match {pattern}"));
+        }
+    }
+    if let Some(items) = value.as_array() {
+        if schema["minItems"]
+            .as_u64()
+            .is_some_and(|min| (items.len() as u64) < min)
+        {
+            return fail(format!("fewer than {} items", schema["minItems"]));
+        }
+        for (i, item) in items.iter().enumerate() {
+            check_schema(&schema["items"], item, &format!("{at}[{i}]"))?;
+        }
+    }
+    if let Some(object) = value.as_object() {
+        for required in schema["required"].as_array().into_iter().flatten() {
+            if !object.contains_key(required.as_str().unwrap()) {
+                return fail(format!("{required} is required"));
+            }
+        }
+        for (key, child) in object {
+            if let Some(property) = schema["properties"].get(key) {
+                check_schema(property, child, &format!("{at}.{key}"))?;
+            } else if schema["additionalProperties"].is_object() {
+                check_schema(
+                    &schema["additionalProperties"],
+                    child,
+                    &format!("{at}.{key}"),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn tracing_policy_object(spec: Value) -> Value {
+    json!({
+        "apiVersion": "lightstep-tekton.io/v1alpha1",
+        "kind": "TracingPolicy",
+        "metadata": {"name": "team-a"},
+        "spec": spec,
+    })
+}
+
+/// The CRD's schema refuses the obvious mistakes by itself, so a cluster whose validating
+/// webhook is down still does; and everything it refuses, the webhook refuses too (the schema
+/// is a subset of the rules, never stricter).
+#[test]
+fn the_crd_schema_refuses_out_of_range_values_by_itself() {
+    let schema = crd_schema();
+    let example: Value = serde_norway::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("manifests/tracingpolicy.example.yaml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    check_schema(&schema, &example, "").unwrap();
+    let full = json!({
+        "profile": "lightstep", "mode": "enforce", "priority": -3, "envFrom": "override",
+        "exporter": {"endpoint": "http://$(HOST_IP):4317", "protocol": "http/protobuf",
+                     "tracesEndpoint": "https://collector.example.com/otlp/v1/traces"},
+        "token": {"secretName": "ls-token.v2", "secretKey": "access_token.1",
+                  "header": "x-honeycomb-team"},
+        "sampling": {"ratio": 0}, "containers": {"sidecars": true, "exclude": ["step-lint"]},
+        "propagators": ["tracecontext", "baggage", "b3multi"], "serviceName": "{task}",
+    });
+    check_schema(&schema, &tracing_policy_object(full.clone()), "").unwrap();
+    assert!(resource::resolve(&tp("team-a", 1, full)).is_ok());
+    check_schema(
+        &schema,
+        &tracing_policy_object(json!({"sampling": {"ratio": 1}})),
+        "",
+    )
+    .unwrap();
+
+    let long_url = format!("https://{}.example.com", "a".repeat(2100));
+    let cases = [
+        (json!({"sampling": {"ratio": 2}}), ".spec.sampling.ratio"),
+        (json!({"sampling": {"ratio": -0.1}}), ".spec.sampling.ratio"),
+        (
+            json!({"sampling": {"ratio": 1.0001}}),
+            ".spec.sampling.ratio",
+        ),
+        (json!({"profile": "datadog"}), ".spec.profile"),
+        (json!({"mode": "block"}), ".spec.mode"),
+        (json!({"envFrom": "ignore"}), ".spec.envFrom"),
+        (
+            json!({"exporter": {"protocol": "grpcc"}}),
+            ".spec.exporter.protocol",
+        ),
+        (
+            json!({"exporter": {"endpoint": "ingest.lightstep.com:443"}}),
+            ".spec.exporter.endpoint",
+        ),
+        (
+            json!({"exporter": {"endpoint": "http://"}}),
+            ".spec.exporter.endpoint",
+        ),
+        (
+            json!({"exporter": {"endpoint": "https:///v1/traces"}}),
+            ".spec.exporter.endpoint",
+        ),
+        (
+            json!({"exporter": {"endpoint": "http://collector :4317"}}),
+            ".spec.exporter.endpoint",
+        ),
+        (
+            json!({"exporter": {"tracesEndpoint": "collector/v1/traces"}}),
+            ".spec.exporter.tracesEndpoint",
+        ),
+        (
+            json!({"exporter": {"endpoint": long_url}}),
+            ".spec.exporter.endpoint",
+        ),
+        (
+            json!({"token": {"secretName": "Not_Valid"}}),
+            ".spec.token.secretName",
+        ),
+        (
+            json!({"token": {"secretName": "-lead"}}),
+            ".spec.token.secretName",
+        ),
+        (
+            json!({"token": {"secretKey": "a b"}}),
+            ".spec.token.secretKey",
+        ),
+        (json!({"token": {"header": "x y"}}), ".spec.token.header"),
+        (
+            json!({"propagators": ["tracecontext", "b4"]}),
+            ".spec.propagators[1]",
+        ),
+        (json!({"propagators": []}), ".spec.propagators"),
+        (
+            json!({"containers": {"exclude": [""]}}),
+            ".spec.containers.exclude[0]",
+        ),
+        (json!({"priority": "high"}), ".spec.priority"),
+    ];
+    for (spec, path) in cases {
+        let error = check_schema(&schema, &tracing_policy_object(spec.clone()), "")
+            .expect_err(&spec.to_string());
+        assert!(error.starts_with(&format!("{path}:")), "{spec}: {error}");
+        // Never stricter than the webhook: whatever the schema refuses, resolving refuses.
+        let object = tracing_policy_object(spec.clone());
+        let refused = match resource::decode(object) {
+            Err(_) => true,
+            Ok(tp) => resource::resolve(&tp).is_err(),
+        };
+        assert!(
+            refused,
+            "{spec}: the schema refuses what the webhook accepts"
+        );
+    }
 }

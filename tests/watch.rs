@@ -1,10 +1,11 @@
 //! `serve --watch-tracing-policies` against a stand-in API server: the binary lists and watches
 //! TracingPolicies and namespaces through kube's client, turns ready only once both lists are
 //! in, decides from what it saw, writes each policy's status, and asks the API server for
-//! nothing the install's ClusterRole does not grant.
+//! nothing the install's ClusterRole and Role do not grant.
 //!
 //! The stand-in speaks just enough of the Kubernetes API over plain HTTP (a kubeconfig points
-//! the binary at it): list and watch for the two resources, and PUT on the status subresource.
+//! the binary at it): list and watch for the two resources, PUT on the status subresource, and
+//! GET, POST and PUT of one Lease (the election of the status writer).
 //! Its watches stay open and silent, as a quiet cluster's do.
 
 mod common;
@@ -19,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::api::rbac::v1::PolicyRule;
+use lightstep_tekton_webhook::cluster::WEBHOOK_LEASE;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Deserialize as _;
@@ -30,6 +32,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_lightstep-tekton-webhook");
 const DEADLINE: Duration = Duration::from_secs(60);
 const POLICIES: &str = "/apis/lightstep-tekton.io/v1alpha1/tracingpolicies";
 const NAMESPACES: &str = "/api/v1/namespaces";
+/// Where the install's namespace keeps its Leases (the webhook's elects its status writer).
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/lightstep-tekton/leases";
 
 /// One request the stand-in received.
 #[derive(Debug, Clone)]
@@ -55,10 +59,11 @@ impl FakeApi {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (o, s) = (open.clone(), seen.clone());
         let lists = Arc::new((policies, namespaces));
+        let lease = Arc::new(Mutex::new(None));
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (o, s, lists) = (o.clone(), s.clone(), lists.clone());
-                std::thread::spawn(move || serve_connection(stream, &o, &s, &lists));
+                let (o, s, lists, lease) = (o.clone(), s.clone(), lists.clone(), lease.clone());
+                std::thread::spawn(move || serve_connection(stream, &o, &s, &lists, &lease));
             }
         });
         FakeApi { addr, open, seen }
@@ -74,6 +79,7 @@ fn serve_connection(
     open: &AtomicBool,
     seen: &Mutex<Vec<Seen>>,
     lists: &(Vec<Value>, Vec<Value>),
+    lease: &Mutex<Option<Value>>,
 ) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
@@ -133,12 +139,50 @@ fn serve_connection(
             respond(&mut writer, 200, &serde_json::to_vec(&list).unwrap());
         } else if method == "PUT" && path.starts_with(POLICIES) && path.ends_with("/status") {
             respond(&mut writer, 200, &body);
+        } else if path.starts_with(LEASES) {
+            let (code, reply) = lease_request(lease, &method, &body);
+            respond(&mut writer, code, &serde_json::to_vec(&reply).unwrap());
         } else {
             let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                 "code": 404, "reason": "NotFound", "message": "not here"});
             respond(&mut writer, 404, &serde_json::to_vec(&status).unwrap());
         }
     }
+}
+
+/// GET, POST and PUT of the one Lease, its resourceVersion enforced as the API server does.
+fn lease_request(lease: &Mutex<Option<Value>>, method: &str, body: &[u8]) -> (u16, Value) {
+    let mut lease = lease.lock().unwrap();
+    let version = lease
+        .as_ref()
+        .map(|l| l["metadata"]["resourceVersion"].clone());
+    let status = |code: u16, reason: &str| {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+               "code": code, "reason": reason, "message": reason})
+    };
+    let mut object: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let conflict = match method {
+        "GET" => {
+            return lease
+                .clone()
+                .map_or((404, status(404, "NotFound")), |l| (200, l));
+        }
+        "POST" => version.is_some(),
+        "PUT" => {
+            version.is_none() || version.as_ref() != Some(&object["metadata"]["resourceVersion"])
+        }
+        _ => return (405, status(405, "MethodNotAllowed")),
+    };
+    if conflict {
+        return (409, status(409, "Conflict"));
+    }
+    let next = version
+        .and_then(|v| v.as_str()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        + 1;
+    object["metadata"]["resourceVersion"] = json!(next.to_string());
+    *lease = Some(object.clone());
+    (if method == "POST" { 201 } else { 200 }, object)
 }
 
 fn respond(writer: &mut TcpStream, code: u16, body: &[u8]) {
@@ -265,25 +309,30 @@ fn namespace(name: &str, labels: &[(&str, &str)]) -> Value {
            "metadata": {"name": name, "labels": all}})
 }
 
-/// Whether the install's ClusterRole grants a request: (API group, resource, verb).
-fn granted(role: &ClusterRole, group: &str, resource: &str, verb: &str) -> bool {
-    role.rules.iter().flatten().any(|r| {
+/// Whether rules grant a request: (API group, resource, verb), on the webhook's Lease where a
+/// rule names the objects it covers.
+fn granted(rules: &[PolicyRule], group: &str, resource: &str, verb: &str) -> bool {
+    rules.iter().any(|r| {
         r.api_groups.iter().flatten().any(|g| g == group)
             && r.resources.iter().flatten().any(|x| x == resource)
             && r.verbs.iter().any(|v| v == verb)
+            && r.resource_names
+                .as_ref()
+                .is_none_or(|names| verb != "create" && names.iter().any(|n| n == WEBHOOK_LEASE))
     })
 }
 
-fn install_cluster_role() -> ClusterRole {
+/// The rules of the install's ClusterRole, or of its Role (in the install's namespace): `kind`.
+fn install_role(kind: &str) -> Vec<PolicyRule> {
     let text = std::fs::read_to_string(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("manifests/base/rbac.yaml"),
     )
     .unwrap();
     serde_norway::Deserializer::from_str(&text)
         .map(|doc| Value::deserialize(doc).unwrap())
-        .find(|v| v["kind"] == "ClusterRole")
-        .map(|v| serde_json::from_value(v).unwrap())
-        .expect("a ClusterRole in rbac.yaml")
+        .find(|v| v["kind"] == kind)
+        .map(|v| serde_json::from_value(v["rules"].clone()).unwrap())
+        .unwrap_or_else(|| panic!("a {kind} in rbac.yaml"))
 }
 
 fn eventually<T>(what: &str, log: &dyn Fn() -> String, mut check: impl FnMut() -> Option<T>) -> T {
@@ -338,6 +387,9 @@ fn serve_watches_decides_from_the_caches_writes_status_and_stays_within_its_rbac
             .arg(format!("--listen={listen}"))
             .arg(format!("--metrics-listen={metrics}"))
             .env("KUBECONFIG", &kubeconfig)
+            // As the Deployment's downward API sets them: the Lease's namespace and holder.
+            .env("POD_NAMESPACE", "lightstep-tekton")
+            .env("POD_NAME", "webhook-0")
             .env("RUST_LOG", "info")
             .env_remove("LIGHTSTEP_TEKTON_POLICY")
             .stdout(Stdio::null())
@@ -411,28 +463,41 @@ fn serve_watches_decides_from_the_caches_writes_status_and_stays_within_its_rbac
             .contains("spec.sampling.ratio")
     );
 
-    // Every call the server made is one the ClusterRole grants.
+    // Every call the server made is one the ClusterRole (or, for the Lease, the Role) grants.
     let seen = api.seen();
-    let role = install_cluster_role();
+    let (cluster_role, role) = (install_role("ClusterRole"), install_role("Role"));
     for r in &seen {
         let watch = r
             .query
             .split('&')
             .any(|p| p == "watch=true" || p == "watch=1");
-        let (group, resource, verb) = match (r.method.as_str(), r.path.as_str()) {
-            ("GET", NAMESPACES) => ("", "namespaces", if watch { "watch" } else { "list" }),
+        let lease = format!("{LEASES}/{WEBHOOK_LEASE}");
+        let (rules, group, resource, verb) = match (r.method.as_str(), r.path.as_str()) {
+            ("GET", p) if p == lease => (&role, "coordination.k8s.io", "leases", "get"),
+            ("PUT", p) if p == lease => (&role, "coordination.k8s.io", "leases", "update"),
+            ("POST", LEASES) => (&role, "coordination.k8s.io", "leases", "create"),
+            ("GET", NAMESPACES) => (
+                &cluster_role,
+                "",
+                "namespaces",
+                if watch { "watch" } else { "list" },
+            ),
             ("GET", POLICIES) => (
+                &cluster_role,
                 "lightstep-tekton.io",
                 "tracingpolicies",
                 if watch { "watch" } else { "list" },
             ),
-            ("PUT", p) if p.starts_with(POLICIES) && p.ends_with("/status") => {
-                ("lightstep-tekton.io", "tracingpolicies/status", "update")
-            }
+            ("PUT", p) if p.starts_with(POLICIES) && p.ends_with("/status") => (
+                &cluster_role,
+                "lightstep-tekton.io",
+                "tracingpolicies/status",
+                "update",
+            ),
             other => panic!("unexpected API request {other:?}"),
         };
         assert!(
-            granted(&role, group, resource, verb),
+            granted(rules, group, resource, verb),
             "{} {}?{} needs {verb} on {group}/{resource}, which rbac.yaml does not grant",
             r.method,
             r.path,

@@ -1,8 +1,10 @@
-//! Admission: the pod view, the decision, the review boundary, and the `mutate` preview.
+//! Admission: the pod view, the decision, the review boundary, the validating webhook's
+//! decision on policies, and the `mutate` preview.
 pub mod decide;
 pub mod pod;
 pub mod preview;
 mod review;
+pub mod validate;
 
 pub use decide::Mode;
 pub use review::*;

@@ -7,25 +7,23 @@
 //!
 //! With `--policy-dir`, TracingPolicy files stand in for the cluster's objects and
 //! `--namespace-labels` for the namespace's labels; the choice among them is the server's own
-//! ([`selection::select`]). A file that does not decode (an unknown field, a wrong type) is an
-//! error here, although the API server would prune unknown fields: a preview that silently
-//! differs from what was written would be worse. A policy that decodes but does not validate is
+//! ([`selection::select`]). Files are read by the server's own loader ([`loader`]): a document
+//! that does not decode is an error here, and a policy that decodes but does not validate is
 //! reported and ignored, as the server ignores it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
-use serde::Deserialize as _;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::admission;
 use crate::admission::decide::Mode;
 use crate::policy::Policy;
-use crate::policy::resource::{self, FIRST_GENERATION, GROUP, KIND, VERSION};
+use crate::policy::loader::{self, LoadError};
 use crate::policy::selection::{self, Fallback, Selected, Snapshot};
 
 /// The label the API server puts on every namespace (Kubernetes 1.21 and later).
@@ -127,10 +125,8 @@ pub enum PreviewError {
         path: String,
         source: admission::BadRequest,
     },
-    #[error("--policy {path}: {reason}")]
-    Policy { path: String, reason: String },
-    #[error("--policy-dir {path}: {reason}")]
-    PolicyDir { path: String, reason: String },
+    #[error(transparent)]
+    Policy(#[from] LoadError),
     #[error("the patch does not apply to the pod: {0}")]
     Apply(String),
 }
@@ -161,82 +157,11 @@ pub fn run(args: MutateArgs) -> ExitCode {
     }
 }
 
-pub fn load_policy(path: Option<&PathBuf>) -> Result<Policy, PreviewError> {
-    let Some(path) = path else {
-        return Ok(Policy::embedded_default());
-    };
-    let shown = path.display().to_string();
-    let text = fs::read_to_string(path).map_err(|e| PreviewError::Policy {
-        path: shown.clone(),
-        reason: e.to_string(),
-    })?;
-    Policy::from_yaml(&text).map_err(|e| PreviewError::Policy {
-        path: shown,
-        reason: e.to_string(),
-    })
-}
-
-/// Reads every TracingPolicy in a directory (not its subdirectories), in file name order.
-pub fn load_policy_dir(dir: &Path) -> Result<Snapshot, PreviewError> {
-    let error = |path: &Path, reason: String| PreviewError::PolicyDir {
-        path: path.display().to_string(),
-        reason,
-    };
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)
-        .map_err(|e| error(dir, e.to_string()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
-        })
-        .collect();
-    files.sort();
-    let mut names = BTreeSet::new();
-    let mut resolutions = Vec::new();
-    for file in &files {
-        let text = fs::read_to_string(file).map_err(|e| error(file, e.to_string()))?;
-        for (index, document) in serde_norway::Deserializer::from_str(&text).enumerate() {
-            let at = |reason: String| error(file, format!("document {}: {reason}", index + 1));
-            let mut value = Value::deserialize(document).map_err(|e| at(e.to_string()))?;
-            if value.is_null() {
-                continue;
-            }
-            let api_version = value.get("apiVersion").and_then(Value::as_str);
-            let kind = value.get("kind").and_then(Value::as_str);
-            let expected = format!("{GROUP}/{VERSION}");
-            if api_version != Some(expected.as_str()) || kind != Some(KIND) {
-                return Err(at(format!(
-                    "expected apiVersion {expected}, kind {KIND}; got apiVersion {}, kind {}",
-                    api_version.unwrap_or("(none)"),
-                    kind.unwrap_or("(none)")
-                )));
-            }
-            // The API server gives a new object generation 1; a file usually names none.
-            if value.pointer("/metadata/generation").is_none()
-                && let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut)
-            {
-                meta.insert("generation".into(), json!(FIRST_GENERATION));
-            }
-            let tp = resource::decode(value).map_err(|e| at(e.to_string()))?;
-            let name = tp.metadata.name.clone().unwrap_or_default();
-            if !names.insert(name.clone()) {
-                return Err(at(format!(
-                    "a second TracingPolicy named {name:?} (names are unique in a cluster)"
-                )));
-            }
-            resolutions.push(resource::resolve(&tp));
-        }
-    }
-    Ok(Snapshot::build(resolutions))
-}
-
 /// Runs the preview and returns what to print.
 pub fn preview(args: &MutateArgs) -> Result<Preview, PreviewError> {
-    let policy = load_policy(args.policy.as_ref())?;
+    let policy = loader::read_policy(args.policy.as_deref())?;
     let policies = match &args.policy_dir {
-        Some(dir) => Some(load_policy_dir(dir)?),
+        Some(dir) => Some(loader::read_policy_dir(dir)?),
         None => None,
     };
     let (path, text) = read_input(&args.input)?;

@@ -19,8 +19,14 @@
 //! [`decide::decide`] because it changes only the response, not the decision: the decision stays
 //! pure and identical, which is what makes an audit run a faithful trial of the policy.
 //!
+//! When the server has no file policy (its file was invalid at start, see
+//! [`crate::policy::loader`]), [`review_or_pass`] answers a pod that no TracingPolicy selects with
+//! `allowed: true`, no patch and one warning, on either path: nothing is injected that the
+//! platform team did not choose, and an enforced namespace can still create pods.
+//!
 //! A body that is not a v1 AdmissionReview at all has no uid to answer to: [`BadRequest`], which
-//! the server turns into HTTP 400.
+//! the server turns into HTTP 400. The envelope types are shared with the validating webhook
+//! ([`crate::admission::validate`]).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -47,10 +53,13 @@ pub enum BadRequest {
     Empty,
     #[error("malformed JSON: {0}")]
     Json(String),
-    #[error(
-        "expected apiVersion admission.k8s.io/v1, kind AdmissionReview; got apiVersion {api_version:?}, kind {kind:?}"
-    )]
-    NotAdmissionReview { api_version: String, kind: String },
+    /// The envelope's `field` is not `expected`. The value received is not kept: a caller's
+    /// string there (a token, say) must not come back in the reply or the log.
+    #[error("{field}: expected {expected}")]
+    NotAdmissionReview {
+        field: &'static str,
+        expected: &'static str,
+    },
     #[error("AdmissionReview has no request")]
     NoRequest,
     #[error("AdmissionReview request has no uid")]
@@ -70,6 +79,9 @@ pub enum Outcome {
     },
     /// A policy in audit mode would have patched the pod: allowed untouched, with a warning.
     Audited,
+    /// No policy to decide with (the policy file is invalid and no TracingPolicy selects the
+    /// namespace): allowed untouched on either path, with a warning.
+    NoPolicy,
 }
 
 impl Outcome {
@@ -82,6 +94,7 @@ impl Outcome {
             Outcome::Failed { denied: true } => "denied",
             Outcome::Failed { denied: false } => "allowed-on-error",
             Outcome::Audited => "audited",
+            Outcome::NoPolicy => "no-policy",
         }
     }
 
@@ -127,66 +140,66 @@ pub struct Reply {
 /// when the fast path failed and the reason must be found (see [`review`]).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ReviewIn<O> {
+pub(super) struct ReviewIn<O> {
     #[serde(default)]
-    api_version: String,
+    pub(super) api_version: String,
     #[serde(default)]
-    kind: String,
-    request: Option<RequestIn<O>>,
+    pub(super) kind: String,
+    pub(super) request: Option<RequestIn<O>>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RequestIn<O> {
+pub(super) struct RequestIn<O> {
     #[serde(default)]
-    uid: String,
-    kind: Option<GroupVersionKind>,
+    pub(super) uid: String,
+    pub(super) kind: Option<GroupVersionKind>,
     #[serde(default)]
-    namespace: Option<String>,
+    pub(super) namespace: Option<String>,
     #[serde(default)]
-    operation: Option<String>,
+    pub(super) operation: Option<String>,
     #[serde(default)]
-    sub_resource: Option<String>,
-    object: Option<O>,
+    pub(super) sub_resource: Option<String>,
+    pub(super) object: Option<O>,
 }
 
 #[derive(Deserialize)]
-struct GroupVersionKind {
+pub(super) struct GroupVersionKind {
     #[serde(default)]
-    group: String,
+    pub(super) group: String,
     #[serde(default)]
-    kind: String,
+    pub(super) kind: String,
 }
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct ReviewOut<'a> {
-    api_version: &'static str,
-    kind: &'static str,
-    response: ResponseOut<'a>,
+pub(super) struct ReviewOut<'a> {
+    pub(super) api_version: &'static str,
+    pub(super) kind: &'static str,
+    pub(super) response: ResponseOut<'a>,
 }
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct ResponseOut<'a> {
-    uid: &'a str,
-    allowed: bool,
+pub(super) struct ResponseOut<'a> {
+    pub(super) uid: &'a str,
+    pub(super) allowed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<StatusOut>,
+    pub(super) status: Option<StatusOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    patch_type: Option<&'static str>,
+    pub(super) patch_type: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    patch: Option<String>,
+    pub(super) patch: Option<String>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    warnings: &'a [String],
+    pub(super) warnings: &'a [String],
 }
 
 #[derive(Serialize)]
-struct StatusOut {
-    status: &'static str,
-    code: u16,
-    reason: &'static str,
-    message: String,
+pub(super) struct StatusOut {
+    pub(super) status: &'static str,
+    pub(super) code: u16,
+    pub(super) reason: &'static str,
+    pub(super) message: String,
 }
 
 /// A CREATE review of a pod, shaped as the API server sends it: what `mutate` wraps a bare Pod
@@ -230,6 +243,17 @@ pub fn review_with<'p>(
     body: &[u8],
     mode: Mode,
     select: impl FnOnce(&str) -> Selected<'p>,
+) -> Result<Reply, BadRequest> {
+    review_or_pass(body, mode, |namespace| Some(select(namespace)))
+}
+
+/// [`review_with`] for a server that may have no fallback policy: `select` answers `None` when
+/// nothing applies to the namespace, and the pod is then allowed untouched with a warning
+/// ([`Outcome::NoPolicy`]) whatever the path, an undecodable pod included.
+pub fn review_or_pass<'p>(
+    body: &[u8],
+    mode: Mode,
+    select: impl FnOnce(&str) -> Option<Selected<'p>>,
 ) -> Result<Reply, BadRequest> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(BadRequest::Empty);
@@ -281,13 +305,16 @@ pub fn review_with<'p>(
 fn choose<'p>(
     mut reply: Reply,
     pod: Option<&PodView>,
-    select: impl FnOnce(&str) -> Selected<'p>,
-) -> (Reply, Selected<'p>) {
+    select: impl FnOnce(&str) -> Option<Selected<'p>>,
+) -> (Reply, Option<Selected<'p>>) {
     if reply.namespace.is_empty() {
         let from_pod = pod.and_then(|p| p.metadata.namespace.clone());
         reply.namespace = from_pod.unwrap_or_default();
     }
-    let selected = select(&reply.namespace);
+    let Some(selected) = select(&reply.namespace) else {
+        reply.outcome = Outcome::NoPolicy;
+        return (reply, None);
+    };
     reply.policy = selected.policy.marker().to_owned();
     reply.policy_mode = selected.mode;
     reply.fallback = match selected.choice {
@@ -297,22 +324,35 @@ fn choose<'p>(
     if selected.mode == PolicyMode::Enforce {
         reply.mode = Mode::Enforce;
     }
-    (reply, selected)
+    (reply, Some(selected))
 }
 
-/// Checks the envelope and starts the reply. The request comes back only when it is a pod
-/// CREATE, the one thing this webhook decides on.
-fn accept<O>(review: ReviewIn<O>, mode: Mode) -> Result<(Reply, Option<RequestIn<O>>), BadRequest> {
-    if review.api_version != API_VERSION || review.kind != KIND {
+/// Checks the envelope: a v1 AdmissionReview with a request that has a uid. A wrong envelope
+/// is named by its field and the expected value, never by the value received.
+pub(super) fn open<O>(review: ReviewIn<O>) -> Result<RequestIn<O>, BadRequest> {
+    if review.api_version != API_VERSION {
         return Err(BadRequest::NotAdmissionReview {
-            api_version: clipped(review.api_version),
-            kind: clipped(review.kind),
+            field: "apiVersion",
+            expected: API_VERSION,
+        });
+    }
+    if review.kind != KIND {
+        return Err(BadRequest::NotAdmissionReview {
+            field: "kind",
+            expected: KIND,
         });
     }
     let request = review.request.ok_or(BadRequest::NoRequest)?;
     if request.uid.is_empty() {
         return Err(BadRequest::NoUid);
     }
+    Ok(request)
+}
+
+/// Checks the envelope and starts the reply. The request comes back only when it is a pod
+/// CREATE, the one thing this webhook decides on.
+fn accept<O>(review: ReviewIn<O>, mode: Mode) -> Result<(Reply, Option<RequestIn<O>>), BadRequest> {
+    let request = open(review)?;
     let reply = Reply {
         body: Vec::new(),
         uid: request.uid.clone(),
@@ -343,8 +383,11 @@ fn accept<O>(review: ReviewIn<O>, mode: Mode) -> Result<(Reply, Option<RequestIn
     Ok((reply, Some(request)))
 }
 
-fn decide(mut reply: Reply, pod: &PodView, selected: Selected<'_>) -> Reply {
+fn decide(mut reply: Reply, pod: &PodView, selected: Option<Selected<'_>>) -> Reply {
     reply.pod = pod.display_name();
+    let Some(selected) = selected else {
+        return respond(reply, None);
+    };
     let decision = decide::decide(
         pod,
         decide::Request {
@@ -357,6 +400,11 @@ fn decide(mut reply: Reply, pod: &PodView, selected: Selected<'_>) -> Reply {
 }
 
 fn fail(mut reply: Reply, error: String) -> Reply {
+    if reply.outcome == Outcome::NoPolicy {
+        // Without a policy there is nothing to enforce: the pod goes through, said once.
+        reply.error = Some(error);
+        return respond(reply, None);
+    }
     reply.outcome = Outcome::Failed {
         // Audit is a trial: it must never stop a pod, not even one it cannot read.
         denied: reply.mode == Mode::Enforce && reply.policy_mode != PolicyMode::Audit,
@@ -388,6 +436,11 @@ fn respond(mut reply: Reply, decision: Option<Decision>) -> Reply {
                 reply.outcome = Outcome::Patched;
             }
         }
+    }
+    if reply.outcome == Outcome::NoPolicy {
+        reply.warnings.push(warning(
+            "tracing not injected: the webhook's policy file is invalid (see its logs)",
+        ));
     }
     if let Outcome::Failed { denied } = reply.outcome {
         if denied {
@@ -453,25 +506,11 @@ fn audit_message(marker: &str, decision: &Decision) -> String {
     )
 }
 
-/// A caller's string as quoted in an error: enough to recognise, not megabytes into the log.
-fn clipped(mut s: String) -> String {
-    const MAX: usize = 64;
-    if s.len() > MAX {
-        let mut cut = MAX;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push('…');
-    }
-    s
-}
-
 /// A decoding error without the values it quotes. serde's messages quote the offending string
 /// (`invalid type: string "…", expected a sequence`), and these messages go to the log and to
 /// the caller: whatever a caller put in a mistyped field (a token, megabytes of text) must not be
 /// copied there. Found by the secret-grep test in tests/server.rs.
-fn without_values(e: &serde_json::Error) -> String {
+pub(super) fn without_values(e: &serde_json::Error) -> String {
     let message = e.to_string();
     let mut out = String::with_capacity(message.len().min(256));
     let mut quote = None;
@@ -497,7 +536,7 @@ fn without_values(e: &serde_json::Error) -> String {
 }
 
 /// Prefixes a warning with the webhook's name and keeps it within the API server's guideline.
-fn warning(message: &str) -> String {
+pub(super) fn warning(message: &str) -> String {
     let mut w = format!("{WARNING_PREFIX}{message}");
     if w.len() > WARNING_MAX {
         let mut cut = WARNING_MAX - 3;
@@ -637,11 +676,26 @@ mod tests {
         let err = review(bad.as_bytes(), &policy(), Mode::Inject).unwrap_err();
         assert!(matches!(err, BadRequest::Json(_)), "{err}");
         assert!(!err.to_string().contains(secret), "{err}");
-        // A wrong apiVersion is quoted, but only its start.
-        let long = "x".repeat(1 << 20);
-        let bad = format!(r#"{{"apiVersion":"{long}","kind":"AdmissionReview"}}"#);
-        let err = review(bad.as_bytes(), &policy(), Mode::Inject).unwrap_err();
-        assert!(err.to_string().len() < 300, "{err}");
+    }
+
+    /// D7: a wrong apiVersion or kind is named with the value expected, never quoted.
+    #[test]
+    fn a_wrong_envelope_is_named_not_echoed() {
+        let secret = "lsat_7Hq2v9XkR4mN8pW3zL6yT1cB5dJ0fG2s";
+        for (api_version, kind, field, expected) in [
+            (secret, KIND, "apiVersion", API_VERSION),
+            (API_VERSION, secret, "kind", KIND),
+            (secret, secret, "apiVersion", API_VERSION),
+        ] {
+            let bad = format!(r#"{{"apiVersion":"{api_version}","kind":"{kind}"}}"#);
+            let err = review(bad.as_bytes(), &policy(), Mode::Inject).unwrap_err();
+            let message = err.to_string();
+            assert!(!message.contains(&secret[..8]), "{message}");
+            assert!(
+                message.contains(field) && message.contains(expected),
+                "{message}"
+            );
+        }
     }
 
     /// A nesting bomb neither overflows the stack nor stops the reply: in a field the webhook
@@ -664,6 +718,41 @@ mod tests {
             "{:?}",
             reply.map(|r| r.outcome)
         );
+    }
+
+    #[test]
+    fn without_a_policy_every_pod_is_allowed_untouched_with_a_warning() {
+        let taskrun = review_of(json!({
+            "metadata": {"name": "tr-pod", "labels": {"tekton.dev/taskRun": "tr"}},
+            "spec": {"containers": [{"name": "step-a"}]}
+        }));
+        let undecodable = review_of(json!({"metadata": {"labels": "not a map"}}));
+        for body in [&taskrun, &undecodable] {
+            for mode in [Mode::Inject, Mode::Enforce] {
+                let reply = review_or_pass(body, mode, |_| None).unwrap();
+                assert_eq!(reply.outcome, Outcome::NoPolicy, "{mode:?}");
+                let v = parse(&reply);
+                assert_eq!(v["response"]["allowed"], true, "{mode:?}: {v}");
+                assert!(v["response"].get("patch").is_none());
+                assert!(v["response"].get("status").is_none());
+                let warnings = v["response"]["warnings"].as_array().unwrap();
+                assert_eq!(warnings.len(), 1, "{v}");
+                assert!(
+                    warnings[0]
+                        .as_str()
+                        .unwrap()
+                        .contains("policy file is invalid")
+                );
+                assert!(reply.policy.is_empty());
+            }
+        }
+        // The same body with a policy is patched: the pass-through is the missing policy's doing.
+        let p = policy();
+        let reply = review_or_pass(&taskrun, Mode::Inject, |_| {
+            Some(Selected::fallback(&p, Fallback::NotWatching))
+        })
+        .unwrap();
+        assert_eq!(reply.outcome, Outcome::Patched);
     }
 
     #[test]

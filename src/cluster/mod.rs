@@ -1,12 +1,12 @@
-//! The one module that talks to the Kubernetes API: it watches TracingPolicies and Namespaces
-//! into kube-runtime reflector stores, keeps a resolved [`Snapshot`] of the policies, and writes
-//! each TracingPolicy's `status`.
+//! The one room that talks to the Kubernetes API: watch caches of TracingPolicies and
+//! Namespaces ([`caches`]), the TracingPolicies' `status` ([`status`]), leader election on a
+//! Lease ([`lease`]), and their metrics ([`metrics`]).
 //!
-//! Admission never waits on the API: it reads the stores ([`Cluster::select`]) and the snapshot,
-//! which is rebuilt (policies resolved, validated, sorted) only when a policy changes. When the
-//! API server is unreachable the watchers back off and retry (kube-runtime's default backoff),
-//! and admission keeps deciding from the last state it saw. `/readyz` stays false until both
-//! stores have completed their first list ([`Cluster::synced`]).
+//! Admission never waits on the API: it reads the caches ([`Cluster::select`]). When the API
+//! server is unreachable the watchers back off and retry (kube-runtime's default backoff), each
+//! failure counted in `watch_errors_total`, and admission keeps deciding from the last state it
+//! saw. `/readyz` stays false until both caches have completed their first list
+//! ([`Cluster::synced`]).
 //!
 //! Trade-offs:
 //! - Namespaces are watched as metadata only (`Api<PartialObjectMeta<Namespace>>`), annotations and
@@ -15,242 +15,82 @@
 //! - TracingPolicies are watched as `DynamicObject`s and decoded here, one by one, so an object
 //!   that does not decode (a CRD newer than this binary) is reported in its own status instead
 //!   of failing the list for every policy.
-//! - Status is written by every replica: they compute the same thing from the same objects, a
-//!   write happens only when the status differs (transition times aside), and a replica that
-//!   loses the race (HTTP 409) finds the winner's status equal on the next event. Writes are
-//!   debounced ([`STATUS_DEBOUNCE`]) so a burst of namespace changes costs one pass.
+//! - Every replica watches (each answers admissions), but only the holder of the Lease writes
+//!   statuses: two writers would race each other into conflicts on every change.
 
-use std::collections::BTreeMap;
+mod args;
+mod caches;
+pub mod lease;
+mod metrics;
+mod status;
+
+use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::Arc;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, PostParams};
-use kube::core::{ApiResource, DynamicObject, PartialObjectMeta, TypeMeta};
+use kube::Client;
+use kube::api::Api;
+use kube::core::{DynamicObject, PartialObjectMeta};
 use kube::runtime::WatchStreamExt as _;
-use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
-use kube::runtime::watcher::{self, Event};
-use kube::{Client, Resource as _};
-use tokio::sync::Notify;
+use kube::runtime::watcher;
+use prometheus_client::registry::Registry;
+use tokio::sync::{oneshot, watch};
 
-use crate::policy::Policy;
-use crate::policy::resource::{self, TracingPolicy, TracingPolicyStatus};
-use crate::policy::selection::{self, Selected, Snapshot};
+pub use args::ClusterArgs;
+pub use caches::{Caches, Cluster, StatusUpdate};
+pub use lease::{LeaderElection, LeaseConfig};
+pub use metrics::{ClusterMetrics, WatchedResource, WriteResult};
+pub use status::{STATUS_DEBOUNCE, StatusTiming, StatusWriter};
 
-/// After a change, wait this long for more before computing statuses: a rollout that relabels
-/// many namespaces then costs one pass, and a status shows up within a couple of seconds.
-pub const STATUS_DEBOUNCE: Duration = Duration::from_secs(2);
+/// The webhook's Lease, in the install's namespace. The exporter campaigns under its own name.
+pub const WEBHOOK_LEASE: &str = "lightstep-tekton-webhook";
 
-/// Why watching could not start.
+/// Why the cluster room could not start; each message names what to set.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error(
         "--watch-tracing-policies: no Kubernetes API access ({0}); run in a pod with a service account token, or set KUBECONFIG"
     )]
     Connect(kube::Error),
+    #[error(
+        "--lease-namespace: not set; set it or POD_NAMESPACE (the downward API's metadata.namespace), or run in a pod with a service account"
+    )]
+    LeaseNamespace,
+    #[error(
+        "--lease-identity: no host name to use; set it or POD_NAME (the downward API's metadata.name)"
+    )]
+    LeaseIdentity,
 }
 
-/// What admission reads: the reflector stores and the resolved snapshot. Shared by reference.
-pub struct Cluster {
-    namespaces: Store<PartialObjectMeta<Namespace>>,
-    policies: Store<DynamicObject>,
-    snapshot: RwLock<Arc<Snapshot>>,
-    policies_synced: AtomicBool,
-    namespaces_synced: AtomicBool,
-    /// Woken on every change that may change a status.
-    changed: Notify,
-}
-
-impl Cluster {
-    /// Both stores have been listed once. Stays true afterwards: a watch that restarts keeps
-    /// the previous contents until its new list is complete.
-    pub fn synced(&self) -> bool {
-        self.policies_synced.load(Ordering::SeqCst) && self.namespaces_synced.load(Ordering::SeqCst)
-    }
-
-    /// The resolved TracingPolicies, as of the last change.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        // A poisoned lock still holds a complete snapshot: writers only assign.
-        self.snapshot
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// The namespace's labels, or `None` when the namespace is not in the cache.
-    pub fn labels(&self, namespace: &str) -> Option<BTreeMap<String, String>> {
-        self.namespaces
-            .get(&ObjectRef::new(namespace))
-            .map(|ns| ns.metadata.labels.clone().unwrap_or_default())
-    }
-
-    /// The policy for a namespace (see [`selection::select`]), from cached state only.
-    pub fn select<'a>(
-        &self,
-        snapshot: &'a Snapshot,
-        namespace: &str,
-        fallback: &'a Policy,
-    ) -> Selected<'a> {
-        let labels = self.labels(namespace);
-        selection::select(snapshot, labels.as_ref(), fallback)
-    }
-
-    /// The TracingPolicies whose status must be written, with the status they should get.
-    pub fn status_updates(&self, now: &Time) -> Vec<StatusUpdate> {
-        let namespaces: Vec<BTreeMap<String, String>> = self
-            .namespaces
-            .state()
-            .iter()
-            .map(|ns| ns.metadata.labels.clone().unwrap_or_default())
-            .collect();
-        let mut updates = Vec::new();
-        for object in self.policies.state() {
-            let current = object
-                .data
-                .get("status")
-                .and_then(|s| serde_json::from_value::<TracingPolicyStatus>(s.clone()).ok());
-            let resolution = resource::resolve_object(&object);
-            let desired =
-                resource::desired_status(resolution.as_ref(), &namespaces, current.as_ref(), now);
-            if resource::status_differs(current.as_ref(), &desired) {
-                let mut object = (*object).clone();
-                // Items of a list carry no apiVersion and kind; the status update needs them.
-                object.types = Some(TypeMeta {
-                    api_version: TracingPolicy::api_version(&()).into_owned(),
-                    kind: TracingPolicy::kind(&()).into_owned(),
-                });
-                // A plain struct of strings and numbers: it always serializes.
-                object.data["status"] = serde_json::to_value(&desired).expect("status serializes");
-                updates.push(StatusUpdate {
-                    name: object.metadata.name.clone().unwrap_or_default(),
-                    object,
-                });
-            }
-        }
-        updates.sort_by(|a, b| a.name.cmp(&b.name));
-        updates
-    }
-}
-
-/// A status to write: the object as last seen (its `resourceVersion` makes the write
-/// conditional), with the new status.
-#[derive(Debug, Clone)]
-pub struct StatusUpdate {
-    pub name: String,
-    pub object: DynamicObject,
-}
-
-/// The write side of the stores: owned by the watch loop (or by a test feeding it events).
-pub struct Caches {
-    policy_writer: Writer<DynamicObject>,
-    namespace_writer: Writer<PartialObjectMeta<Namespace>>,
-    shared: Arc<Cluster>,
-}
-
-impl Default for Caches {
-    fn default() -> Self {
-        Caches::new()
-    }
-}
-
-impl Caches {
-    pub fn new() -> Caches {
-        let policy_writer = Writer::new(api_resource());
-        let namespace_writer = Writer::default();
-        let shared = Arc::new(Cluster {
-            namespaces: namespace_writer.as_reader(),
-            policies: policy_writer.as_reader(),
-            snapshot: RwLock::new(Arc::new(Snapshot::default())),
-            policies_synced: AtomicBool::new(false),
-            namespaces_synced: AtomicBool::new(false),
-            changed: Notify::new(),
-        });
-        Caches {
-            policy_writer,
-            namespace_writer,
-            shared,
-        }
-    }
-
-    /// The read side, for the server.
-    pub fn cluster(&self) -> Arc<Cluster> {
-        self.shared.clone()
-    }
-
-    /// Applies one TracingPolicy watch event; rebuilds the snapshot when the store changed.
-    pub fn apply_policy_event(&mut self, event: Event<DynamicObject>) {
-        let event = event.modify(|o| o.metadata.managed_fields = None);
-        self.policy_writer.apply_watcher_event(&event);
-        match event {
-            // Buffered by the writer until InitDone: the store has not changed yet.
-            Event::Init | Event::InitApply(_) => return,
-            Event::InitDone => self.shared.policies_synced.store(true, Ordering::SeqCst),
-            Event::Apply(_) | Event::Delete(_) => {}
-        }
-        let snapshot = Snapshot::build(
-            self.shared
-                .policies
-                .state()
-                .iter()
-                .map(|o| resource::resolve_object(o)),
-        );
-        let mut current = self
-            .shared
-            .snapshot
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        if **current != snapshot {
-            tracing::info!(
-                valid = snapshot.valid().len(),
-                invalid = snapshot.invalid().len(),
-                order = %snapshot.valid().iter().map(|p| format!("{}({})", p.name, p.priority)).collect::<Vec<_>>().join(" "),
-                "TracingPolicies changed"
-            );
-            *current = Arc::new(snapshot);
-        }
-        drop(current);
-        self.shared.changed.notify_one();
-    }
-
-    /// Applies one Namespace watch event (labels only are kept).
-    pub fn apply_namespace_event(&mut self, event: Event<PartialObjectMeta<Namespace>>) {
-        let event = event.modify(|ns| {
-            ns.metadata.managed_fields = None;
-            ns.metadata.annotations = None;
-        });
-        self.namespace_writer.apply_watcher_event(&event);
-        match event {
-            Event::Init | Event::InitApply(_) => return,
-            Event::InitDone => self.shared.namespaces_synced.store(true, Ordering::SeqCst),
-            Event::Apply(_) | Event::Delete(_) => {}
-        }
-        self.shared.changed.notify_one();
-    }
-}
-
-/// Where TracingPolicies live in the API, for the dynamic watch.
-pub fn api_resource() -> ApiResource {
-    ApiResource::erase::<TracingPolicy>(&())
-}
-
-/// The API connection and the caches it fills: what `serve --watch-tracing-policies` starts.
+/// The API connection, the caches it fills, and the election of the status writer: what
+/// `serve --watch-tracing-policies` starts.
 pub struct Watch {
     client: Client,
     caches: Caches,
+    metrics: ClusterMetrics,
+    election: LeaderElection,
 }
 
 impl Watch {
     /// Configures the client from the in-cluster service account, or KUBECONFIG outside a
-    /// cluster. Nothing is requested yet: an unreachable API server is retried by [`Watch::run`].
-    pub async fn connect() -> Result<Watch, ClusterError> {
+    /// cluster, the Lease from `args`, and registers the cluster metrics (and `leader`) in
+    /// `registry`. Nothing is requested yet: an unreachable API server is retried by
+    /// [`Watch::run_until`].
+    pub async fn configure(
+        args: &ClusterArgs,
+        registry: &mut Registry,
+    ) -> Result<Watch, ClusterError> {
+        let lease = args.lease(WEBHOOK_LEASE)?;
         let client = Client::try_default().await.map_err(ClusterError::Connect)?;
+        let metrics = ClusterMetrics::register(registry);
+        let election = LeaderElection::new(client.clone(), lease, registry);
         Ok(Watch {
             client,
             caches: Caches::new(),
+            metrics,
+            election,
         })
     }
 
@@ -259,17 +99,46 @@ impl Watch {
         self.caches.cluster()
     }
 
-    /// Watches and writes statuses until the task is aborted.
-    pub async fn run(self) {
-        run(self.client, self.caches).await
+    /// Whether this replica writes statuses (holds the Lease), as it changes.
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        self.election.subscribe()
+    }
+
+    /// Watches, campaigns and writes statuses until `shutdown` completes; then stops writing
+    /// and releases the Lease before returning.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+        let leading = self.leading();
+        let Watch {
+            client,
+            caches,
+            metrics,
+            election,
+        } = self;
+        let status = StatusWriter::new(client.clone(), caches.cluster(), leading, metrics.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        // All in this task, none spawned: aborting the task stops every part of it.
+        let work = async move {
+            tokio::select! {
+                () = watch_caches(client, caches, metrics) => {}
+                // Returns only once leadership can no longer be known (the election ended).
+                () = status.run() => {}
+                () = shutdown => {}
+            }
+            // Writing has stopped (its future is dropped); now the Lease may go.
+            let _ = stop.send(());
+        };
+        let campaign = election.run(async move {
+            // A dropped sender stops the election as well.
+            let _ = stopped.await;
+        });
+        tokio::join!(work, campaign);
     }
 }
 
-/// Watches both resources into `caches` and writes statuses, until the task is aborted.
-async fn run(client: Client, mut caches: Caches) {
-    let status_writer = tokio::spawn(write_statuses(client.clone(), caches.cluster()));
+/// Watches both resources into `caches`; never returns (both streams retry forever).
+async fn watch_caches(client: Client, mut caches: Caches, metrics: ClusterMetrics) {
     let policies = watcher::watcher(
-        Api::<DynamicObject>::all_with(client.clone(), &api_resource()),
+        Api::<DynamicObject>::all_with(client.clone(), &caches::api_resource()),
         watcher::Config::default(),
     )
     .default_backoff();
@@ -281,48 +150,23 @@ async fn run(client: Client, mut caches: Caches) {
     .default_backoff();
     let mut policies = pin!(policies);
     let mut namespaces = pin!(namespaces);
-    // Both streams retry forever with backoff: neither ends.
     loop {
         tokio::select! {
             Some(event) = policies.next() => match event {
                 Ok(event) => caches.apply_policy_event(event),
-                Err(e) => tracing::warn!(error = %e, "watching TracingPolicies failed; retrying with backoff, deciding from the last known state"),
+                Err(e) => {
+                    metrics.watch_error(WatchedResource::TracingPolicies);
+                    tracing::warn!(error = %e, "watching TracingPolicies failed; retrying with backoff, deciding from the last known state");
+                }
             },
             Some(event) = namespaces.next() => match event {
                 Ok(event) => caches.apply_namespace_event(event),
-                Err(e) => tracing::warn!(error = %e, "watching Namespaces failed; retrying with backoff, deciding from the last known state"),
+                Err(e) => {
+                    metrics.watch_error(WatchedResource::Namespaces);
+                    tracing::warn!(error = %e, "watching Namespaces failed; retrying with backoff, deciding from the last known state");
+                }
             },
             else => break,
-        }
-    }
-    status_writer.abort();
-}
-
-/// Writes the statuses that differ, after each change (debounced).
-async fn write_statuses(client: Client, cluster: Arc<Cluster>) {
-    let api = Api::<DynamicObject>::all_with(client, &api_resource());
-    loop {
-        cluster.changed.notified().await;
-        tokio::time::sleep(STATUS_DEBOUNCE).await;
-        if !cluster.synced() {
-            continue;
-        }
-        let now = Time(k8s_openapi::jiff::Timestamp::now());
-        for update in cluster.status_updates(&now) {
-            match api
-                .replace_status(&update.name, &PostParams::default(), &update.object)
-                .await
-            {
-                Ok(_) => tracing::info!(policy = %update.name, "TracingPolicy status written"),
-                // Another replica wrote first; its write comes back as an event and is compared
-                // again then.
-                Err(kube::Error::Api(e)) if e.code == 409 => {
-                    tracing::debug!(policy = %update.name, "TracingPolicy status conflict; the next change retries")
-                }
-                Err(e) => {
-                    tracing::warn!(policy = %update.name, error = %e, "writing TracingPolicy status failed; the next change retries")
-                }
-            }
         }
     }
 }

@@ -13,6 +13,7 @@
 //! | span id of a TaskRun attempt | TaskRun uid, `/`, attempt in decimal | `lightstep-tekton-webhook/span-id/v1` |
 //! | span id of a PipelineRun | PipelineRun uid | `lightstep-tekton-webhook/pipelinerun-span-id/v1` |
 //! | span id of a step | TaskRun uid, `/`, attempt, `/`, step name | `lightstep-tekton-webhook/step-span-id/v1` |
+//! | span id of a PipelineRun's wait (creation to start) | PipelineRun uid | `lightstep-tekton-webhook/pipelinerun-wait-span-id/v1` |
 //!
 //! The attempt is 0 for a TaskRun's first pod and N for its `-pod-retryN` pod, which is the index
 //! of that attempt in `status.retriesStatus` (the final attempt's is the list's length). A step's
@@ -30,6 +31,9 @@ const TRACE_ID_DOMAIN: &[u8] = b"lightstep-tekton-webhook/trace-id/v1\n";
 const ATTEMPT_SPAN_ID_DOMAIN: &[u8] = b"lightstep-tekton-webhook/span-id/v1\n";
 /// Hashed before a PipelineRun uid to derive the PipelineRun's own span id.
 const PIPELINE_RUN_SPAN_ID_DOMAIN: &[u8] = b"lightstep-tekton-webhook/pipelinerun-span-id/v1\n";
+/// Hashed before a PipelineRun uid to derive the span id of the time it waited to start.
+const PIPELINE_RUN_WAIT_SPAN_ID_DOMAIN: &[u8] =
+    b"lightstep-tekton-webhook/pipelinerun-wait-span-id/v1\n";
 /// Hashed before a TaskRun uid, attempt and step name to derive the step's span id.
 const STEP_SPAN_ID_DOMAIN: &[u8] = b"lightstep-tekton-webhook/step-span-id/v1\n";
 
@@ -82,6 +86,16 @@ pub fn derive_span_id(task_run_uid: &str, attempt: u32) -> SpanId {
 /// `SHA-256(pipelinerun-span-id/v1 || pipelineRunUID)`.
 pub fn derive_pipeline_run_span_id(pipeline_run_uid: &str) -> SpanId {
     span_id(PIPELINE_RUN_SPAN_ID_DOMAIN, &[pipeline_run_uid.as_bytes()])
+}
+
+/// The span id of the child of a PipelineRun's span that covers its wait, from creation to
+/// start: first 8 bytes of `SHA-256(pipelinerun-wait-span-id/v1 || pipelineRunUID)`. Only the
+/// exporter uses it (nothing runs under the wait), but a re-export must give the same id.
+pub fn derive_pipeline_run_wait_span_id(pipeline_run_uid: &str) -> SpanId {
+    span_id(
+        PIPELINE_RUN_WAIT_SPAN_ID_DOMAIN,
+        &[pipeline_run_uid.as_bytes()],
+    )
 }
 
 /// The span id of one step of one attempt: first 8 bytes of
@@ -137,10 +151,15 @@ mod tests {
             derive_step_span_id(TASK_RUN_UID, 0, "build").to_string(),
             PINNED_STEP_SPAN_ID
         );
+        assert_eq!(
+            derive_pipeline_run_wait_span_id(PIPELINE_RUN_UID).to_string(),
+            PINNED_WAIT_SPAN_ID
+        );
     }
 
     const PINNED_PIPELINE_RUN_SPAN_ID: &str = "7fa96fa9d3c2e267";
     const PINNED_STEP_SPAN_ID: &str = "cf1facdaad998189";
+    const PINNED_WAIT_SPAN_ID: &str = "366fa1b11184fa22";
 
     #[test]
     fn every_input_changes_the_id() {
@@ -156,6 +175,10 @@ mod tests {
         assert_ne!(step, derive_step_span_id(PIPELINE_RUN_UID, 0, "build"));
         // The domains keep the kinds of id apart even on the same uid.
         assert_ne!(attempt0, derive_pipeline_run_span_id(TASK_RUN_UID));
+        assert_ne!(
+            derive_pipeline_run_span_id(PIPELINE_RUN_UID),
+            derive_pipeline_run_wait_span_id(PIPELINE_RUN_UID)
+        );
         assert_ne!(
             derive_pipeline_run_span_id(PIPELINE_RUN_UID).0[..],
             derive_trace_id(PIPELINE_RUN_UID).0[..8]

@@ -99,28 +99,134 @@ pub fn parse_traceparent(value: &str) -> Result<(TraceId, SpanId, u8), Malformed
     Ok((TraceId(trace), SpanId(span), flags))
 }
 
-/// Checks a `tracestate` value against the W3C limits (length, member count, printable ASCII,
-/// `key=value` members). An invalid one is dropped, not repaired.
-pub fn valid_tracestate(value: &str) -> bool {
-    if value.is_empty() || value.len() > TRACESTATE_MAX_LEN {
-        return false;
+/// A `tracestate` list as checked against the W3C grammar: the valid members, and which were
+/// dropped and why.
+///
+/// The choice: only invalid members are dropped (Trace Context §4.3 lets a vendor discard the
+/// whole header or only its invalid entries); the other vendors' state is kept. The whole list is
+/// dropped only when it is longer than 512 characters. Members are named by position and reason,
+/// never by their text: a value read off a pod is not echoed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tracestate {
+    /// The valid members, joined with `,`; `None` when none is left.
+    pub value: Option<String>,
+    pub dropped: Vec<DroppedMember>,
+}
+
+/// One `tracestate` list member that was left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedMember {
+    /// Its 1-based position in the list; 0 for the whole list.
+    pub position: usize,
+    pub reason: &'static str,
+}
+
+impl fmt::Display for DroppedMember {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            0 => write!(f, "the whole list: {}", self.reason),
+            n => write!(f, "member {n}: {}", self.reason),
+        }
     }
-    if !value.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
-        return false;
+}
+
+/// Checks a `tracestate` value against the W3C Trace Context grammar:
+///
+/// ```text
+/// list        = list-member 0*31( OWS "," OWS list-member )
+/// list-member = key "=" value
+/// key         = simple-key / multi-tenant-key
+/// simple-key  = lcalpha 0*255( lcalpha / DIGIT / "_" / "-" / "*" / "/" )
+/// multi-tenant-key = tenant-id "@" system-id
+/// tenant-id   = ( lcalpha / DIGIT ) 0*240( lcalpha / DIGIT / "_" / "-" / "*" / "/" )
+/// system-id   = lcalpha 0*13( lcalpha / DIGIT / "_" / "-" / "*" / "/" )
+/// value       = 0*255( chr ) nblk-chr   ; printable ASCII but "," and "=", not ending in " "
+/// ```
+///
+/// Empty members are allowed and skipped; a repeated key and members past the 32nd are dropped.
+pub fn parse_tracestate(value: &str) -> Tracestate {
+    if value.len() > TRACESTATE_MAX_LEN {
+        return Tracestate {
+            value: None,
+            dropped: vec![DroppedMember {
+                position: 0,
+                reason: "longer than 512 characters",
+            }],
+        };
     }
-    let mut members = 0;
-    for member in value.split(',') {
+    let mut kept: Vec<&str> = Vec::new();
+    let mut keys: Vec<&str> = Vec::new();
+    let mut dropped = Vec::new();
+    for (index, member) in value.split(',').enumerate() {
         let member = member.trim_matches([' ', '\t']);
         if member.is_empty() {
             continue;
         }
-        members += 1;
-        match member.split_once('=') {
-            Some((k, v)) if !k.is_empty() && !v.is_empty() && !k.contains(' ') => {}
-            _ => return false,
+        let reason = match member.split_once('=') {
+            None => Some("not key=value"),
+            Some((key, _)) if !valid_key(key) => Some(
+                "key is not lowercase letters, digits and _-*/ (or tenant@system), \
+                 starting with a letter",
+            ),
+            Some((_, value)) if !valid_value(value) => Some(
+                "value is not 1 to 256 printable characters other than ',' and '=', \
+                 not ending in a space",
+            ),
+            Some((key, _)) if keys.contains(&key) => Some("repeats an earlier key"),
+            Some(_) if kept.len() == TRACESTATE_MAX_MEMBERS => Some("past the 32-member limit"),
+            Some((key, _)) => {
+                keys.push(key);
+                kept.push(member);
+                None
+            }
+        };
+        if let Some(reason) = reason {
+            dropped.push(DroppedMember {
+                position: index + 1,
+                reason,
+            });
         }
     }
-    members > 0 && members <= TRACESTATE_MAX_MEMBERS
+    Tracestate {
+        value: (!kept.is_empty()).then(|| kept.join(",")),
+        dropped,
+    }
+}
+
+/// The longest `tenant-id` and `system-id` of a multi-tenant key (W3C: 241 and 14 characters).
+const TENANT_ID_MAX: usize = 241;
+const SYSTEM_ID_MAX: usize = 14;
+/// The longest simple key and the longest value (W3C: 256 characters each).
+const KEY_MAX: usize = 256;
+const VALUE_MAX: usize = 256;
+
+fn valid_key(key: &str) -> bool {
+    let key_char = |b: &u8| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'*' | b'/');
+    let starts = |part: &str, digit_ok: bool| {
+        part.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || (digit_ok && b.is_ascii_digit()))
+    };
+    match key.split_once('@') {
+        None => key.len() <= KEY_MAX && starts(key, false) && key.as_bytes().iter().all(key_char),
+        Some((tenant, system)) => {
+            tenant.len() <= TENANT_ID_MAX
+                && system.len() <= SYSTEM_ID_MAX
+                && starts(tenant, true)
+                && starts(system, false)
+                && tenant.as_bytes().iter().all(key_char)
+                && system.as_bytes().iter().all(key_char)
+        }
+    }
+}
+
+fn valid_value(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= VALUE_MAX
+        && !value.ends_with(' ')
+        && value
+            .bytes()
+            .all(|b| (0x20..=0x7e).contains(&b) && b != b',' && b != b'=')
 }
 
 /// Reads Tekton's span-context annotation: a JSON object of propagation headers,
@@ -136,15 +242,27 @@ pub fn parse_span_context_annotation(json: &str) -> Result<SpanContext, Malforme
     let tracestate = carrier
         .get("tracestate")
         .and_then(|v| v.as_str())
-        .map(str::trim)
-        .filter(|s| valid_tracestate(s))
-        .map(str::to_owned);
+        .and_then(|s| parse_tracestate(s.trim()).value);
     Ok(SpanContext {
         trace_id,
         parent_id,
         flags,
         tracestate,
     })
+}
+
+/// The `tracestate` of Tekton's span-context annotation as [`parse_tracestate`] reads it, for
+/// explaining what [`parse_span_context_annotation`] kept; empty when there is none.
+pub fn annotation_tracestate(json: &str) -> Tracestate {
+    #[derive(serde::Deserialize)]
+    struct Carrier {
+        tracestate: Option<serde_json::Value>,
+    }
+    serde_json::from_str::<Carrier>(json)
+        .ok()
+        .and_then(|c| c.tracestate)
+        .and_then(|v| v.as_str().map(|s| parse_tracestate(s.trim())))
+        .unwrap_or_default()
 }
 
 fn hex_nibble(b: u8) -> Option<u8> {
@@ -209,14 +327,65 @@ mod tests {
         );
     }
 
+    fn kept(value: &str) -> Option<String> {
+        parse_tracestate(value).value
+    }
+
     #[test]
     fn tracestate_rules() {
-        assert!(valid_tracestate("ls=abc,congo=t61rcWkgMzE"));
-        assert!(!valid_tracestate(""));
-        assert!(!valid_tracestate("novalue"));
-        assert!(!valid_tracestate("a=b\n"));
-        assert!(!valid_tracestate(&"a=b,".repeat(33)));
-        assert!(!valid_tracestate(&format!("a={}", "x".repeat(600))));
+        let valid = "ls=abc,congo=t61rcWkgMzE, rojo=00f067aa0ba902b7 ,t4@vendor=x y!";
+        assert_eq!(parse_tracestate(valid).dropped, Vec::new());
+        assert_eq!(
+            kept(valid).as_deref(),
+            Some("ls=abc,congo=t61rcWkgMzE,rojo=00f067aa0ba902b7,t4@vendor=x y!")
+        );
+        assert_eq!(kept(""), None);
+        assert_eq!(kept(" , ,"), None);
+        assert_eq!(kept("novalue"), None);
+        assert_eq!(kept("a=b\n"), None);
+        assert_eq!(kept(&format!("a={}", "x".repeat(600))), None);
+        let members: Vec<String> = (0..33).map(|i| format!("k{i}=v")).collect();
+        let parsed = parse_tracestate(&members.join(","));
+        assert_eq!(parsed.value.unwrap().split(',').count(), 32);
+        assert_eq!(parsed.dropped[0].position, 33);
+    }
+
+    /// D8: the W3C key and value grammar; only the invalid members are dropped, each named by
+    /// position and reason, never by its text.
+    #[test]
+    fn tracestate_drops_invalid_members_only() {
+        for (list, expected, positions) in [
+            ("ABC=d=e", None, vec![1]),
+            ("\"x\"=<script>", None, vec![1]),
+            (
+                "ls=1,ABC=d=e,\"x\"=<script>,ok=2",
+                Some("ls=1,ok=2"),
+                vec![2, 3],
+            ),
+            ("a=b=c", None, vec![1]),
+            ("a=b,a=c", Some("a=b"), vec![2]),
+            ("a=", None, vec![1]),
+            ("a=b ", Some("a=b"), vec![]),
+            ("1a=b", None, vec![1]),
+            ("1a@sys=b", Some("1a@sys=b"), vec![]),
+            ("a@Sys=b", None, vec![1]),
+            ("a@b@c=d", None, vec![1]),
+            ("a@abcdefghijklmno=b", None, vec![1]),
+            ("a=b\u{7f}", None, vec![1]),
+        ] {
+            let parsed = parse_tracestate(list);
+            assert_eq!(parsed.value.as_deref(), expected, "{list:?}");
+            let got: Vec<usize> = parsed.dropped.iter().map(|d| d.position).collect();
+            assert_eq!(got, positions, "{list:?}");
+            for d in &parsed.dropped {
+                let text = d.to_string();
+                assert!(!text.contains("script") && !text.contains("ABC"), "{text}");
+            }
+        }
+        assert!(valid_key(&format!("a{}", "b".repeat(255))));
+        assert!(!valid_key(&format!("a{}", "b".repeat(256))));
+        assert!(valid_value(&"v".repeat(256)));
+        assert!(!valid_value(&"v".repeat(257)));
     }
 
     #[test]
@@ -230,5 +399,11 @@ mod tests {
         assert!(parse_span_context_annotation("{}").is_err());
         assert!(parse_span_context_annotation("not json").is_err());
         assert!(parse_span_context_annotation(r#"{"traceparent":5}"#).is_err());
+
+        let json = r#"{"traceparent":"00-d22941a3ef1cc2446bcdf5850960f941-c99c7108eeb58e76-01","tracestate":"ls=1,ABC=d=e"}"#;
+        let c = parse_span_context_annotation(json).unwrap();
+        assert_eq!(c.tracestate.as_deref(), Some("ls=1"));
+        assert_eq!(annotation_tracestate(json).dropped[0].position, 2);
+        assert_eq!(annotation_tracestate("{}"), Tracestate::default());
     }
 }

@@ -57,10 +57,6 @@ impl Snapshot {
     pub fn invalid(&self) -> &[Rejected] {
         &self.invalid
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.valid.is_empty() && self.invalid.is_empty()
-    }
 }
 
 /// The policy an admission uses, how, and why.
@@ -127,17 +123,26 @@ pub fn select<'a>(
     labels: Option<&BTreeMap<String, String>>,
     fallback: &'a Policy,
 ) -> Selected<'a> {
-    let Some(labels) = labels else {
-        return Selected::fallback(fallback, Fallback::NamespaceUnknown);
-    };
-    match snapshot.valid.iter().find(|p| p.selector.matches(labels)) {
-        Some(p) => Selected {
-            policy: &p.policy,
-            mode: p.mode,
-            choice: Choice::TracingPolicy(p),
-        },
-        None => Selected::fallback(fallback, Fallback::NoMatch),
+    match (labels, select_tracing_policy(snapshot, labels)) {
+        (_, Some(chosen)) => chosen,
+        (None, None) => Selected::fallback(fallback, Fallback::NamespaceUnknown),
+        (Some(_), None) => Selected::fallback(fallback, Fallback::NoMatch),
     }
+}
+
+/// The TracingPolicy for a namespace, rules 1 to 3 of [`select`]; `None` where the fallback
+/// would apply. For a server that has no fallback (its policy file is invalid).
+pub fn select_tracing_policy<'a>(
+    snapshot: &'a Snapshot,
+    labels: Option<&BTreeMap<String, String>>,
+) -> Option<Selected<'a>> {
+    let labels = labels?;
+    let p = snapshot.valid.iter().find(|p| p.selector.matches(labels))?;
+    Some(Selected {
+        policy: &p.policy,
+        mode: p.mode,
+        choice: Choice::TracingPolicy(p),
+    })
 }
 
 /// The explanation `mutate --explain` prints: which policy applies and why, which others match

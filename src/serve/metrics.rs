@@ -21,6 +21,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Metric;
 
 use crate::admission::decide::{Mode, SkipReason};
+use crate::admission::validate::{Subject, Validation, Verdict};
 use crate::admission::{Outcome, Reply};
 use crate::policy::selection::Fallback;
 use crate::runtime::metrics::{self, Registry};
@@ -128,7 +129,7 @@ impl ReloadKind {
 /// first scrape and an alert on `increase(…)` sees the first event (Prometheus's advice for
 /// label sets known in advance).
 const MODES: [Mode; 2] = [Mode::Inject, Mode::Enforce];
-const OUTCOMES: [Outcome; 8] = [
+const OUTCOMES: [Outcome; 9] = [
     Outcome::Patched,
     Outcome::Skipped(SkipReason::NotTaskRunPod),
     Outcome::Skipped(SkipReason::OptedOut),
@@ -137,6 +138,7 @@ const OUTCOMES: [Outcome; 8] = [
     Outcome::Failed { denied: true },
     Outcome::Failed { denied: false },
     Outcome::Audited,
+    Outcome::NoPolicy,
 ];
 const REJECTIONS: [Rejection; 6] = [
     Rejection::BadRequest,
@@ -147,8 +149,29 @@ const REJECTIONS: [Rejection; 6] = [
     Rejection::Internal,
 ];
 const RELOADS: [ReloadKind; 2] = [ReloadKind::Tls, ReloadKind::Policy];
+const SUBJECTS: [Subject; 3] = [
+    Subject::PolicyConfigMap,
+    Subject::TracingPolicy,
+    Subject::Other,
+];
+/// The verdicts' labels do not depend on their messages.
+fn verdicts() -> [Verdict; 3] {
+    [
+        Verdict::Valid(String::new()),
+        Verdict::Invalid(String::new()),
+        Verdict::Ignored,
+    ]
+}
 
 // These matches stop compiling when a variant is added, so the lists above cannot fall behind.
+const _: fn(Subject, &Verdict) = |subject, verdict| {
+    match subject {
+        Subject::PolicyConfigMap | Subject::TracingPolicy | Subject::Other => {}
+    }
+    match verdict {
+        Verdict::Valid(_) | Verdict::Invalid(_) | Verdict::Ignored => {}
+    }
+};
 const _: fn(Mode, &Outcome, Rejection, ReloadKind) = |mode, outcome, rejection, reload| {
     match mode {
         Mode::Inject | Mode::Enforce => {}
@@ -162,7 +185,8 @@ const _: fn(Mode, &Outcome, Rejection, ReloadKind) = |mode, outcome, rejection, 
         | Outcome::Failed {
             denied: true | false,
         }
-        | Outcome::Audited => {}
+        | Outcome::Audited
+        | Outcome::NoPolicy => {}
     }
     match rejection {
         Rejection::BadRequest
@@ -210,7 +234,7 @@ impl WebhookMetrics {
             admissions: add(
                 r,
                 "admissions",
-                "AdmissionReviews answered, by mode (inject, enforce) and outcome (patched, skipped, denied, allowed-on-error, audited)",
+                "AdmissionReviews answered, by mode (inject, enforce) and outcome (patched, skipped, denied, allowed-on-error, audited, no-policy)",
                 Family::default(),
             ),
             skips: add(
@@ -401,10 +425,11 @@ pub fn record_admission(metrics: &WebhookMetrics, reply: &Reply, elapsed: Durati
     }
 }
 
-/// The log line and metric of a request answered without an AdmissionReview.
+/// The log line and metric of a request answered without an AdmissionReview; `mode` is the
+/// path's (`inject`, `enforce`, `validate`).
 pub(crate) fn record_rejection(
     metrics: &WebhookMetrics,
-    mode: Mode,
+    mode: &'static str,
     rejection: Rejection,
     detail: &str,
 ) {
@@ -416,10 +441,89 @@ pub(crate) fn record_rejection(
         .inc();
     tracing::warn!(
         target: ADMISSION_TARGET,
-        mode = %mode.as_str(),
+        mode = %mode,
         rejected = %rejection.as_str(),
         reason = %clipped(detail),
         "request refused"
+    );
+}
+
+// The policy file's state and the validating webhook (`/validate`): their own metrics, in the
+// webhook's sub-registry beside the admission metrics. Reviews answered without any policy are
+// `admissions_total{outcome="no-policy"}`.
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindVerdict {
+    kind: &'static str,
+    verdict: &'static str,
+}
+
+/// Whether the policy file is in force, and what the validating webhook decided.
+pub struct PolicyMetrics {
+    valid: Gauge,
+    validations: Family<KindVerdict, Counter>,
+}
+
+impl PolicyMetrics {
+    /// Registers the metrics in the webhook's sub-registry of `registry`.
+    pub fn register(registry: &mut Registry) -> PolicyMetrics {
+        let r = registry.component(metrics::WEBHOOK);
+        let m = PolicyMetrics {
+            valid: add(
+                r,
+                "policy_valid",
+                "1 while the policy file's current contents are in force (or there is no file), 0 while they are refused as invalid or unreadable",
+                Gauge::default(),
+            ),
+            validations: add(
+                r,
+                "validations",
+                "Reviews answered on /validate, by kind (policy-configmap, tracingpolicy, other) and verdict (valid, invalid, ignored)",
+                Family::default(),
+            ),
+        };
+        // Every kind and verdict at 0 from the first scrape, like the webhook's series.
+        for subject in SUBJECTS {
+            for verdict in &verdicts() {
+                let _ = m.validations.get_or_create(&KindVerdict {
+                    kind: subject.as_str(),
+                    verdict: verdict.as_str(),
+                });
+            }
+        }
+        m
+    }
+
+    /// Records whether the policy file's current contents are in force.
+    pub(crate) fn set_valid(&self, valid: bool) {
+        self.valid.set(i64::from(valid));
+    }
+}
+
+/// The one log line and the metric of one answered validating review.
+pub fn record_validation(metrics: &PolicyMetrics, v: &Validation, elapsed: Duration) {
+    metrics
+        .validations
+        .get_or_create(&KindVerdict {
+            kind: v.subject.as_str(),
+            verdict: v.verdict.as_str(),
+        })
+        .inc();
+    let (policy, refused) = match &v.verdict {
+        Verdict::Valid(marker) => (Some(marker.as_str()), None),
+        Verdict::Invalid(message) => (None, Some(message.as_str())),
+        Verdict::Ignored => (None, None),
+    };
+    tracing::info!(
+        target: ADMISSION_TARGET,
+        uid = %clipped(&v.uid),
+        kind = v.subject.as_str(),
+        object = %clipped(&v.object),
+        verdict = v.verdict.as_str(),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        policy = policy.map(clipped).map(tracing::field::display),
+        refused = refused.map(clipped).map(tracing::field::display),
+        "validation"
     );
 }
 

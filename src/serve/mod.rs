@@ -1,12 +1,12 @@
 //! `lightstep-tekton-webhook serve`: the HTTPS endpoint kube-apiserver calls.
 //!
 //! Routes (`routes`): `POST /mutate` (inject mode), `POST /enforce` (enforce mode),
-//! `GET /healthz`, `GET /readyz`; metrics on the runtime's admin port (`GET /metrics`).
+//! `POST /validate` (the policy ConfigMap and TracingPolicies), `GET /healthz`, `GET /readyz`; metrics on the runtime's admin port (`GET /metrics`).
 //!
 //! This module is the command: its arguments, the settings they resolve to, and [`run`]. The
 //! rest is in rooms of its own: `server` binds and drains, `listener` accepts connections
 //! within limits, `routes` answers requests, [`metrics`] counts and logs them, and
-//! `policy_store` keeps the policy file current. The process around it (runtime, telemetry,
+//! `crate::policy::loader` keeps the policy file current. The process around it (runtime, telemetry,
 //! signals, exit code) is `crate::runtime::bootstrap`'s.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -26,12 +26,10 @@ use crate::runtime::tls::{self, TlsPaths};
 mod body;
 mod listener;
 pub mod metrics;
-mod policy_store;
 mod routes;
 mod server;
 
 pub use listener::MAX_HEADER_BYTES;
-pub use policy_store::PolicyFileError;
 pub use server::Server;
 
 /// Largest AdmissionReview accepted. The API server refuses objects over 3 MiB, and a review of
@@ -86,6 +84,10 @@ pub struct ServeArgs {
           action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false,
           default_missing_value = "true")]
     watch_tracing_policies: bool,
+
+    /// Leader election for TracingPolicy status writes (with --watch-tracing-policies).
+    #[command(flatten)]
+    cluster: cluster::ClusterArgs,
 
     #[command(flatten)]
     admin: AdminArgs,
@@ -175,6 +177,8 @@ pub struct Settings {
     pub policy: Option<PathBuf>,
     /// Watch TracingPolicies and namespaces (see [`cluster`]).
     pub watch_tracing_policies: bool,
+    /// The Lease that chooses the one replica writing statuses.
+    pub cluster: cluster::ClusterArgs,
     pub limits: Limits,
     pub reload_interval: Duration,
     pub shutdown_delay: Duration,
@@ -191,6 +195,7 @@ impl Settings {
             tls,
             policy: None,
             watch_tracing_policies: false,
+            cluster: cluster::ClusterArgs::default(),
             limits: Limits::default(),
             reload_interval: Duration::from_millis(100),
             shutdown_delay: Duration::ZERO,
@@ -204,8 +209,6 @@ impl Settings {
 pub enum ServeError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error(transparent)]
-    Policy(#[from] PolicyFileError),
     #[error(transparent)]
     Bind(#[from] BindError),
     /// Every message of the certificate maker names the file or directory to fix.
@@ -260,6 +263,7 @@ fn settings(args: &ServeArgs) -> Result<Settings, ServeError> {
         tls,
         policy: args.policy.clone(),
         watch_tracing_policies: args.watch_tracing_policies,
+        cluster: args.cluster.clone(),
         limits: Limits::new(
             args.max_connections,
             args.max_body_memory,

@@ -1,4 +1,5 @@
-//! The routes: `POST /mutate` (inject mode), `POST /enforce` (enforce mode), `GET /healthz`,
+//! The routes: `POST /mutate` (inject mode), `POST /enforce` (enforce mode), `POST /validate`
+//! (the validating webhook for the policy ConfigMap and TracingPolicies), `GET /healthz`,
 //! `GET /readyz`.
 //!
 //! The handler is glue: read the body within limits, take the current policy, call
@@ -25,12 +26,12 @@ use tracing::Instrument as _;
 use crate::admission;
 use crate::admission::decide::Mode;
 use crate::cluster::Cluster;
-use crate::policy::selection::{Fallback, Selected};
+use crate::policy::loader::PolicyStore;
+use crate::policy::selection::{self, Fallback, Selected};
 use crate::runtime::telemetry::clipped;
 use crate::serve::Limits;
 use crate::serve::body::{self, BodyBudget};
-use crate::serve::metrics::{self, Rejection, WebhookMetrics};
-use crate::serve::policy_store::PolicyStore;
+use crate::serve::metrics::{self, PolicyMetrics, Rejection, WebhookMetrics};
 
 /// What the handlers share.
 pub(super) struct AppState {
@@ -38,6 +39,7 @@ pub(super) struct AppState {
     /// The watch caches, with `--watch-tracing-policies`.
     pub(super) cluster: Option<Arc<Cluster>>,
     pub(super) metrics: Arc<WebhookMetrics>,
+    pub(super) policy_metrics: PolicyMetrics,
     pub(super) ready: AtomicBool,
     pub(super) limits: Limits,
     /// The bytes all request bodies being read may hold together.
@@ -48,6 +50,7 @@ pub(super) fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/mutate", post(mutate))
         .route("/enforce", post(enforce))
+        .route("/validate", post(validate))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
@@ -62,6 +65,43 @@ async fn mutate(State(state): State<Arc<AppState>>, request: Request) -> Respons
 async fn enforce(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     admit(&state, Mode::Enforce, &parts.headers, body).await
+}
+
+/// One validating AdmissionReview: read the body within limits, judge, record, reply.
+async fn validate(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match body::read_body(&state.limits, &state.budget, &parts.headers, body).await {
+        Ok(body) => body,
+        Err((rejection, detail)) => return reject(&state, VALIDATE, rejection, &detail),
+    };
+    let started = Instant::now();
+    // `validate` is written not to panic; if a bug makes it, this request fails alone.
+    let result = std::panic::catch_unwind(|| admission::validate::validate(body.bytes()));
+    match result {
+        Ok(Ok(v)) => {
+            metrics::record_validation(&state.policy_metrics, &v, started.elapsed());
+            json_response(v.body)
+        }
+        Ok(Err(bad)) => reject(&state, VALIDATE, Rejection::BadRequest, &bad.to_string()),
+        Err(_) => reject(
+            &state,
+            VALIDATE,
+            Rejection::Internal,
+            "validating failed unexpectedly",
+        ),
+    }
+}
+
+/// The label of `/validate` in the rejection log line, beside the modes of the pod paths.
+const VALIDATE: &str = "validate";
+
+fn json_response(body: Vec<u8>) -> Response {
+    let mut response = Response::new(Body::from(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 async fn healthz() -> &'static str {
@@ -88,21 +128,28 @@ async fn admit(state: &AppState, mode: Mode, headers: &HeaderMap, body: Body) ->
         .await
     {
         Ok(body) => body,
-        Err((rejection, detail)) => return reject(state, mode, rejection, &detail),
+        Err((rejection, detail)) => return reject(state, mode.as_str(), rejection, &detail),
     };
 
     let started = Instant::now();
     let policy = state.policy.current();
     let snapshot = state.cluster.as_ref().map(|c| c.snapshot());
     // Cached state only: choosing a policy makes no API call.
-    let select = |namespace: &str| match (&state.cluster, &snapshot) {
-        (Some(cluster), Some(snapshot)) => cluster.select(snapshot, namespace, &policy),
-        _ => Selected::fallback(&policy, Fallback::NotWatching),
+    // Without a file policy (invalid since the start), TracingPolicies still apply; where none
+    // does, the pod passes untouched (see `admission::review_or_pass`).
+    let select = |namespace: &str| match (&state.cluster, &snapshot, policy.as_deref()) {
+        (Some(cluster), Some(snapshot), Some(policy)) => {
+            Some(cluster.select(snapshot, namespace, policy))
+        }
+        (Some(cluster), Some(snapshot), None) => {
+            selection::select_tracing_policy(snapshot, cluster.labels(namespace).as_ref())
+        }
+        (_, _, policy) => policy.map(|p| Selected::fallback(p, Fallback::NotWatching)),
     };
     // `review` is written not to panic; if a bug makes it, this request fails alone.
     let result = span.in_scope(|| {
         std::panic::catch_unwind(AssertUnwindSafe(|| {
-            admission::review_with(body.bytes(), mode, select)
+            admission::review_or_pass(body.bytes(), mode, select)
         }))
     });
     match result {
@@ -117,10 +164,15 @@ async fn admit(state: &AppState, mode: Mode, headers: &HeaderMap, body: Body) ->
             );
             response
         }
-        Ok(Err(bad)) => reject(state, mode, Rejection::BadRequest, &bad.to_string()),
+        Ok(Err(bad)) => reject(
+            state,
+            mode.as_str(),
+            Rejection::BadRequest,
+            &bad.to_string(),
+        ),
         Err(_) => reject(
             state,
-            mode,
+            mode.as_str(),
             Rejection::Internal,
             "deciding failed unexpectedly",
         ),
@@ -128,7 +180,7 @@ async fn admit(state: &AppState, mode: Mode, headers: &HeaderMap, body: Body) ->
 }
 
 /// A plain-text, one-line answer for a request that gets no AdmissionReview.
-fn reject(state: &AppState, mode: Mode, rejection: Rejection, detail: &str) -> Response {
+fn reject(state: &AppState, mode: &'static str, rejection: Rejection, detail: &str) -> Response {
     let line = detail.replace(['\n', '\r'], " ");
     metrics::record_rejection(&state.metrics, mode, rejection, &line);
     let status = match rejection {
@@ -166,9 +218,10 @@ mod tests {
     fn state() -> (Arc<AppState>, Registry) {
         let mut registry = Registry::new();
         let state = Arc::new(AppState {
-            policy: Arc::new(PolicyStore::load(None).unwrap()),
+            policy: Arc::new(PolicyStore::load(None)),
             cluster: None,
             metrics: Arc::new(WebhookMetrics::register(&mut registry)),
+            policy_metrics: PolicyMetrics::register(&mut registry),
             ready: AtomicBool::new(true),
             limits: Limits::default(),
             budget: BodyBudget::new(Limits::default().body_budget),
@@ -293,5 +346,31 @@ mod tests {
                 assert!(text.contains("uid=x\\nINFO"), "{text}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn validate_judges_the_policy_config_map_and_counts_it() {
+        let (s, registry) = state();
+        let review = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "v", "operation": "CREATE",
+                        "kind": {"group": "", "version": "v1", "kind": "ConfigMap"},
+                        "object": {"metadata": {"name": "p", "namespace": "lightstep-tekton",
+                                                "labels": {"lightstep-tekton.io/policy": "true"}},
+                                   "data": {"policy.yaml": "sampling: {ratio: 2}"}}}
+        });
+        let body = serde_json::to_vec(&review).unwrap();
+        let (status, reply) = call(router(s.clone()), "POST", "/validate", body).await;
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(v["response"]["allowed"], false);
+        let (status, _) = call(router(s.clone()), "POST", "/validate", b"{".to_vec()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let metrics = registry.encode();
+        assert!(
+            metrics.contains("validations_total{kind=\"policy-configmap\",verdict=\"invalid\"} 1"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("http_rejections_total{reason=\"bad-request\"} 1"));
     }
 }

@@ -12,18 +12,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, oneshot, watch};
 
 use crate::cluster;
+use crate::policy::loader::{PolicyReload, PolicyStore};
 use crate::runtime::admin;
 use crate::runtime::metrics::Registry;
 use crate::runtime::tls::{self, TlsStore};
 use crate::serve::body::BodyBudget;
 use crate::serve::listener::accept_loop;
-use crate::serve::metrics::{ReloadKind, WebhookMetrics};
-use crate::serve::policy_store::PolicyStore;
+use crate::serve::metrics::{PolicyMetrics, ReloadKind, WebhookMetrics};
 use crate::serve::routes::{AppState, router};
 use crate::serve::{ServeError, Settings};
+
+/// The sub-registry of the watch caches' and Lease's metrics (`lightstep_tekton_cluster_*`).
+const CLUSTER_COMPONENT: &str = "cluster";
 
 /// A server with its certificate validated, its policy loaded and its ports bound.
 pub struct Server {
@@ -40,13 +43,23 @@ impl Server {
     /// Validates the certificate and policy, then binds both ports. Nothing is served yet.
     pub async fn bind(settings: Settings) -> Result<Server, ServeError> {
         let tls = Arc::new(TlsStore::load(settings.tls.clone())?);
-        let policy = Arc::new(PolicyStore::load(settings.policy.clone())?);
-        let watch = match settings.watch_tracing_policies {
-            true => Some(cluster::Watch::connect().await?),
-            false => None,
-        };
+        // An invalid policy file does not stop the start (see `policy::loader`): said here, on
+        // every poll until fixed, in `policy_valid` and in a warning on every pod it leaves alone.
+        let policy = Arc::new(PolicyStore::load(settings.policy.clone()));
         let mut registry = Registry::new();
         let metrics = Arc::new(WebhookMetrics::register(&mut registry));
+        let policy_metrics = PolicyMetrics::register(&mut registry);
+        policy_metrics.set_valid(policy.refused().is_none());
+        if let Some(reason) = policy.refused() {
+            log_no_policy(&reason);
+        }
+        let watch = match settings.watch_tracing_policies {
+            true => {
+                let metrics = registry.component(CLUSTER_COMPONENT);
+                Some(cluster::Watch::configure(&settings.cluster, metrics).await?)
+            }
+            false => None,
+        };
         metrics.set_certificate_expiry(tls.identity().not_after);
         let listener = admin::bind("--listen", settings.listen).await?;
         let metrics_listener = match settings.metrics_listen {
@@ -57,6 +70,7 @@ impl Server {
             policy,
             cluster: watch.as_ref().map(|w| w.cluster()),
             metrics,
+            policy_metrics,
             ready: AtomicBool::new(false),
             limits: settings.limits.clone(),
             budget: BodyBudget::new(settings.limits.body_budget),
@@ -99,7 +113,12 @@ impl Server {
             state,
             watch,
         } = self;
-        let watcher = watch.map(|w| tokio::spawn(w.run()));
+        let (stop_watch, watch_stopped) = oneshot::channel::<()>();
+        let watcher = watch.map(|w| {
+            tokio::spawn(w.run_until(async move {
+                let _ = watch_stopped.await;
+            }))
+        });
         let (drain_tx, drain_rx) = watch::channel(false);
         let permits = Arc::new(Semaphore::new(settings.limits.max_connections as usize));
         let poller = tokio::spawn(poll_files(
@@ -147,11 +166,14 @@ impl Server {
             settings.drain_timeout,
         )
         .await;
-        for task in [Some(poller), metrics_server, watcher]
-            .into_iter()
-            .flatten()
-        {
+        for task in [Some(poller), metrics_server].into_iter().flatten() {
             task.abort();
+        }
+        // Stop writing statuses and release the Lease, so the next leader need not wait for it
+        // to expire.
+        let _ = stop_watch.send(());
+        if let Some(watcher) = watcher {
+            let _ = watcher.await;
         }
     }
 
@@ -219,16 +241,37 @@ fn record_tls_reload(metrics: &WebhookMetrics, reload: tls::Reload) {
     }
 }
 
-fn record_policy_reload(state: &AppState, reload: Option<Result<(), String>>) {
-    match reload {
-        None => {}
-        Some(Ok(())) => {
+fn record_policy_reload(state: &AppState, reload: PolicyReload) {
+    let refused = match reload {
+        PolicyReload::Unchanged => return,
+        PolicyReload::Applied { fingerprint } => {
             state.metrics.reloaded(ReloadKind::Policy, true);
-            tracing::info!(fingerprint = %state.policy.current().fingerprint(), "policy reloaded");
+            state.policy_metrics.set_valid(true);
+            tracing::info!(%fingerprint, "policy reloaded");
+            return;
         }
-        Some(Err(reason)) => {
+        PolicyReload::Refused(reason) => {
             state.metrics.reloaded(ReloadKind::Policy, false);
-            tracing::warn!(%reason, "new policy refused; still using the previous one");
+            state.policy_metrics.set_valid(false);
+            reason
         }
+        PolicyReload::StillRefused(reason) => reason,
+    };
+    if state.policy.current().is_some() {
+        tracing::warn!(
+            reason = %refused,
+            "policy file invalid; still using the previous policy (a restart would start without one)"
+        );
+    } else {
+        log_no_policy(&refused);
     }
+}
+
+/// The line said at the start and at every poll while the server has no file policy.
+fn log_no_policy(reason: &str) {
+    tracing::error!(
+        %reason,
+        "policy file invalid; serving without a file policy: pods no TracingPolicy selects are \
+         admitted untouched, on /enforce too, until the file is fixed"
+    );
 }

@@ -1,0 +1,852 @@
+//! Run spans on the captured runs: the tree of every fixture (parents, ids, times, statuses,
+//! attributes, links), the ids against what the webhook injected into the same runs' pods, a
+//! property over synthetic runs, and the `spans` command on every fixture and on bad input.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{apply, check_reply, validated_pod, value};
+use lightstep_tekton_webhook::admission;
+use lightstep_tekton_webhook::admission::decide::Mode;
+use lightstep_tekton_webhook::contract::{
+    SpanId, TraceId, derive_pipeline_run_span_id, derive_pipeline_run_wait_span_id, derive_span_id,
+    derive_step_span_id, derive_trace_id, parse_traceparent,
+};
+use lightstep_tekton_webhook::policy::Policy;
+use lightstep_tekton_webhook::spans::objects::Object;
+use lightstep_tekton_webhook::spans::otlp::export_request;
+use lightstep_tekton_webhook::spans::preview::objects;
+use lightstep_tekton_webhook::spans::tree::{
+    AttributeValue, Kind, LinkKind, Role, RunSpan, Status,
+};
+use lightstep_tekton_webhook::spans::{SpanTree, group, span_tree};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use percent_encoding::percent_decode_str;
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lightstep-tekton-webhook");
+const FIXTURES: &[&str] = &[
+    "ship-run-ok",
+    "ship-run-fail",
+    "ship-run-retry",
+    "ship-run-cancel",
+    "ship-run-traced",
+    "lint-run",
+];
+
+fn runs_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/runs")
+}
+
+fn fixture_text(name: &str) -> String {
+    std::fs::read_to_string(runs_dir().join(format!("{name}.json"))).unwrap()
+}
+
+fn fixture_value(name: &str) -> Value {
+    serde_json::from_str(&fixture_text(name)).unwrap()
+}
+
+fn tree_of(list: &Value, policy: &Policy) -> SpanTree {
+    let objects = objects(&list.to_string()).unwrap();
+    let runs = group(&objects).unwrap();
+    assert_eq!(runs.len(), 1);
+    span_tree(&runs[0], policy).unwrap()
+}
+
+fn tree(name: &str) -> SpanTree {
+    tree_of(&fixture_value(name), &Policy::embedded_default())
+}
+
+fn uid_of(list: &Value, name: &str) -> String {
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {name}"))["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn attr<'a>(span: &'a RunSpan, key: &str) -> Option<&'a AttributeValue> {
+    span.attributes
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+fn text<'a>(span: &'a RunSpan, key: &str) -> Option<&'a str> {
+    match attr(span, key) {
+        Some(AttributeValue::Str(s)) => Some(s),
+        _ => None,
+    }
+}
+
+fn attempts<'a>(tree: &'a SpanTree, task: &str) -> Vec<&'a RunSpan> {
+    tree.spans
+        .iter()
+        .filter(|s| s.role == Role::Attempt && s.name == task)
+        .collect()
+}
+
+fn children<'a>(tree: &'a SpanTree, parent: &RunSpan) -> Vec<&'a RunSpan> {
+    tree.spans
+        .iter()
+        .filter(|s| s.parent_id == Some(parent.span_id))
+        .collect()
+}
+
+fn pipeline_span(tree: &SpanTree) -> &RunSpan {
+    let spans: Vec<_> = tree
+        .spans
+        .iter()
+        .filter(|s| s.role == Role::PipelineRun)
+        .collect();
+    assert_eq!(spans.len(), 1);
+    spans[0]
+}
+
+fn time(s: &str) -> u64 {
+    let t: k8s_openapi::jiff::Timestamp = s.parse().unwrap();
+    t.as_nanosecond() as u64
+}
+
+fn is_error(span: &RunSpan) -> bool {
+    matches!(span.status, Status::Error { .. })
+}
+
+/// Every pod of every captured run, through the real admission path: the trace and parent of
+/// the TRACEPARENT its steps got, and the service name and resource attributes of a step that
+/// set neither itself.
+struct Injected {
+    trace: TraceId,
+    parent: SpanId,
+    service: Option<String>,
+    resource: Option<BTreeMap<String, String>>,
+}
+
+fn injected(policy: &Policy) -> BTreeMap<String, Injected> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(runs_dir().join("reviews")).unwrap() {
+        let body = std::fs::read(entry.unwrap().path()).unwrap();
+        let review: Value = serde_json::from_slice(&body).unwrap();
+        let before = review["request"]["object"].clone();
+        let reply = admission::review(&body, policy, Mode::Inject).unwrap();
+        let uid = review["request"]["uid"].as_str().unwrap();
+        let (_, patch) = check_reply(&reply.body, uid);
+        let pod = validated_pod(&apply(&before, &patch));
+        let name = pod.metadata.name.clone().unwrap();
+        let mut found: Option<Injected> = None;
+        for (i, container) in pod.spec.as_ref().unwrap().containers.iter().enumerate() {
+            if !container.name.starts_with("step-") {
+                continue;
+            }
+            let (trace, parent, _) =
+                parse_traceparent(value(&pod, &container.name, "TRACEPARENT").unwrap()).unwrap();
+            let own = |var: &str| {
+                before["spec"]["containers"][i]["env"]
+                    .as_array()
+                    .is_some_and(|env| env.iter().any(|e| e["name"] == var))
+            };
+            let service = (!own("OTEL_SERVICE_NAME"))
+                .then(|| value(&pod, &container.name, "OTEL_SERVICE_NAME").map(str::to_owned))
+                .flatten();
+            let resource = (!own("OTEL_RESOURCE_ATTRIBUTES"))
+                .then(|| value(&pod, &container.name, "OTEL_RESOURCE_ATTRIBUTES"))
+                .flatten()
+                .map(|attrs| {
+                    attrs
+                        .split(',')
+                        .map(|pair| {
+                            let (k, v) = pair.split_once('=').unwrap();
+                            (
+                                k.to_owned(),
+                                percent_decode_str(v).decode_utf8().unwrap().into_owned(),
+                            )
+                        })
+                        .collect()
+                });
+            if let Some(seen) = &found {
+                // Every step of one pod shares the attempt's context.
+                assert_eq!((seen.trace, seen.parent), (trace, parent), "{name}");
+            }
+            if found.is_none() || found.as_ref().is_some_and(|f| f.service.is_none()) {
+                found = Some(Injected {
+                    trace,
+                    parent,
+                    service,
+                    resource,
+                });
+            }
+        }
+        out.insert(name, found.expect("a step container"));
+    }
+    assert_eq!(out.len(), 24, "every captured pod");
+    out
+}
+
+#[test]
+fn every_attempt_span_has_the_context_the_webhook_gave_its_pod() {
+    let policy = Policy::from_yaml("resourceAttributes:\n  team: checkout\n").unwrap();
+    let injected = injected(&policy);
+    let mut matched = BTreeSet::new();
+    for name in FIXTURES {
+        let tree = tree_of(&fixture_value(name), &policy);
+        for span in tree.spans.iter().filter(|s| s.role == Role::Attempt) {
+            let pod = text(span, "k8s.pod.name").expect("attempts name their pod");
+            let pod_context = injected
+                .get(pod)
+                .unwrap_or_else(|| panic!("no review for {pod}"));
+            assert_eq!(span.trace_id, pod_context.trace, "{pod}: trace");
+            // The parent the steps got is this span, or (Tekton traced) Tekton's TaskRun span,
+            // which this span is under or links to.
+            let tekton_link = span
+                .links
+                .iter()
+                .any(|l| l.kind == LinkKind::TektonTaskRun && l.span_id == pod_context.parent);
+            assert!(
+                span.span_id == pod_context.parent
+                    || span.parent_id == Some(pod_context.parent)
+                    || tekton_link,
+                "{pod}: the steps' parent {} is not this span nor its Tekton span",
+                pod_context.parent
+            );
+            let resource = &tree.resources[span.resource];
+            if let Some(service) = &pod_context.service {
+                assert_eq!(&resource.service_name, service, "{pod}: service.name");
+            }
+            if let Some(attrs) = &pod_context.resource {
+                let ours: BTreeMap<String, String> = resource.attributes.iter().cloned().collect();
+                assert_eq!(&ours, attrs, "{pod}: resource attributes");
+                assert_eq!(ours.get("team").map(String::as_str), Some("checkout"));
+            }
+            matched.insert(pod.to_owned());
+        }
+    }
+    assert_eq!(
+        matched.len(),
+        injected.len(),
+        "an attempt span for every pod"
+    );
+}
+
+#[test]
+fn a_succeeded_run_is_one_trace_with_deploy_and_vcs_attributes() {
+    let list = fixture_value("ship-run-ok");
+    let tree = tree("ship-run-ok");
+    let pr_uid = uid_of(&list, "ship-run-ok");
+    let run = pipeline_span(&tree);
+    assert_eq!(run.trace_id, derive_trace_id(&pr_uid));
+    assert_eq!(run.span_id, derive_pipeline_run_span_id(&pr_uid));
+    assert_eq!(
+        run.parent_id, None,
+        "Tekton's unexported context is not joined"
+    );
+    assert_eq!(run.kind, Kind::Server);
+    assert_eq!(run.name, "ship");
+    assert_eq!(
+        (run.start, run.end),
+        (time("2026-11-30T11:21:28Z"), time("2026-11-30T11:22:05Z"))
+    );
+    assert_eq!(run.status, Status::Ok);
+    assert_eq!(text(run, "cicd.pipeline.result"), Some("success"));
+    assert_eq!(text(run, "cicd.pipeline.run.id"), Some(pr_uid.as_str()));
+    assert_eq!(
+        text(run, "vcs.ref.head.revision"),
+        Some("7d1e0c5b2a9f8e7d6c5b4a39281706f5e4d3c2b1")
+    );
+    assert_eq!(
+        text(run, "cicd.pipeline.run.url.full"),
+        Some("https://dashboard.example.invalid/#/namespaces/team-r/pipelineruns/ship-run-ok")
+    );
+    assert!(attr(run, "cicd.pipeline.task.name").is_none());
+    // Started when it was created: no wait span.
+    assert!(tree.spans.iter().all(|s| s.role != Role::Wait));
+    // One trace, every attempt under the run, every step under its attempt.
+    assert!(tree.spans.iter().all(|s| s.trace_id == run.trace_id));
+    assert_eq!(tree.spans.len(), 1 + 6 + 8);
+    for attempt in tree.spans.iter().filter(|s| s.role == Role::Attempt) {
+        assert_eq!(attempt.parent_id, Some(run.span_id));
+        assert!(attempt.links.is_empty());
+        assert_eq!(
+            text(attempt, "cicd.pipeline.task.run.result"),
+            Some("success")
+        );
+    }
+
+    let deploy = attempts(&tree, "deploy");
+    assert_eq!(deploy.len(), 1);
+    let deploy = deploy[0];
+    let deploy_uid = uid_of(&list, "ship-run-ok-deploy");
+    assert_eq!(deploy.span_id, derive_span_id(&deploy_uid, 0));
+    assert_eq!(text(deploy, "cicd.pipeline.task.type"), Some("deploy"));
+    assert_eq!(text(deploy, "deployment.status"), Some("succeeded"));
+    assert_eq!(text(deploy, "deployment.id"), Some(deploy_uid.as_str()));
+    assert_eq!(text(deploy, "k8s.pod.name"), Some("ship-run-ok-deploy-pod"));
+    assert_eq!(text(deploy, "k8s.namespace.name"), Some("team-r"));
+    assert_eq!(
+        (deploy.start, deploy.end),
+        (time("2026-11-30T11:21:51Z"), time("2026-11-30T11:21:58Z"))
+    );
+    let build = attempts(&tree, "build")[0];
+    assert!(attr(build, "cicd.pipeline.task.type").is_none());
+    let steps = children(&tree, build);
+    let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["compile", "package"]);
+    let build_uid = uid_of(&list, "ship-run-ok-build");
+    assert_eq!(
+        steps[0].span_id,
+        derive_step_span_id(&build_uid, 0, "compile")
+    );
+    assert_eq!(
+        (steps[0].start, steps[0].end),
+        (time("2026-11-30T11:21:38Z"), time("2026-11-30T11:21:40Z"))
+    );
+    assert_eq!(
+        attr(steps[0], "process.exit.code"),
+        Some(&AttributeValue::Int(0))
+    );
+}
+
+#[test]
+fn a_failed_step_fails_its_attempt_and_the_skipped_one_is_not_an_error() {
+    let tree = tree("ship-run-fail");
+    let run = pipeline_span(&tree);
+    assert_eq!(text(run, "cicd.pipeline.result"), Some("failure"));
+    assert_eq!(text(run, "error.type"), Some("Failed"));
+    assert!(is_error(run));
+    let build = attempts(&tree, "build")[0];
+    assert_eq!(
+        text(build, "cicd.pipeline.task.run.result"),
+        Some("failure")
+    );
+    let Status::Error { message } = &build.status else {
+        panic!("build is an error")
+    };
+    assert!(message.starts_with("StepFailed: "), "{message}");
+    let steps = children(&tree, build);
+    let compile = steps.iter().find(|s| s.name == "compile").unwrap();
+    assert!(is_error(compile));
+    assert_eq!(
+        attr(compile, "process.exit.code"),
+        Some(&AttributeValue::Int(2))
+    );
+    assert!(attr(compile, "error.type").is_some());
+    let package = steps.iter().find(|s| s.name == "package").unwrap();
+    assert_eq!(package.status, Status::Unset);
+    assert_eq!(
+        attr(package, "tekton.step.skipped"),
+        Some(&AttributeValue::Bool(true))
+    );
+    assert!(attr(package, "error.type").is_none());
+    // Skipped tasks never ran: no spans; the finally task did.
+    assert!(attempts(&tree, "test").is_empty());
+    assert_eq!(attempts(&tree, "notify")[0].status, Status::Ok);
+}
+
+#[test]
+fn a_cancelled_run_and_its_pending_task_are_cancellations_without_steps() {
+    let tree = tree("ship-run-cancel");
+    let run = pipeline_span(&tree);
+    assert_eq!(text(run, "cicd.pipeline.result"), Some("cancellation"));
+    assert!(is_error(run));
+    let build = attempts(&tree, "build")[0];
+    assert_eq!(
+        text(build, "cicd.pipeline.task.run.result"),
+        Some("cancellation")
+    );
+    assert_eq!(text(build, "error.type"), Some("TaskRunCancelled"));
+    assert!(children(&tree, build).is_empty(), "build's steps never ran");
+    assert_eq!(children(&tree, attempts(&tree, "checkout")[0]).len(), 1);
+}
+
+#[test]
+fn a_retried_task_is_two_attempts_with_their_own_pods_and_steps() {
+    let list = fixture_value("ship-run-retry");
+    let tree = tree("ship-run-retry");
+    let uid = uid_of(&list, "ship-run-retry-test");
+    let test = attempts(&tree, "test");
+    assert_eq!(test.len(), 2);
+    let (first, second) = (test[0], test[1]);
+    assert_eq!(first.span_id, derive_span_id(&uid, 0));
+    assert_eq!(second.span_id, derive_span_id(&uid, 1));
+    assert_eq!(text(first, "k8s.pod.name"), Some("ship-run-retry-test-pod"));
+    assert_eq!(
+        text(second, "k8s.pod.name"),
+        Some("ship-run-retry-test-pod-retry1")
+    );
+    assert_eq!(
+        text(first, "cicd.pipeline.task.run.result"),
+        Some("failure")
+    );
+    assert!(is_error(first));
+    assert_eq!(second.status, Status::Ok);
+    assert_eq!(
+        (first.start, first.end, second.start, second.end),
+        (
+            time("2026-11-30T11:21:43Z"),
+            time("2026-11-30T11:21:50Z"),
+            time("2026-11-30T11:21:50Z"),
+            time("2026-11-30T11:21:58Z")
+        )
+    );
+    let failed = children(&tree, first);
+    let integration = failed.iter().find(|s| s.name == "integration").unwrap();
+    assert_eq!(
+        integration.span_id,
+        derive_step_span_id(&uid, 0, "integration")
+    );
+    assert!(is_error(integration));
+    let retried = children(&tree, second);
+    assert!(retried.iter().all(|s| s.status == Status::Ok));
+    assert!(
+        retried
+            .iter()
+            .any(|s| s.span_id == derive_step_span_id(&uid, 1, "integration"))
+    );
+    assert_eq!(
+        text(pipeline_span(&tree), "cicd.pipeline.result"),
+        Some("success")
+    );
+}
+
+#[test]
+fn the_traced_run_joins_tekton_and_links_the_checkout_that_got_its_own_trace() {
+    let list = fixture_value("ship-run-traced");
+    let tree = tree("ship-run-traced");
+    let run = pipeline_span(&tree);
+    let tekton_trace = "a10dfd5fb17a3e6b72c0a2cde091368f";
+    assert_eq!(run.trace_id.to_string(), tekton_trace);
+    assert_eq!(
+        run.parent_id.map(|p| p.to_string()).as_deref(),
+        Some("f050add21070d710")
+    );
+    assert_eq!(
+        run.span_id,
+        derive_pipeline_run_span_id(&uid_of(&list, "ship-run-traced"))
+    );
+    assert_eq!(text(run, "cicd.pipeline.result"), Some("cancellation"));
+    for (task, tekton_span) in [
+        ("build", "1f1d6dbb68886951"),
+        ("test", "51f72dfec1b4cd3b"),
+        ("scan", "dddf24d82297338a"),
+        ("notify", "02dab91a7e7b6af5"),
+    ] {
+        let attempt = attempts(&tree, task)[0];
+        assert_eq!(attempt.trace_id.to_string(), tekton_trace, "{task}");
+        assert_eq!(attempt.parent_id, Some(run.span_id), "{task}");
+        assert_eq!(attempt.links.len(), 1, "{task}");
+        assert_eq!(attempt.links[0].kind, LinkKind::TektonTaskRun);
+        assert_eq!(attempt.links[0].span_id.to_string(), tekton_span);
+        // Never Tekton's own span id: Tekton exports that span itself.
+        assert_ne!(attempt.span_id.to_string(), tekton_span);
+    }
+    let checkout = attempts(&tree, "checkout")[0];
+    assert_eq!(
+        checkout.trace_id.to_string(),
+        "63ae3099baa46e6d188e5fd1f6860698"
+    );
+    assert_eq!(
+        checkout.parent_id.map(|p| p.to_string()).as_deref(),
+        Some("1c8591f1b99128b9")
+    );
+    assert_eq!(checkout.links.len(), 1);
+    assert_eq!(checkout.links[0].kind, LinkKind::PipelineRun);
+    assert_eq!(
+        (checkout.links[0].trace_id, checkout.links[0].span_id),
+        (run.trace_id, run.span_id)
+    );
+    assert_eq!(run.links.len(), 1);
+    assert_eq!(run.links[0].kind, LinkKind::Attempt);
+    assert_eq!(
+        (run.links[0].trace_id, run.links[0].span_id),
+        (checkout.trace_id, checkout.span_id)
+    );
+    let clone = children(&tree, checkout);
+    assert_eq!(clone.len(), 1);
+    assert_eq!(clone[0].trace_id, checkout.trace_id);
+}
+
+#[test]
+fn a_standalone_task_run_is_the_root_of_its_own_trace() {
+    let list = fixture_value("lint-run");
+    let tree = tree("lint-run");
+    let uid = uid_of(&list, "lint-run");
+    assert!(tree.spans.iter().all(|s| s.role != Role::PipelineRun));
+    let lint = attempts(&tree, "lint")[0];
+    assert_eq!(lint.trace_id, derive_trace_id(&uid));
+    assert_eq!(lint.parent_id, None);
+    assert_eq!(lint.span_id, derive_span_id(&uid, 0));
+    assert_eq!(children(&tree, lint).len(), 2);
+    assert_eq!(tree.resources[lint.resource].service_name, "lint");
+}
+
+#[test]
+fn a_run_that_waited_gets_a_wait_span() {
+    let mut list = fixture_value("ship-run-ok");
+    let pr_uid = uid_of(&list, "ship-run-ok");
+    list["items"][0]["status"]["startTime"] = json!("2026-11-30T11:21:31Z");
+    let tree = tree_of(&list, &Policy::embedded_default());
+    let run = pipeline_span(&tree);
+    let wait: Vec<_> = tree.spans.iter().filter(|s| s.role == Role::Wait).collect();
+    assert_eq!(wait.len(), 1);
+    assert_eq!(wait[0].span_id, derive_pipeline_run_wait_span_id(&pr_uid));
+    assert_eq!(wait[0].parent_id, Some(run.span_id));
+    assert_eq!(
+        (wait[0].start, wait[0].end),
+        (time("2026-11-30T11:21:28Z"), time("2026-11-30T11:21:31Z"))
+    );
+}
+
+#[test]
+fn options_name_deploys_and_urls_and_an_unsampled_run_exports_nothing() {
+    let run_spans = r#"
+runSpans:
+  pipelineRunUrl: "https://d/#/namespaces/{namespace}/pipelineruns/{pipelineRun}"
+  taskRunUrl: "https://d/t/{taskRun}?trace={traceId}"
+  deploy: {tasks: [scan]}
+"#;
+    let policy = Policy::from_yaml(&format!(
+        "resourceAttributes:\n  deployment.environment.name: prod\n{run_spans}"
+    ))
+    .unwrap();
+    let tree = tree_of(&fixture_value("ship-run-ok"), &policy);
+    let run = pipeline_span(&tree);
+    assert_eq!(
+        text(run, "cicd.pipeline.run.url.full"),
+        Some("https://d/#/namespaces/team-r/pipelineruns/ship-run-ok")
+    );
+    let scan = attempts(&tree, "scan")[0];
+    assert_eq!(text(scan, "cicd.pipeline.task.type"), Some("deploy"));
+    assert_eq!(text(scan, "deployment.environment.name"), Some("prod"));
+    let url = format!("https://d/t/ship-run-ok-scan?trace={}", scan.trace_id);
+    assert_eq!(
+        text(scan, "cicd.pipeline.task.run.url.full"),
+        Some(url.as_str())
+    );
+    // The label still marks the captured deploy task.
+    assert_eq!(
+        text(attempts(&tree, "deploy")[0], "cicd.pipeline.task.type"),
+        Some("deploy")
+    );
+
+    let none = Policy::from_yaml(&format!("sampling:\n  ratio: 0\n{run_spans}")).unwrap();
+    let tree = tree_of(&fixture_value("ship-run-ok"), &none);
+    assert!(tree.spans.is_empty());
+    assert_eq!(tree.unsampled.len(), 1);
+    assert!(export_request([&tree]).resource_spans.is_empty());
+}
+
+#[test]
+fn unfinished_runs_and_missing_uids_are_errors_naming_the_object_and_field() {
+    let mut list = fixture_value("ship-run-ok");
+    list["items"][0]["status"]["conditions"][0]["status"] = json!("Unknown");
+    let parsed = objects_of(&list);
+    let runs = group(&parsed).unwrap();
+    let e = span_tree(&runs[0], &Policy::embedded_default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("PipelineRun team-r/ship-run-ok: status.conditions"),
+        "{e}"
+    );
+
+    let mut list = fixture_value("ship-run-retry");
+    let test = list["items"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|i| i["metadata"]["name"] == "ship-run-retry-test")
+        .unwrap();
+    test["status"]["retriesStatus"][0]["conditions"][0]["status"] = json!("Unknown");
+    let parsed = objects_of(&list);
+    let e = span_tree(&group(&parsed).unwrap()[0], &Policy::embedded_default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("TaskRun team-r/ship-run-retry-test: status.retriesStatus[0].conditions"),
+        "{e}"
+    );
+
+    // A TaskRun whose PipelineRun is not in the input.
+    let mut list = fixture_value("ship-run-ok");
+    list["items"].as_array_mut().unwrap().remove(0);
+    let e = group(&objects_of(&list)).unwrap_err().to_string();
+    assert!(e.contains("tekton.dev/pipelineRunUID"), "{e}");
+
+    // The wrong shape is named by its path, without the value.
+    let mut list = fixture_value("lint-run");
+    list["items"][0]["status"]["steps"][0]["terminated"]["exitCode"] = json!("secret-ish");
+    let e = objects(&list.to_string()).unwrap_err().to_string();
+    assert!(e.contains("TaskRun team-r/lint-run"), "{e}");
+    assert!(e.contains("status.steps[0].terminated.exitCode"), "{e}");
+    assert!(!e.contains("secret-ish"), "{e}");
+}
+
+fn objects_of(list: &Value) -> Vec<Object> {
+    objects(&list.to_string()).unwrap()
+}
+
+#[test]
+fn the_otlp_request_carries_every_span_once_with_its_resource() {
+    for name in FIXTURES {
+        let tree = tree(name);
+        let request = export_request([&tree]);
+        let spans: Vec<_> = request
+            .resource_spans
+            .iter()
+            .flat_map(|r| r.scope_spans.iter().flat_map(|s| s.spans.iter()))
+            .collect();
+        assert_eq!(spans.len(), tree.spans.len(), "{name}");
+        let ids: BTreeSet<Vec<u8>> = spans.iter().map(|s| s.span_id.clone()).collect();
+        assert_eq!(ids.len(), spans.len(), "{name}: span ids are unique");
+        for resource in &request.resource_spans {
+            let attrs = &resource.resource.as_ref().unwrap().attributes;
+            assert_eq!(attrs[0].key, "service.name");
+        }
+    }
+}
+
+// ---- the property: every parent is in the tree or is Tekton's ----
+
+/// One synthetic TaskRun: attempts (each a list of steps, `Some(exit)` when it ran), and whether
+/// Tekton's context is on it, in the PipelineRun's trace or one of its own.
+#[derive(Debug, Clone)]
+struct SyntheticTask {
+    attempts: Vec<Vec<Option<i32>>>,
+    tekton: Option<bool>,
+    ok: bool,
+}
+
+fn synthetic_task() -> impl Strategy<Value = SyntheticTask> {
+    (
+        prop::collection::vec(prop::collection::vec(prop::option::of(0i32..3), 0..4), 1..4),
+        prop::option::of(any::<bool>()),
+        any::<bool>(),
+    )
+        .prop_map(|(attempts, tekton, ok)| SyntheticTask {
+            attempts,
+            tekton,
+            ok,
+        })
+}
+
+const PR_TRACE: &str = "a10dfd5fb17a3e6b72c0a2cde091368f";
+
+fn condition(ok: bool) -> Value {
+    json!([{"type": "Succeeded", "status": if ok { "True" } else { "False" },
+        "reason": if ok { "Succeeded" } else { "Failed" }}])
+}
+
+fn attempt_status(steps: &[Option<i32>], ok: bool, pod: String) -> Value {
+    let steps: Vec<Value> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, exit)| match exit {
+            Some(code) => json!({"name": format!("s{i}"), "terminated": {"exitCode": code,
+                "startedAt": "2026-11-30T11:00:01Z", "finishedAt": "2026-11-30T11:00:02Z"}}),
+            None => json!({"name": format!("s{i}")}),
+        })
+        .collect();
+    json!({"podName": pod, "startTime": "2026-11-30T11:00:01Z",
+        "completionTime": "2026-11-30T11:00:03Z", "conditions": condition(ok), "steps": steps})
+}
+
+fn synthetic_run(pr_tekton: bool, tasks: &[SyntheticTask]) -> (Value, BTreeSet<String>) {
+    let mut tekton_spans = BTreeSet::new();
+    let mut status = json!({"startTime": "2026-11-30T11:00:01Z",
+        "completionTime": "2026-11-30T11:00:09Z", "conditions": condition(true)});
+    if pr_tekton {
+        status["spanContext"] =
+            json!({"traceparent": format!("00-{PR_TRACE}-f050add21070d710-01")});
+        tekton_spans.insert("f050add21070d710".to_owned());
+    }
+    let mut items = vec![json!({"apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
+        "metadata": {"name": "p", "namespace": "ns", "uid": "pr-uid",
+            "creationTimestamp": "2026-11-30T11:00:00Z", "labels": {"tekton.dev/pipeline": "ship"}},
+        "status": status})];
+    for (t, task) in tasks.iter().enumerate() {
+        let name = format!("p-t{t}");
+        let mut annotations = json!({});
+        if let Some(same) = task.tekton {
+            let trace = if same {
+                PR_TRACE.to_owned()
+            } else {
+                format!("{t:032x}")
+            };
+            let span = format!("{:016x}", t + 1);
+            annotations["tekton.dev/taskrunSpanContext"] =
+                json!(json!({"traceparent": format!("00-{trace}-{span}-01")}).to_string());
+            tekton_spans.insert(span);
+        }
+        let (last, earlier) = task.attempts.split_last().unwrap();
+        let mut status = attempt_status(last, task.ok, format!("{name}-pod"));
+        status["retriesStatus"] = earlier
+            .iter()
+            .enumerate()
+            .map(|(i, steps)| attempt_status(steps, false, format!("{name}-pod-retry{i}")))
+            .collect();
+        items.push(json!({"apiVersion": "tekton.dev/v1", "kind": "TaskRun",
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("tr-uid-{t}"),
+                "creationTimestamp": "2026-11-30T11:00:01Z",
+                "labels": {"tekton.dev/pipelineRunUID": "pr-uid", "tekton.dev/pipelineRun": "p",
+                    "tekton.dev/pipelineTask": format!("t{t}")},
+                "annotations": annotations},
+            "status": status}));
+    }
+    (
+        json!({"apiVersion": "v1", "kind": "List", "items": items}),
+        tekton_spans,
+    )
+}
+
+proptest! {
+    #[test]
+    fn every_parent_is_in_the_tree_or_is_tekton(
+        pr_tekton in any::<bool>(),
+        tasks in prop::collection::vec(synthetic_task(), 0..5),
+    ) {
+        let (list, tekton_spans) = synthetic_run(pr_tekton, &tasks);
+        let tree = tree_of(&list, &Policy::embedded_default());
+        let ids: std::collections::HashMap<SpanId, TraceId> =
+            tree.spans.iter().map(|s| (s.span_id, s.trace_id)).collect();
+        prop_assert_eq!(ids.len(), tree.spans.len(), "span ids are unique");
+        let attempts: usize = tasks.iter().map(|t| t.attempts.len()).sum();
+        let steps: usize = tasks
+            .iter()
+            .flat_map(|t| t.attempts.iter().flatten())
+            .filter(|s| s.is_some())
+            .count();
+        // The run, its wait (it started a second after creation), attempts and steps that ran.
+        prop_assert_eq!(tree.spans.len(), 2 + attempts + steps);
+        for span in &tree.spans {
+            let Some(parent) = span.parent_id else { continue };
+            match ids.get(&parent) {
+                Some(trace) => prop_assert_eq!(*trace, span.trace_id, "parent in another trace"),
+                None => prop_assert!(
+                    tekton_spans.contains(&parent.to_string()),
+                    "{} has a parent {} that is neither ours nor Tekton's", span.name, parent
+                ),
+            }
+        }
+        // A PipelineRun is one trace, except for attempts Tekton put in a trace of their own,
+        // which the run links to.
+        let run = pipeline_span(&tree);
+        for span in tree.spans.iter().filter(|s| s.role == Role::Attempt && s.trace_id != run.trace_id) {
+            prop_assert!(run.links.iter().any(|l| l.span_id == span.span_id));
+        }
+    }
+}
+
+// ---- the command ----
+
+fn spans_cli(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(BIN)
+        .arg("spans")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// The fixture as `kubectl get pipelinerun,taskrun -o yaml` prints it, and as separate YAML
+/// documents.
+fn yaml_forms(list: &Value) -> [String; 2] {
+    let as_list = serde_norway::to_string(list).unwrap();
+    let documents = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| serde_norway::to_string(item).unwrap())
+        .collect::<Vec<_>>()
+        .join("---\n");
+    [as_list, documents]
+}
+
+#[test]
+fn the_command_prints_the_same_tree_for_json_and_yaml_and_valid_otlp_json() {
+    for name in FIXTURES {
+        let path = runs_dir().join(format!("{name}.json"));
+        let path = path.to_str().unwrap();
+        let (ok, tree_text, err) = spans_cli(&[path], None);
+        assert!(ok, "{name}: {err}");
+        let tree = tree(name);
+        for span in &tree.spans {
+            assert!(
+                tree_text.contains(&format!("span {}", span.span_id)),
+                "{name}: {} missing from the printed tree",
+                span.name
+            );
+        }
+        for yaml in yaml_forms(&fixture_value(name)) {
+            let (ok, from_yaml, err) = spans_cli(&["-"], Some(&yaml));
+            assert!(ok, "{name}: {err}");
+            assert_eq!(from_yaml, tree_text, "{name}: YAML and JSON agree");
+        }
+
+        let (ok, json_text, err) = spans_cli(&["--output", "otlp-json", path], None);
+        assert!(ok, "{name}: {err}");
+        let request: ExportTraceServiceRequest = serde_json::from_str(&json_text).unwrap();
+        assert_eq!(request, export_request([&tree]), "{name}");
+        let raw: Value = serde_json::from_str(&json_text).unwrap();
+        let first = &raw["resourceSpans"][0]["scopeSpans"][0]["spans"][0];
+        assert_eq!(first["traceId"].as_str().unwrap().len(), 32, "hex trace id");
+        assert_eq!(first["spanId"].as_str().unwrap().len(), 16, "hex span id");
+    }
+}
+
+#[test]
+fn the_command_refuses_bad_input_in_one_line() {
+    let mut unfinished = fixture_value("ship-run-ok");
+    unfinished["items"][0]["status"]["conditions"][0]["status"] = json!("Unknown");
+    let mut no_uid = fixture_value("lint-run");
+    no_uid["items"][0]["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("uid");
+    let cases = [
+        (
+            unfinished.to_string(),
+            "PipelineRun team-r/ship-run-ok: status.conditions",
+        ),
+        (no_uid.to_string(), "TaskRun team-r/lint-run: metadata.uid"),
+        ("{not json".to_owned(), "not valid JSON"),
+        ("a: [b\n".to_owned(), "not valid YAML"),
+        ("kind: Pod\napiVersion: v1\n".to_owned(), "document 1: kind"),
+        (
+            "kind: TaskRun\napiVersion: tekton.dev/v1beta1\nmetadata: {name: x}\n".to_owned(),
+            "TaskRun x: apiVersion: expected tekton.dev/v1",
+        ),
+        (
+            String::new(),
+            "expected at least one PipelineRun or TaskRun",
+        ),
+    ];
+    for (input, expected) in cases {
+        let (ok, out, err) = spans_cli(&["-"], Some(&input));
+        assert!(!ok, "{expected}: accepted");
+        assert!(out.is_empty());
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(err.contains(expected), "{expected}: {err}");
+    }
+    let (ok, _, err) = spans_cli(&["--task-run-url", "https://d/{nope}", "-"], Some(""));
+    assert!(!ok);
+    assert!(err.contains("--task-run-url"), "{err}");
+}
