@@ -24,6 +24,17 @@
 //! - `rate`: the same fixtures at 1,000 reviews/s: p99 under 1 ms;
 //! - `large`: the 40-step pod (360 KB) at 100 reviews/s: p99 under 10 ms;
 //! - and the server's peak RSS under 50 MB across all of them.
+//!
+//! Two worst cases of issue 14 (D2), run alone on a fresh server so its peak RSS is theirs:
+//! - `one-byte-chunks`: one review padded to the 6 MiB body limit and sent as one-byte chunks
+//!   (`1\r\nX\r\n`, 36 MB on the wire): its status, the time to the answer and the peak RSS;
+//! - `stalled-bodies`: `--concurrency` connections (say 40) that each send 6 MiB − 1 bytes of a
+//!   6 MiB body and stall until the server answers them (`--read-timeout` later).
+//!
+//! ```text
+//! cargo bench --bench load -- --scenario one-byte-chunks --read-timeout 60
+//! cargo bench --bench load -- --scenario stalled-bodies --concurrency 40 --read-timeout 5
+//! ```
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,7 +45,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
-use tokio::io::AsyncBufReadExt as _;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 
 mod https;
 use https::{client_config, connect};
@@ -97,6 +108,10 @@ struct Args {
     #[arg(long)]
     server_pid: Option<u32>,
 
+    /// `--read-timeout` of the server this tool starts (seconds).
+    #[arg(long, default_value_t = 10)]
+    read_timeout: u64,
+
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -109,7 +124,14 @@ enum Scenario {
     Rate,
     Large,
     Custom,
+    /// One 6 MiB review in one-byte chunks.
+    OneByteChunks,
+    /// `--concurrency` near-limit bodies that stall.
+    StalledBodies,
 }
+
+/// The server's body limit (`serve::MAX_BODY`), which the attack scenarios fill.
+const MAX_BODY: usize = 6 * 1024 * 1024;
 
 /// A target as text, and its check.
 type Target = (&'static str, fn(&Report) -> bool);
@@ -170,13 +192,35 @@ async fn run(args: Args) -> Result<(), String> {
             (addr, ca, args.server_pid)
         }
         None => {
-            let s = Spawned::start().await?;
+            let s = Spawned::start(args.read_timeout).await?;
             let info = (s.addr, s.ca.clone(), Some(s.pid));
             server = Some(s);
             info
         }
     };
     let tls = client_config(&ca)?;
+    if matches!(
+        args.scenario,
+        Scenario::OneByteChunks | Scenario::StalledBodies
+    ) {
+        let outcome = match args.scenario {
+            Scenario::OneByteChunks => one_byte_chunks(addr, &tls).await,
+            _ => stalled_bodies(addr, &tls, args.concurrency.max(1)).await,
+        };
+        if let Some(pid) = pid {
+            match https::proc_status_kib(pid, "VmHWM") {
+                Some(kib) => println!(
+                    "server peak RSS (VmHWM): {:.1} MB",
+                    kib as f64 * 1024.0 / 1e6
+                ),
+                None => println!("server peak RSS: /proc/{pid}/status not readable"),
+            }
+        }
+        if let Some(s) = server {
+            s.stop().await;
+        }
+        return outcome;
+    }
     println!(
         "load: server {addr}{}, {} client threads, {} s per scenario after {} s warm-up",
         pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
@@ -303,6 +347,7 @@ fn plans(args: &Args) -> Result<Vec<Plan>, String> {
         Scenario::Throughput => vec![throughput()?],
         Scenario::Rate => vec![rate()?],
         Scenario::Large => vec![large_plan()?],
+        Scenario::OneByteChunks | Scenario::StalledBodies => Vec::new(),
         Scenario::Custom => {
             let fixtures = if args.fixture.is_empty() {
                 small()?
@@ -321,6 +366,106 @@ fn plans(args: &Args) -> Result<Vec<Plan>, String> {
             }]
         }
     })
+}
+
+/// A raw TLS stream to the server, for requests hyper's client would not send.
+async fn tls_stream(
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS to {addr}: {e}"))
+}
+
+/// The status line of the server's answer, read until the connection closes.
+async fn status_of<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n") && stream.read(&mut byte).await.is_ok_and(|n| n == 1) {
+        head.push(byte[0]);
+    }
+    match String::from_utf8_lossy(&head).split(' ').nth(1) {
+        Some(status) => status.to_string(),
+        None => "closed".into(),
+    }
+}
+
+/// The `one-byte-chunks` scenario.
+async fn one_byte_chunks(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>) -> Result<(), String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let (_, review) = read_fixture(&dir.join("tekton-pipeline-task-traced.json"))?;
+    // JSON allows trailing whitespace: the same review, padded to the limit.
+    let mut body = review.to_vec();
+    body.resize(MAX_BODY, b' ');
+    let mut wire = Vec::with_capacity(body.len() * 6 + 128);
+    wire.extend_from_slice(
+        b"POST /mutate HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
+    );
+    for byte in &body {
+        wire.extend_from_slice(b"1\r\n");
+        wire.push(*byte);
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    let stream = tls_stream(addr, tls).await?;
+    let (mut rx, mut tx) = tokio::io::split(stream);
+    let started = Instant::now();
+    let writer = tokio::spawn(async move { tx.write_all(&wire).await.map(|_| tx) });
+    let status = status_of(&mut rx).await;
+    let seconds = started.elapsed().as_secs_f64();
+    writer.abort();
+    println!(
+        "one-byte-chunks: {} MiB body as {} one-byte chunks: status {status} after {seconds:.2} s",
+        MAX_BODY / (1024 * 1024),
+        body.len()
+    );
+    Ok(())
+}
+
+/// The `stalled-bodies` scenario.
+async fn stalled_bodies(
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+    connections: usize,
+) -> Result<(), String> {
+    let length = MAX_BODY - 1;
+    let body = Arc::new(vec![b' '; length - 1]);
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..connections {
+        let (mut rx, mut tx) = tokio::io::split(tls_stream(addr, tls).await?);
+        let body = body.clone();
+        let writer = tokio::spawn(async move {
+            let head =
+                format!("POST /mutate HTTP/1.1\r\nhost: x\r\ncontent-length: {length}\r\n\r\n");
+            tx.write_all(head.as_bytes()).await?;
+            tx.write_all(&body).await?;
+            std::future::pending::<()>().await;
+            Ok::<_, std::io::Error>(tx)
+        });
+        clients.push(tokio::spawn(async move {
+            let status = status_of(&mut rx).await;
+            writer.abort();
+            status
+        }));
+    }
+    let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+    for c in clients {
+        *statuses
+            .entry(c.await.map_err(|e| e.to_string())?)
+            .or_default() += 1;
+    }
+    println!(
+        "stalled-bodies: {connections} connections x {length} bytes of a {length}-byte body, all answered after {:.2} s: {statuses:?}",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn read_fixture(path: &Path) -> Result<(String, Bytes), String> {
@@ -417,7 +562,7 @@ struct Spawned {
 }
 
 impl Spawned {
-    async fn start() -> Result<Spawned, String> {
+    async fn start(read_timeout: u64) -> Result<Spawned, String> {
         let dir = std::env::temp_dir().join(format!("ltw-load-{}", std::process::id()));
         let mut child =
             tokio::process::Command::new(env!("CARGO_BIN_EXE_lightstep-tekton-webhook"))
@@ -428,7 +573,9 @@ impl Spawned {
                     "127.0.0.1:0",
                     "--metrics-listen",
                     "127.0.0.1:0",
+                    "--read-timeout",
                 ])
+                .arg(read_timeout.to_string())
                 .arg("--dev-dir")
                 .arg(&dir)
                 .stdout(Stdio::piped())

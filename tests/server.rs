@@ -1432,3 +1432,294 @@ async fn no_output_of_a_run_contains_a_secret_value() {
         assert!(!text.contains(TOKEN), "{what} contains the token:\n{text}");
     }
 }
+
+/// A chunked body whose framing is malformed is the client's mistake, not a slow client: each
+/// kind gets 400 and counts as `reason="bad-framing"`, never 408 or `body-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_chunked_framing_gets_400_of_its_own() {
+    let dir = TestDir::new("framing");
+    let b = bundle();
+    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let config = client_config(&[&b.ca_cert_pem], None);
+    // hyper refuses chunk extensions past 16 KiB in one body.
+    let long_extension = format!("3;{}\r\nabc\r\n0\r\n\r\n", "e".repeat(20 * 1024));
+    let cases = [
+        ("chunk size not hex", "zz\r\nabc\r\n0\r\n\r\n".to_string()),
+        (
+            "chunk size overflows",
+            "1ffffffffffffffff\r\nabc\r\n0\r\n\r\n".to_string(),
+        ),
+        ("bare LF after the size", "3\nabc\r\n0\r\n\r\n".to_string()),
+        ("over-long chunk extension", long_extension),
+    ];
+    for (what, body) in &cases {
+        let mut s = connect(server.addr, &config).await.unwrap();
+        let request =
+            format!("POST /mutate HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{body}");
+        // The server may answer and close before it has read all of it.
+        let _ = s.write_all(request.as_bytes()).await;
+        let (status, reply) = tokio::time::timeout(DEADLINE, read_response(&mut s))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 400, "{what}: {}", String::from_utf8_lossy(&reply));
+    }
+    let metric = |reason: &str| {
+        format!("lightstep_tekton_webhook_http_rejections_total{{reason=\"{reason}\"}}")
+    };
+    assert_eq!(
+        server.metric(&metric("bad-framing")).await,
+        cases.len() as f64
+    );
+    assert_eq!(server.metric(&metric("body-timeout")).await, 0.0);
+}
+
+/// A figure of the process's /proc status in KiB (`VmHWM` is its peak RSS).
+fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Connections that each send a body just under the 6 MiB limit and stall cannot make the
+/// server hold more than its body budget (24 MiB by default): the real binary's peak RSS stays
+/// far under what 32 such bodies weigh (192 MiB; the install's memory limit is 128 MiB).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_near_limit_bodies_are_bounded_by_the_body_budget() {
+    const CONNECTIONS: usize = 32;
+    const BODY: usize = 6 * 1024 * 1024 - 1;
+    // The budget (24 MiB), the read buffers of 32 connections, and the process itself.
+    const PEAK_BOUND_KIB: u64 = 96 * 1024;
+    let dir = TestDir::new("budget");
+    let mut server = DevServer::start(&dir.path("certs"), |c| {
+        c.args(["--metrics-listen", "127.0.0.1:0", "--read-timeout", "3"]);
+    })
+    .await;
+    let pid = server.child.id().unwrap();
+    let ca = std::fs::read_to_string(dir.path("certs").join("ca.crt")).unwrap();
+    let config = client_config(&[&ca], None);
+    let body = Arc::new(vec![b' '; BODY - 1]);
+    let mut clients = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let (mut rx, mut tx) = tokio::io::split(connect(server.addr, &config).await.unwrap());
+        let body = body.clone();
+        // Every byte but the last; the write stops where the server stops reading.
+        let writer = tokio::spawn(async move {
+            let head =
+                format!("POST /mutate HTTP/1.1\r\nhost: x\r\ncontent-length: {BODY}\r\n\r\n");
+            tx.write_all(head.as_bytes()).await?;
+            tx.write_all(&body).await?;
+            // Keep the connection open (and the body incomplete) until the server answers.
+            std::future::pending::<()>().await;
+            Ok::<_, std::io::Error>(tx)
+        });
+        clients.push(tokio::spawn(async move {
+            let answer = read_response(&mut rx).await;
+            writer.abort();
+            answer
+        }));
+    }
+    // Each is answered once its body timeout passes: 408 while reading, 503 while waiting.
+    for client in clients {
+        let (status, _) = tokio::time::timeout(DEADLINE, client)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(status == 408 || status == 503, "{status}");
+    }
+    let peak = proc_status_kib(pid, "VmHWM");
+    assert!(
+        peak < PEAK_BOUND_KIB,
+        "peak RSS {peak} KiB with {CONNECTIONS} stalled bodies"
+    );
+    assert_eq!(server.terminate().await.code(), Some(0));
+}
+
+/// A review sent as one-byte chunks is answered like the same review sent whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_review_in_one_byte_chunks_is_answered() {
+    let dir = TestDir::new("one-byte-chunks");
+    let b = bundle();
+    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let config = client_config(&[&b.ca_cert_pem], None);
+    let review = fixtures()
+        .into_iter()
+        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
+        .unwrap()
+        .1;
+    let (_, whole) = post_once(server.addr, &config, "/mutate", review.clone()).await;
+    let mut request =
+        b"POST /mutate HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for byte in &review {
+        request.extend_from_slice(b"1\r\n");
+        request.push(*byte);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let mut s = connect(server.addr, &config).await.unwrap();
+    s.write_all(&request).await.unwrap();
+    let (status, chunked) = tokio::time::timeout(DEADLINE, read_response(&mut s))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(chunked, whole.to_vec());
+}
+
+/// The metrics port is served within the same limits as the webhook's: a request head that
+/// stalls is cut off after the header timeout, one past 32 KiB gets 431, silent connections
+/// beyond its connection limit do not keep a scrape out, and only HTTP/1.1 is spoken (an h2c
+/// prior-knowledge preface gets no HTTP/2 SETTINGS frame back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_port_is_bounded_like_the_webhook_port() {
+    const SLOTS: u32 = 4;
+    let dir = TestDir::new("admin-limits");
+    let b = bundle();
+    let mut settings = Settings::local(write_pair(&dir, &b));
+    settings.limits.max_connections = SLOTS;
+    settings.limits.header_timeout = Duration::from_secs(1);
+    let server = Running::start(settings).await;
+    let addr = server.metrics_addr;
+
+    // h2c first, while there are free slots: an HTTP/2 server would answer with SETTINGS.
+    let mut h2c = TcpStream::connect(addr).await.unwrap();
+    h2c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, h2c.read_to_end(&mut answer))
+        .await
+        .expect("an h2c connection is closed");
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 "),
+        "h2c answered: {:?}",
+        &answer[..answer.len().min(16)]
+    );
+
+    // A head past the size limit: 431 (or closed), not buffered.
+    let mut big = TcpStream::connect(addr).await.unwrap();
+    let mut head = b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-padding: ".to_vec();
+    head.resize(head.len() + 400 * 1024, b'a');
+    let _ = big.write_all(&head).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, big.read_to_end(&mut answer))
+        .await
+        .expect("an oversized head is not cut off");
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&answer[..answer.len().min(64)])
+    );
+
+    // Partial heads in every slot, and more silent connections queued behind them.
+    let mut partial = Vec::new();
+    for _ in 0..SLOTS {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        partial.push(s);
+    }
+    let mut silent = Vec::new();
+    for _ in 0..2 * SLOTS {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    // The scrape queues behind them and is answered once their header timeouts free slots.
+    let text = tokio::time::timeout(DEADLINE, server.metrics())
+        .await
+        .expect("a scrape was kept out by idle connections");
+    assert!(text.contains("open_connections"), "{text}");
+    for mut s in partial.into_iter().chain(silent) {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "a partial or silent head was kept open");
+    }
+}
+
+/// Every metric docs/metrics.md lists is on a fresh server's first scrape, with its HELP and
+/// TYPE, and every label set the table names is a series at 0: an alert on `increase(…)` then
+/// sees the first event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_server_shows_every_documented_metric_and_label_set() {
+    const PREFIX: &str = "lightstep_tekton_webhook_";
+    let dir = TestDir::new("fresh-metrics");
+    let b = bundle();
+    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let text = server.metrics().await;
+    let docs =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md"))
+            .unwrap();
+
+    // Label values as the table gives them: `label` (`a`, `b`: ...), or a label named earlier.
+    let mut known: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let mut checked = 0;
+    for row in docs.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let (name, kind, labels) = (cells[1].trim_matches('`'), cells[2], cells[3]);
+        let mut sets: Vec<Vec<(String, String)>> = vec![Vec::new()];
+        let mut rest = labels;
+        while let Some(start) = rest.find('`') {
+            let after = &rest[start + 1..];
+            let end = after.find('`').unwrap();
+            let label = after[..end].to_string();
+            rest = &after[end + 1..];
+            if let Some(list) = rest.strip_prefix(" (") {
+                let close = list.find(')').unwrap();
+                let values: Vec<String> = list[..close]
+                    .split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(String::from)
+                    .collect();
+                known.insert(label.clone(), values);
+                rest = &list[close + 1..];
+            }
+            let values = known
+                .get(&label)
+                .unwrap_or_else(|| panic!("{name}: values of {label}"));
+            let mut product = Vec::new();
+            for set in &sets {
+                for value in values {
+                    let mut set = set.clone();
+                    set.push((label.clone(), value.clone()));
+                    product.push(set);
+                }
+            }
+            sets = product;
+        }
+        let family = name.strip_suffix("_total").unwrap_or(name);
+        for line in [
+            format!("# HELP {PREFIX}{family} "),
+            format!("# TYPE {PREFIX}{family} {kind}"),
+        ] {
+            assert!(text.contains(&line), "{line:?} missing:\n{text}");
+        }
+        if kind == "gauge" {
+            continue;
+        }
+        let series = if kind == "histogram" {
+            format!("{name}_count")
+        } else {
+            name.to_string()
+        };
+        for set in sets {
+            let labels: Vec<String> = set.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+            let labels = if labels.is_empty() {
+                String::new()
+            } else {
+                format!("{{{}}}", labels.join(","))
+            };
+            let line = format!("{PREFIX}{series}{labels} 0\n");
+            assert!(text.contains(&line), "{line:?} missing:\n{text}");
+            checked += 1;
+        }
+    }
+    // 10 admission outcomes, 8 skips, 2 warnings, 2 + 2 histograms, 6 rejections, 1 handshake
+    // counter, 4 reloads: the table was read.
+    assert!(checked >= 30, "only {checked} series checked");
+}

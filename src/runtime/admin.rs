@@ -4,6 +4,10 @@
 //! server that drains (or a controller with no port of its own) still answers scrapes. The
 //! port is bound before the command reports itself started, so a bad `--metrics-listen` fails
 //! the start instead of a scrape.
+//!
+//! It is served like the webhook's port ([`crate::runtime::http1`]), with at most
+//! [`MAX_CONNECTIONS`] connections, the same header and write timeouts, a 32 KiB request head,
+//! and HTTP/1.1 only: a port that needs no certificate is the easiest one to hold open.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,8 +16,18 @@ use axum::Router;
 use axum::http::header;
 use axum::routing::get;
 use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
 
+use crate::runtime::http1::{self, ConnectionLimits};
 use crate::runtime::metrics::Registry;
+
+/// Connections the admin port serves at once. A Prometheus server scrapes over one connection,
+/// so 16 leaves room for a few scrapers and a person with curl; more wait in the accept queue.
+pub(crate) const MAX_CONNECTIONS: u32 = 16;
+
+/// Largest request head on the admin port: `GET /metrics` and a scraper's headers are a few
+/// hundred bytes; the webhook's port allows the same 32 KiB.
+const MAX_HEADER_BYTES: usize = 32 * 1024;
 
 /// The content type OpenMetrics 1.0 scrapers ask for.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -34,8 +48,16 @@ pub(crate) async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpList
         .map_err(|source| BindError { flag, addr, source })
 }
 
-/// Serves `GET /metrics` on `listener` until the task is aborted.
-pub(crate) async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+/// Serves `GET /metrics` on `listener` until the task is aborted, with at most
+/// `max_connections` connections (capped at [`MAX_CONNECTIONS`]), each within the header and
+/// write timeouts.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    max_connections: u32,
+    header_timeout: std::time::Duration,
+    write_timeout: std::time::Duration,
+) {
     let app = Router::new().route(
         "/metrics",
         get(move || {
@@ -43,7 +65,19 @@ pub(crate) async fn serve(listener: TcpListener, registry: Arc<Registry>) {
             async move { ([(header::CONTENT_TYPE, OPENMETRICS)], registry.encode()) }
         }),
     );
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "metrics endpoint stopped");
-    }
+    let limits = ConnectionLimits {
+        header_timeout,
+        write_timeout,
+        max_header_bytes: MAX_HEADER_BYTES,
+    };
+    let permits = Arc::new(Semaphore::new(max_connections.min(MAX_CONNECTIONS) as usize));
+    // It answers until aborted, through the drain, so the last scrape sees the last requests:
+    // the drain never starts (the sender lives as long as this future).
+    let (_never, drain) = watch::channel(false);
+    let connections = drain.clone();
+    http1::accept_loop(listener, permits, drain, move |tcp, peer| {
+        let (app, limits, drain) = (app.clone(), limits.clone(), connections.clone());
+        async move { http1::serve_connection(tcp, app, &limits, drain, peer).await }
+    })
+    .await;
 }

@@ -5,11 +5,14 @@
 //! - `bootstrap`: the Tokio runtime, telemetry, SIGTERM/SIGINT, and the exit code;
 //! - `telemetry`: log lines and OTLP spans; [`metrics`]: the registry with a sub-registry per
 //!   component; `admin`: the plain-HTTP port that serves it;
+//! - `http1`: HTTP/1.1 connections within limits (accept loop, connection slots, timeouts),
+//!   for every port;
 //! - [`tls`] and `reload`: the serving certificate, validated, and swapped when its files
 //!   change.
 pub mod admin;
 pub(crate) mod args;
 pub(crate) mod bootstrap;
+pub(crate) mod http1;
 pub mod metrics;
 pub(crate) mod reload;
 pub(crate) mod telemetry;

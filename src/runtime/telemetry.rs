@@ -12,6 +12,15 @@
 //!
 //! Nothing secret is logged: `OTEL_EXPORTER_OTLP_HEADERS` (which may hold a token) is never
 //! printed.
+//!
+//! **A log line is one line, of bounded length.** The text format writes every field through
+//! [`EscapedFields`], which escapes control characters (`\n`, `\r`, NUL, ESC, ...) and the
+//! Unicode line and paragraph separators and bidirectional overrides, so a value cannot start
+//! a forged line or hide text (the JSON format escapes them itself). Values taken from a request
+//! are clipped with [`clipped`] where they are logged, whichever the format.
+
+use std::fmt;
+use std::fmt::Write as _;
 
 use axum::http::HeaderMap;
 use clap::ValueEnum;
@@ -22,7 +31,9 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
+use tracing_subscriber::field::{MakeVisitor, Visit, VisitFmt, VisitOutput};
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -35,6 +46,10 @@ const CRATE_TARGET: &str = env!("CARGO_CRATE_NAME");
 
 /// The filter without `RUST_LOG`: every target at info, so no module's lines are dropped.
 const DEFAULT_FILTER: &str = "info";
+
+/// Characters of a request value kept in a log line: a Kubernetes name is at most 253, a uid
+/// 36; past this a value is an attack or a mistake, and its start is enough to find it.
+const MAX_LOGGED_CHARS: usize = 256;
 
 /// The variables that switch OTLP export on (the OpenTelemetry SDK specification's names).
 const OTLP_ENDPOINT_VARS: &[&str] = &[
@@ -119,6 +134,7 @@ where
 {
     match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .fmt_fields(EscapedFields)
             .with_ansi(ansi)
             .with_writer(writer)
             .boxed(),
@@ -130,6 +146,116 @@ where
             .with_writer(writer)
             .boxed(),
     }
+}
+
+/// A value taken from a request, as logged: its first [`MAX_LOGGED_CHARS`] characters, then
+/// `…` if there were more.
+pub(crate) fn clipped(value: &str) -> Clipped<'_> {
+    Clipped(value)
+}
+
+/// See [`clipped`].
+pub(crate) struct Clipped<'a>(&'a str);
+
+impl fmt::Display for Clipped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.char_indices().nth(MAX_LOGGED_CHARS) {
+            Some((end, _)) => write!(f, "{}…", &self.0[..end]),
+            None => f.write_str(self.0),
+        }
+    }
+}
+
+/// The text format's fields (`name=value`, the message bare), each written through [`Escape`].
+struct EscapedFields;
+
+impl<'w> MakeVisitor<Writer<'w>> for EscapedFields {
+    type Visitor = EscapingVisitor<'w>;
+
+    fn make_visitor(&self, writer: Writer<'w>) -> EscapingVisitor<'w> {
+        EscapingVisitor {
+            writer,
+            first: true,
+            result: Ok(()),
+        }
+    }
+}
+
+struct EscapingVisitor<'w> {
+    writer: Writer<'w>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl EscapingVisitor<'_> {
+    fn field(&mut self, field: &tracing::field::Field, value: fmt::Arguments<'_>) {
+        if self.result.is_err() {
+            return;
+        }
+        let separator = if std::mem::take(&mut self.first) {
+            ""
+        } else {
+            " "
+        };
+        self.result = match field.name() {
+            "message" => write!(Escape(&mut self.writer), "{separator}{value}"),
+            name => write!(self.writer, "{separator}{name}=")
+                .and_then(|()| write!(Escape(&mut self.writer), "{value}")),
+        };
+    }
+}
+
+impl Visit for EscapingVisitor<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        // Quoted, as tracing's own text format writes strings.
+        self.field(field, format_args!("{value:?}"));
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+        self.field(field, format_args!("{value:?}"));
+    }
+}
+
+impl VisitOutput<fmt::Result> for EscapingVisitor<'_> {
+    fn finish(self) -> fmt::Result {
+        self.result
+    }
+}
+
+impl VisitFmt for EscapingVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn fmt::Write {
+        &mut self.writer
+    }
+}
+
+/// Writes through to `W` with every character that could end, hide or reorder a line escaped
+/// as `\n`, `\r`, `\t`, `\0` or `\u{…}`.
+struct Escape<W>(W);
+
+impl<W: fmt::Write> fmt::Write for Escape<W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        while let Some(at) = rest.find(needs_escape) {
+            self.0.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            match c {
+                '\n' => self.0.write_str("\\n")?,
+                '\r' => self.0.write_str("\\r")?,
+                '\t' => self.0.write_str("\\t")?,
+                '\0' => self.0.write_str("\\0")?,
+                c => write!(self.0, "\\u{{{:04x}}}", c as u32)?,
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
+/// Control characters (C0, DEL, C1), the line and paragraph separators (U+2028, U+2029), and
+/// the bidirectional embeddings, overrides and isolates (U+202A..U+202E, U+2066..U+2069).
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Whether a span is exported: this crate's, from any module (libraries' debug spans would be
@@ -203,7 +329,7 @@ impl Extractor for HeaderExtractor<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
 
     use kube::core::DynamicObject;
@@ -213,7 +339,13 @@ mod tests {
 
     /// What the log layer wrote, shared with the test.
     #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Captured {
+        pub(crate) fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
 
     impl std::io::Write for Captured {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -233,7 +365,9 @@ mod tests {
     }
 
     /// The subscriber `init` installs without `RUST_LOG`, writing JSON lines to a buffer.
-    fn captured(format: LogFormat) -> (impl tracing::Subscriber + Send + Sync, Captured) {
+    pub(crate) fn captured(
+        format: LogFormat,
+    ) -> (impl tracing::Subscriber + Send + Sync, Captured) {
         let out = Captured::default();
         let subscriber = tracing_subscriber::registry()
             .with(EnvFilter::new(DEFAULT_FILTER))

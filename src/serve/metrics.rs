@@ -2,7 +2,9 @@
 //!
 //! Each answered AdmissionReview gets exactly one log line ([`record_admission`]) with uid,
 //! namespace, pod, mode, decision and duration, and each refused request one line
-//! (`record_rejection`); both count in the metrics. Nothing secret is logged or counted: the
+//! (`record_rejection`); both count in the metrics. Every value taken from the request is
+//! clipped ([`telemetry::clipped`]) and, in text logs, escaped, so one request is one bounded
+//! line. Nothing secret is logged or counted: the
 //! reply's patch refers to the token Secret by name.
 //!
 //! The metrics live in the webhook's sub-registry of [`Registry`], under their historical names
@@ -18,12 +20,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Metric;
 
-use crate::admission::decide::Mode;
-use crate::admission::validate::{Validation, Verdict};
+use crate::admission::decide::{Mode, SkipReason};
+use crate::admission::validate::{Subject, Validation, Verdict};
 use crate::admission::{Outcome, Reply};
 use crate::policy::selection::Fallback;
 use crate::runtime::metrics::{self, Registry};
-use crate::runtime::telemetry;
+use crate::runtime::telemetry::{self, clipped};
 
 /// The target of the per-request lines, whichever module writes them: `RUST_LOG` can then keep
 /// or drop the admission lines (`<crate>::admission=warn`) apart from the rest.
@@ -78,10 +80,18 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 pub(crate) enum Rejection {
     /// HTTP 400: not an AdmissionReview v1, malformed JSON, empty body.
     BadRequest,
+    /// HTTP 400: the chunked framing of the body is malformed (size, line ending, extension).
+    BadFraming,
     /// HTTP 413: over the body limit.
     TooLarge,
     /// HTTP 408: the body did not arrive in time, or the connection broke while sending it.
     BodyTimeout,
+    /// HTTP 503 with `Retry-After`: the bodies in flight hold the whole body budget. Not 429,
+    /// which says this client sent too many requests: the budget is the server's, shared by all
+    /// clients, and is full whoever filled it (RFC 9110 §15.6.4, "temporary overload"). Either
+    /// way the API server counts a failed call (`failurePolicy` applies); client-go retries 429
+    /// and 5xx replies that carry `Retry-After`.
+    Busy,
     /// HTTP 500: deciding panicked (a bug; the server kept serving).
     Internal,
 }
@@ -90,8 +100,10 @@ impl Rejection {
     fn as_str(self) -> &'static str {
         match self {
             Rejection::BadRequest => "bad-request",
+            Rejection::BadFraming => "bad-framing",
             Rejection::TooLarge => "too-large",
             Rejection::BodyTimeout => "body-timeout",
+            Rejection::Busy => "busy",
             Rejection::Internal => "internal",
         }
     }
@@ -112,6 +124,82 @@ impl ReloadKind {
         }
     }
 }
+
+/// Every mode, outcome, rejection and reload label, so that each series exists (at 0) from the
+/// first scrape and an alert on `increase(…)` sees the first event (Prometheus's advice for
+/// label sets known in advance).
+const MODES: [Mode; 2] = [Mode::Inject, Mode::Enforce];
+const OUTCOMES: [Outcome; 9] = [
+    Outcome::Patched,
+    Outcome::Skipped(SkipReason::NotTaskRunPod),
+    Outcome::Skipped(SkipReason::OptedOut),
+    Outcome::Skipped(SkipReason::AlreadyInjected),
+    Outcome::NotPodCreate,
+    Outcome::Failed { denied: true },
+    Outcome::Failed { denied: false },
+    Outcome::Audited,
+    Outcome::NoPolicy,
+];
+const REJECTIONS: [Rejection; 6] = [
+    Rejection::BadRequest,
+    Rejection::BadFraming,
+    Rejection::TooLarge,
+    Rejection::BodyTimeout,
+    Rejection::Busy,
+    Rejection::Internal,
+];
+const RELOADS: [ReloadKind; 2] = [ReloadKind::Tls, ReloadKind::Policy];
+const SUBJECTS: [Subject; 3] = [
+    Subject::PolicyConfigMap,
+    Subject::TracingPolicy,
+    Subject::Other,
+];
+/// The verdicts' labels do not depend on their messages.
+fn verdicts() -> [Verdict; 3] {
+    [
+        Verdict::Valid(String::new()),
+        Verdict::Invalid(String::new()),
+        Verdict::Ignored,
+    ]
+}
+
+// These matches stop compiling when a variant is added, so the lists above cannot fall behind.
+const _: fn(Subject, &Verdict) = |subject, verdict| {
+    match subject {
+        Subject::PolicyConfigMap | Subject::TracingPolicy | Subject::Other => {}
+    }
+    match verdict {
+        Verdict::Valid(_) | Verdict::Invalid(_) | Verdict::Ignored => {}
+    }
+};
+const _: fn(Mode, &Outcome, Rejection, ReloadKind) = |mode, outcome, rejection, reload| {
+    match mode {
+        Mode::Inject | Mode::Enforce => {}
+    }
+    match outcome {
+        Outcome::Patched
+        | Outcome::Skipped(
+            SkipReason::NotTaskRunPod | SkipReason::OptedOut | SkipReason::AlreadyInjected,
+        )
+        | Outcome::NotPodCreate
+        | Outcome::Failed {
+            denied: true | false,
+        }
+        | Outcome::Audited
+        | Outcome::NoPolicy => {}
+    }
+    match rejection {
+        Rejection::BadRequest
+        | Rejection::BadFraming
+        | Rejection::TooLarge
+        | Rejection::BodyTimeout
+        | Rejection::Busy
+        | Rejection::Internal => {}
+    }
+    match reload {
+        ReloadKind::Tls | ReloadKind::Policy => {}
+    }
+};
 
 /// The webhook's Prometheus metrics.
 pub struct WebhookMetrics {
@@ -142,7 +230,7 @@ impl WebhookMetrics {
     /// Registers every webhook metric in its sub-registry of `registry`.
     pub fn register(registry: &mut Registry) -> WebhookMetrics {
         let r = registry.component(metrics::WEBHOOK);
-        WebhookMetrics {
+        let m = WebhookMetrics {
             admissions: add(
                 r,
                 "admissions",
@@ -183,7 +271,7 @@ impl WebhookMetrics {
             rejections: add(
                 r,
                 "http_rejections",
-                "Requests answered without an AdmissionReview (400, 408, 413, 500), by reason",
+                "Requests answered without an AdmissionReview (400, 408, 413, 500, 503), by reason",
                 Family::default(),
             ),
             handshake_failures: add(
@@ -210,6 +298,35 @@ impl WebhookMetrics {
                 "Reloads of the certificate (file=tls) or policy (file=policy) files; result=refused keeps the previous one",
                 Family::default(),
             ),
+        };
+        m.create_known_series();
+        m
+    }
+
+    /// Creates every series whose labels are known in advance, at 0.
+    fn create_known_series(&self) {
+        // Creating a series is all that is wanted here; the guards are dropped at once.
+        for mode in MODES.map(Mode::as_str) {
+            for outcome in &OUTCOMES {
+                let _ = self.admissions.get_or_create(&ModeOutcome {
+                    mode,
+                    outcome: outcome.as_str(),
+                });
+                if let Some(reason) = outcome.skip_reason() {
+                    let _ = self.skips.get_or_create(&ModeReason { mode, reason });
+                }
+            }
+            let _ = self.warnings.get_or_create(&ModeLabel { mode });
+            let _ = self.patch_bytes.get_or_create(&ModeLabel { mode });
+            let _ = self.duration.get_or_create(&ModeLabel { mode });
+        }
+        for reason in REJECTIONS.map(Rejection::as_str) {
+            let _ = self.rejections.get_or_create(&ReasonLabel { reason });
+        }
+        for file in RELOADS.map(ReloadKind::as_str) {
+            for result in [true, false].map(reload_result) {
+                let _ = self.reloads.get_or_create(&ReloadLabels { file, result });
+            }
         }
     }
 
@@ -230,7 +347,7 @@ impl WebhookMetrics {
     }
 
     pub(crate) fn reloaded(&self, kind: ReloadKind, applied: bool) {
-        let result = if applied { "applied" } else { "refused" };
+        let result = reload_result(applied);
         self.reloads
             .get_or_create(&ReloadLabels {
                 file: kind.as_str(),
@@ -238,6 +355,11 @@ impl WebhookMetrics {
             })
             .inc();
     }
+}
+
+/// The `result` label of a reload.
+fn reload_result(applied: bool) -> &'static str {
+    if applied { "applied" } else { "refused" }
 }
 
 /// The one log line and the metrics of one answered AdmissionReview.
@@ -280,18 +402,18 @@ pub fn record_admission(metrics: &WebhookMetrics, reply: &Reply, elapsed: Durati
         ($level:ident) => {
             tracing::$level!(
                 target: ADMISSION_TARGET,
-                uid = %reply.uid,
-                namespace = %reply.namespace,
-                pod = %reply.pod,
+                uid = %clipped(&reply.uid),
+                namespace = %clipped(&reply.namespace),
+                pod = %clipped(&reply.pod),
                 mode = %mode,
                 decision = %decision,
                 duration_ms,
-                policy = (!reply.policy.is_empty()).then_some(reply.policy.as_str()),
+                policy = (!reply.policy.is_empty()).then(|| clipped(&reply.policy)).map(tracing::field::display),
                 policy_fallback = reply.fallback.filter(|f| *f != Fallback::NotWatching).map(Fallback::as_str),
                 skip_reason = reply.outcome.skip_reason(),
                 warnings,
                 patch_bytes = (reply.patch_bytes > 0).then_some(reply.patch_bytes),
-                error = reply.error.as_deref(),
+                error = reply.error.as_deref().map(clipped).map(tracing::field::display),
                 "admission"
             )
         };
@@ -321,7 +443,7 @@ pub(crate) fn record_rejection(
         target: ADMISSION_TARGET,
         mode = %mode,
         rejected = %rejection.as_str(),
-        reason = detail,
+        reason = %clipped(detail),
         "request refused"
     );
 }
@@ -346,7 +468,7 @@ impl PolicyMetrics {
     /// Registers the metrics in the webhook's sub-registry of `registry`.
     pub fn register(registry: &mut Registry) -> PolicyMetrics {
         let r = registry.component(metrics::WEBHOOK);
-        PolicyMetrics {
+        let m = PolicyMetrics {
             valid: add(
                 r,
                 "policy_valid",
@@ -359,7 +481,17 @@ impl PolicyMetrics {
                 "Reviews answered on /validate, by kind (policy-configmap, tracingpolicy, other) and verdict (valid, invalid, ignored)",
                 Family::default(),
             ),
+        };
+        // Every kind and verdict at 0 from the first scrape, like the webhook's series.
+        for subject in SUBJECTS {
+            for verdict in &verdicts() {
+                let _ = m.validations.get_or_create(&KindVerdict {
+                    kind: subject.as_str(),
+                    verdict: verdict.as_str(),
+                });
+            }
         }
+        m
     }
 
     /// Records whether the policy file's current contents are in force.
@@ -384,13 +516,13 @@ pub fn record_validation(metrics: &PolicyMetrics, v: &Validation, elapsed: Durat
     };
     tracing::info!(
         target: ADMISSION_TARGET,
-        uid = %v.uid,
+        uid = %clipped(&v.uid),
         kind = v.subject.as_str(),
-        object = %v.object,
+        object = %clipped(&v.object),
         verdict = v.verdict.as_str(),
         duration_ms = elapsed.as_secs_f64() * 1000.0,
-        policy,
-        refused,
+        policy = policy.map(clipped).map(tracing::field::display),
+        refused = refused.map(clipped).map(tracing::field::display),
         "validation"
     );
 }

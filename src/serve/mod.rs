@@ -23,6 +23,7 @@ use crate::runtime::args::{AdminArgs, TelemetryArgs, TlsArgs};
 use crate::runtime::bootstrap;
 use crate::runtime::tls::{self, TlsPaths};
 
+mod body;
 mod listener;
 pub mod metrics;
 mod routes;
@@ -34,6 +35,14 @@ pub use server::Server;
 /// Largest AdmissionReview accepted. The API server refuses objects over 3 MiB, and a review of
 /// an UPDATE carries two of them; a CREATE of the largest pod fits with room to spare.
 const MAX_BODY: usize = 6 * 1024 * 1024;
+
+/// MiB that request bodies being read may hold together without `--max-body-memory`: four
+/// bodies of the largest size, or about 1,500 of the usual 16 KB reviews at once (the API
+/// server sends a few at a time), and well inside the install's 128 MiB memory limit.
+const DEFAULT_BODY_MEMORY_MIB: u32 = 24;
+
+/// One MiB, the unit of `--max-body-memory`.
+const MIB: usize = 1024 * 1024;
 
 /// Where `serve` listens without `--listen`: every interface, the port the Service targets.
 const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8443);
@@ -109,6 +118,13 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..=65_536))]
     max_connections: u32,
 
+    /// MiB that request bodies being read may hold together, across all connections; a request
+    /// that finds no room before its body timeout gets 503 with Retry-After. At least 6, the
+    /// largest body.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_BODY_MEMORY_MIB,
+          value_parser = clap::value_parser!(u32).range(6..=65_536))]
+    max_body_memory: u32,
+
     /// Time a client gets for its TLS handshake, for its request headers (an idle keep-alive
     /// connection is closed after it too), separately for its body, and to take each reply.
     #[arg(long, value_name = "SECONDS", default_value_t = 10,
@@ -120,6 +136,8 @@ pub struct ServeArgs {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body: usize,
+    /// Bytes all bodies being read may hold together (at least `max_body`).
+    pub body_budget: usize,
     pub max_connections: u32,
     pub handshake_timeout: Duration,
     pub header_timeout: Duration,
@@ -131,15 +149,16 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         // The flags' defaults: 256 connections, 10 s for each step of a request.
-        Limits::new(256, Duration::from_secs(10))
+        Limits::new(256, DEFAULT_BODY_MEMORY_MIB, Duration::from_secs(10))
     }
 }
 
 impl Limits {
     /// `read_timeout` bounds each of the handshake, the headers, the body and each reply.
-    fn new(max_connections: u32, read_timeout: Duration) -> Limits {
+    fn new(max_connections: u32, body_memory_mib: u32, read_timeout: Duration) -> Limits {
         Limits {
             max_body: MAX_BODY,
+            body_budget: (body_memory_mib as usize * MIB).max(MAX_BODY),
             max_connections,
             handshake_timeout: read_timeout,
             header_timeout: read_timeout,
@@ -245,7 +264,11 @@ fn settings(args: &ServeArgs) -> Result<Settings, ServeError> {
         policy: args.policy.clone(),
         watch_tracing_policies: args.watch_tracing_policies,
         cluster: args.cluster.clone(),
-        limits: Limits::new(args.max_connections, Duration::from_secs(args.read_timeout)),
+        limits: Limits::new(
+            args.max_connections,
+            args.max_body_memory,
+            Duration::from_secs(args.read_timeout),
+        ),
         reload_interval: args.tls.reload_interval(),
         shutdown_delay: Duration::from_secs(delay),
         drain_timeout: Duration::from_secs(args.drain_timeout),

@@ -5,7 +5,8 @@
 //! The handler is glue: read the body within limits, take the current policy, call
 //! [`admission::review_with`], record one log line and the metrics, send the reply. Everything a
 //! client can get wrong has an answer that does not involve the decision: 400 for a body that is
-//! not an AdmissionReview, 413 over the body limit, 408 for a body that stalls, 500 (for that
+//! not an AdmissionReview or whose chunked framing is malformed, 413 over the body limit, 503 with `Retry-After` when the bodies in flight fill
+//! their budget (`body`), 408 for a body that stalls, 500 (for that
 //! request alone) if deciding panics. `/readyz` fails while shutting down and, with
 //! `--watch-tracing-policies`, until the caches have their first lists.
 
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -27,7 +28,9 @@ use crate::admission::decide::Mode;
 use crate::cluster::Cluster;
 use crate::policy::loader::PolicyStore;
 use crate::policy::selection::{self, Fallback, Selected};
+use crate::runtime::telemetry::clipped;
 use crate::serve::Limits;
+use crate::serve::body::{self, BodyBudget};
 use crate::serve::metrics::{self, PolicyMetrics, Rejection, WebhookMetrics};
 
 /// What the handlers share.
@@ -39,6 +42,8 @@ pub(super) struct AppState {
     pub(super) policy_metrics: PolicyMetrics,
     pub(super) ready: AtomicBool,
     pub(super) limits: Limits,
+    /// The bytes all request bodies being read may hold together.
+    pub(super) budget: BodyBudget,
 }
 
 pub(super) fn router(state: Arc<AppState>) -> Router {
@@ -65,13 +70,13 @@ async fn enforce(State(state): State<Arc<AppState>>, request: Request) -> Respon
 /// One validating AdmissionReview: read the body within limits, judge, record, reply.
 async fn validate(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let bytes = match read_body(&state.limits, &parts.headers, body).await {
-        Ok(bytes) => bytes,
+    let body = match body::read_body(&state.limits, &state.budget, &parts.headers, body).await {
+        Ok(body) => body,
         Err((rejection, detail)) => return reject(&state, VALIDATE, rejection, &detail),
     };
     let started = Instant::now();
     // `validate` is written not to panic; if a bug makes it, this request fails alone.
-    let result = std::panic::catch_unwind(|| admission::validate::validate(&bytes));
+    let result = std::panic::catch_unwind(|| admission::validate::validate(body.bytes()));
     match result {
         Ok(Ok(v)) => {
             metrics::record_validation(&state.policy_metrics, &v, started.elapsed());
@@ -117,11 +122,12 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 /// One AdmissionReview: read the body within limits, decide, record, reply.
 async fn admit(state: &AppState, mode: Mode, headers: &HeaderMap, body: Body) -> Response {
     let span = metrics::admission_span(mode, headers);
-    let bytes = match read_body(&state.limits, headers, body)
+    // Held until this function returns, when the reply has been built.
+    let body = match body::read_body(&state.limits, &state.budget, headers, body)
         .instrument(span.clone())
         .await
     {
-        Ok(bytes) => bytes,
+        Ok(body) => body,
         Err((rejection, detail)) => return reject(state, mode.as_str(), rejection, &detail),
     };
 
@@ -143,12 +149,12 @@ async fn admit(state: &AppState, mode: Mode, headers: &HeaderMap, body: Body) ->
     // `review` is written not to panic; if a bug makes it, this request fails alone.
     let result = span.in_scope(|| {
         std::panic::catch_unwind(AssertUnwindSafe(|| {
-            admission::review_or_pass(&bytes, mode, select)
+            admission::review_or_pass(body.bytes(), mode, select)
         }))
     });
     match result {
         Ok(Ok(reply)) => {
-            span.record("uid", reply.uid.as_str());
+            span.record("uid", tracing::field::display(clipped(&reply.uid)));
             span.record("decision", reply.outcome.as_str());
             metrics::record_admission(&state.metrics, &reply, started.elapsed());
             let mut response = Response::new(Body::from(reply.body));
@@ -173,68 +179,32 @@ async fn admit(state: &AppState, mode: Mode, headers: &HeaderMap, body: Body) ->
     }
 }
 
-/// The whole body, or why it was not read: over the limit (declared or actual) or too slow.
-async fn read_body(
-    limits: &Limits,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Bytes, (Rejection, String)> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if let Some(declared) = declared.filter(|n| *n > limits.max_body as u64) {
-        let detail = format!(
-            "body of {declared} bytes is over the {} byte limit",
-            limits.max_body
-        );
-        return Err((Rejection::TooLarge, detail));
-    }
-    let read = axum::body::to_bytes(body, limits.max_body);
-    match tokio::time::timeout(limits.body_timeout, read).await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) if is_length_limit(&e) => Err((
-            Rejection::TooLarge,
-            format!("body is over the {} byte limit", limits.max_body),
-        )),
-        Ok(Err(e)) => Err((Rejection::BodyTimeout, format!("reading the body: {e}"))),
-        Err(_) => Err((
-            Rejection::BodyTimeout,
-            format!(
-                "the body did not arrive within {} s",
-                limits.body_timeout.as_secs_f64()
-            ),
-        )),
-    }
-}
-
-fn is_length_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if s.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
-}
-
 /// A plain-text, one-line answer for a request that gets no AdmissionReview.
 fn reject(state: &AppState, mode: &'static str, rejection: Rejection, detail: &str) -> Response {
     let line = detail.replace(['\n', '\r'], " ");
     metrics::record_rejection(&state.metrics, mode, rejection, &line);
     let status = match rejection {
-        Rejection::BadRequest => StatusCode::BAD_REQUEST,
+        Rejection::BadRequest | Rejection::BadFraming => StatusCode::BAD_REQUEST,
         Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+        Rejection::Busy => StatusCode::SERVICE_UNAVAILABLE,
         Rejection::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let mut response = (status, format!("{line}\n")).into_response();
-    if matches!(rejection, Rejection::TooLarge | Rejection::BodyTimeout) {
+    if matches!(
+        rejection,
+        Rejection::TooLarge | Rejection::BodyTimeout | Rejection::BadFraming | Rejection::Busy
+    ) {
         // The rest of the body is never read, so the connection cannot carry another request.
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if rejection == Rejection::Busy {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(body::RETRY_AFTER.as_secs()),
+        );
     }
     response
 }
@@ -254,6 +224,7 @@ mod tests {
             policy_metrics: PolicyMetrics::register(&mut registry),
             ready: AtomicBool::new(true),
             limits: Limits::default(),
+            budget: BodyBudget::new(Limits::default().body_budget),
         });
         (state, registry)
     }
@@ -312,6 +283,69 @@ mod tests {
         let metrics = registry.encode();
         assert!(metrics.contains("admissions_total{mode=\"inject\",outcome=\"patched\"} 1"));
         assert!(metrics.contains("http_rejections_total{reason=\"too-large\"} 1"));
+    }
+
+    /// A request's uid or pod name with a newline, NUL or U+2028 cannot forge a log line, and a
+    /// 1 MiB uid does not make a 1 MiB line: each request is one bounded line, in both formats.
+    #[tokio::test]
+    async fn request_values_reach_the_log_escaped_and_clipped() {
+        use crate::runtime::telemetry::LogFormat;
+        use crate::runtime::telemetry::tests::captured;
+        let fixture: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/tekton-pipeline-task-traced.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let forged = "x\nINFO lightstep_tekton_webhook::admission: admission uid=forged\0\u{2028}y";
+        let mut newline = fixture.clone();
+        newline["request"]["uid"] = forged.into();
+        newline["request"]["object"]["metadata"]["name"] = forged.into();
+        let mut huge = fixture.clone();
+        huge["request"]["uid"] = "u".repeat(1 << 20).into();
+
+        for format in [LogFormat::Text, LogFormat::Json] {
+            let (subscriber, out) = captured(format);
+            let guard = tracing::subscriber::set_default(subscriber);
+            let (s, _registry) = state();
+            for review in [&newline, &huge] {
+                let body = serde_json::to_vec(review).unwrap();
+                let (status, _) = call(router(s.clone()), "POST", "/mutate", body).await;
+                assert_eq!(status, StatusCode::OK);
+            }
+            drop(guard);
+            let text = out.text();
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.len(), 2, "{format:?}: {text}");
+            for line in lines {
+                assert!(
+                    line.len() < 4096,
+                    "{format:?}: a line of {} bytes",
+                    line.len()
+                );
+                // JSON escapes control characters itself and may carry U+2028 raw: JSON allows
+                // it, and a JSON-lines reader splits on `\n` only.
+                let forbidden: &[char] = match format {
+                    LogFormat::Text => &['\0', '\r', '\u{2028}'],
+                    LogFormat::Json => &['\0', '\r'],
+                };
+                assert!(
+                    !line.contains(forbidden),
+                    "{format:?}: {}",
+                    line.escape_debug()
+                );
+                if format == LogFormat::Json {
+                    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                    assert!(v["uid"].as_str().unwrap().chars().count() <= 257, "{line}");
+                }
+            }
+            if format == LogFormat::Text {
+                // The newline is still there, written as `\n`.
+                assert!(text.contains("uid=x\\nINFO"), "{text}");
+            }
+        }
     }
 
     #[tokio::test]

@@ -19,6 +19,7 @@ use crate::policy::loader::{PolicyReload, PolicyStore};
 use crate::runtime::admin;
 use crate::runtime::metrics::Registry;
 use crate::runtime::tls::{self, TlsStore};
+use crate::serve::body::BodyBudget;
 use crate::serve::listener::accept_loop;
 use crate::serve::metrics::{PolicyMetrics, ReloadKind, WebhookMetrics};
 use crate::serve::routes::{AppState, router};
@@ -72,6 +73,7 @@ impl Server {
             policy_metrics,
             ready: AtomicBool::new(false),
             limits: settings.limits.clone(),
+            budget: BodyBudget::new(settings.limits.body_budget),
         });
         Ok(Server {
             settings,
@@ -125,7 +127,16 @@ impl Server {
             settings.reload_interval,
         ));
         // It keeps answering while the server drains, so the last scrape sees the last requests.
-        let metrics_server = metrics_listener.map(|l| tokio::spawn(admin::serve(l, registry)));
+        let metrics_server = metrics_listener.map(|l| {
+            let limits = &settings.limits;
+            tokio::spawn(admin::serve(
+                l,
+                registry,
+                limits.max_connections,
+                limits.header_timeout,
+                limits.write_timeout,
+            ))
+        });
 
         let router = router(state.clone());
         let accept = accept_loop(
