@@ -1,17 +1,26 @@
-//! lightstep-tekton-webhook: a Kubernetes mutating admission webhook that joins Tekton TaskRun
-//! steps to OpenTelemetry traces.
+//! lightstep-tekton-webhook: Tekton runs in your traces. Two components share one contract, the
+//! trace ids: the admission webhook (`serve`) gives each TaskRun pod's steps their trace context
+//! and OpenTelemetry settings; the run-span exporter (`export`) turns finished PipelineRuns and
+//! TaskRuns into spans with the same ids, so the steps' own telemetry nests inside them.
 //!
-//! The flow is gather → decide → respond:
-//! 1. [`admission`] decodes an `admission.k8s.io/v1` AdmissionReview and finds the pod;
-//! 2. [`tekton`] reads the TaskRun facts off the pod, [`trace_context`] chooses the trace ids,
-//!    and [`mutate`] decides, purely, whether to skip the pod or which JSON Patch to apply;
-//! 3. [`admission`] turns that decision into the one reply the API server accepts.
+//! The rooms, from the inside out (each depends only on the ones above it):
 //!
-//! [`policy`] holds what to inject. [`tracing_policy`] is the same policy as a cluster resource,
-//! [`selection`] chooses among those for a namespace (purely), and [`cluster`], the only module
-//! with a Kubernetes client, keeps them and the namespaces' labels in watch caches. The preview
-//! command ([`preview`]) runs the same path on a file so platform teams can see a patch before
-//! they install anything.
+//! | room | holds | a newcomer adds here |
+//! |---|---|---|
+//! | [`contract`] | pure: W3C parsing, every id derivation, sampling, Tekton facts from a pod or a run, the CICD/VCS attribute list | a new id (new versioned domain, pinned test, docs/trace-ids.md) |
+//! | [`policy`] | the policy document, its validation, the `TracingPolicy` resource, selection, the one loader | a new policy field (`spec.rs`, `resolve.rs`; the CRD follows with `make crd`) |
+//! | [`admission`] | the pod view, the decision (env, metadata, report), the review boundary, `/validate`, the `mutate` preview | a new injected variable (`decide/env.rs`) |
+//! | [`spans`] | pure: finished runs → span tree → OTLP request, the `spans` preview | a new span attribute |
+//! | [`cluster`] | the only Kubernetes client: watch caches, status writes, leader election | a new watched resource |
+//! | [`export`] | the OTLP client, and the exporter controller that feeds the span tree | the exporter's code |
+//! | [`runtime`] | what every long-running command shares: argument groups, bootstrap and signals, TLS and reload, HTTP/1 limits, the admin port and metrics registry, telemetry | a shared flag or limit |
+//! | [`serve`] | the webhook command: router, body limits, graceful shutdown | a new route |
+//! | [`certs`] | a CA and serving certificate for installs | |
+//!
+//! A review flows `serve` → [`admission::review`] (decode, [`policy::selection`] from the
+//! cluster caches) → [`admission::decide`] (facts and ids from [`contract`]) → one reply. A run
+//! flows `cluster` watches → [`spans::span_tree`] (the same facts and ids from [`contract`]) →
+//! [`export::otlp`].
 //!
 //! The whole decision, as the server runs it for one review:
 //!
