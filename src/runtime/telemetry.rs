@@ -273,27 +273,61 @@ fn otlp_requested() -> bool {
         .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()))
 }
 
+/// The first of `vars` that is set and not empty.
+fn env_first(vars: &[&str]) -> Option<String> {
+    vars.iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.trim().is_empty()))
+}
+
+/// The server's own spans go out through the same OTLP client as the run spans: gRPC or
+/// HTTP/protobuf, TLS or in the clear, from the standard variables: `OTEL_EXPORTER_OTLP_[TRACES_]`
+/// `ENDPOINT`, `PROTOCOL` (default `http/protobuf`, the SDKs' default), `CERTIFICATE` (a CA file
+/// trusted besides the platform's roots) and `TIMEOUT` (milliseconds).
 fn otlp_provider() -> Result<SdkTracerProvider, TelemetryError> {
-    use opentelemetry_otlp::WithExportConfig as _;
+    use crate::export::otlp::{Client, Config, Settings, SpanExporter, traces_url};
     use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
-    // Only OTLP/HTTP with protobuf is built in (no gRPC stack); say so rather than fail later.
-    for var in [
+    let otlp = |e: String| TelemetryError::Otlp(e);
+    let protocol = env_first(&[
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
         "OTEL_EXPORTER_OTLP_PROTOCOL",
-    ] {
-        if let Ok(v) = std::env::var(var)
-            && !v.is_empty()
-            && v != "http/protobuf"
-        {
-            eprintln!("warning: {var}={v} ignored: this server exports spans over http/protobuf");
+    ])
+    .unwrap_or_else(|| "http/protobuf".to_owned());
+    // A signal's own endpoint is used as given; the generic one gets the traces path over HTTP.
+    let endpoint = match env_first(&["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]) {
+        Some(traces) => traces,
+        None => {
+            let base = env_first(&["OTEL_EXPORTER_OTLP_ENDPOINT"]).unwrap_or_default();
+            match protocol.as_str() {
+                "grpc" => base,
+                _ => traces_url(&base),
+            }
         }
+    };
+    let mut settings = Settings {
+        endpoint,
+        protocol,
+        ca_file: env_first(&[
+            "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        ])
+        .map(Into::into),
+        token: None,
+        ..Settings::default()
+    };
+    if let Some(ms) = env_first(&[
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+    ]) {
+        let ms: u64 = ms
+            .trim()
+            .parse()
+            .map_err(|_| otlp("OTEL_EXPORTER_OTLP_TIMEOUT: expected milliseconds".to_owned()))?;
+        settings.timeout = std::time::Duration::from_millis(ms);
     }
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-        .build()
-        .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
-    // The async batch processor runs on our Tokio runtime, which hyper's client needs.
+    let config = Config::new(&settings).map_err(|e| otlp(e.to_string()))?;
+    let client = Client::new(config).map_err(|e| otlp(e.to_string()))?;
+    let exporter = SpanExporter::new(client).map_err(|e| otlp(e.to_string()))?;
+    // The async batch processor runs on our Tokio runtime, which the client's sockets need.
     let processor =
         BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build();
     let mut resource = opentelemetry_sdk::Resource::builder();
