@@ -7,6 +7,7 @@
 //! The kinds of marker:
 //! - `mutate ARGS`: the block is `$ lightstep-tekton-webhook mutate ARGS [>/dev/null]` and then
 //!   exactly what that prints (standard error when standard output is discarded);
+//! - `spans ARGS`: the same for `$ lightstep-tekton-webhook spans ARGS`;
 //! - `file PATH`: the block is exactly that file;
 //! - `trace-ids FIXTURE`: `printf … | sha256sum | cut` lines, each followed by `# <hex>`: the
 //!   arithmetic holds, the uids are the fixture's labels, and the results are the ids
@@ -147,7 +148,7 @@ fn line_diff(expected: &str, actual: &str) -> String {
 
 #[test]
 fn every_marker_is_of_a_known_kind() {
-    let known = ["mutate", "file", "trace-ids", "diagram", "serve"];
+    let known = ["mutate", "spans", "file", "trace-ids", "diagram", "serve"];
     for e in examples() {
         assert!(
             known.contains(&e.kind.as_str()),
@@ -160,10 +161,21 @@ fn every_marker_is_of_a_known_kind() {
 
 #[test]
 fn mutate_examples_print_what_the_binary_prints() {
-    for e in examples_of("mutate") {
+    command_examples_print_what_the_binary_prints("mutate");
+}
+
+#[test]
+fn spans_examples_print_what_the_binary_prints() {
+    command_examples_print_what_the_binary_prints("spans");
+}
+
+/// Every `<!-- checked: COMMAND ARGS -->` example of one command: its block starts with the
+/// command line and is then exactly what the binary prints.
+fn command_examples_print_what_the_binary_prints(command_name: &str) {
+    for e in examples_of(command_name) {
         let mut lines = e.block.lines();
         let command = lines.next().unwrap_or_default();
-        let mut args = vec!["mutate".to_owned()];
+        let mut args = vec![command_name.to_owned()];
         args.extend(e.args.iter().cloned());
         let shown = format!("$ lightstep-tekton-webhook {}", args.join(" "));
         let (stdout, stderr) = run(&args);

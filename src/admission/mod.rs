@@ -1,6 +1,7 @@
 //! Admission: the pod view, the decision, the review boundary, the validating webhook's
 //! decision on policies, and the `mutate` preview.
 pub mod decide;
+mod envelope;
 pub mod pod;
 pub mod preview;
 mod review;

@@ -206,38 +206,7 @@ pub fn preview_text(
     args: &MutateArgs,
 ) -> Result<Preview, PreviewError> {
     let document = parse_document(path, text)?;
-    let kind = document.get("kind").and_then(Value::as_str).unwrap_or("");
-    let (review_doc, object) = match kind {
-        admission::KIND => {
-            let object = document
-                .pointer("/request/object")
-                .cloned()
-                .unwrap_or(Value::Null);
-            (document, object)
-        }
-        "Pod" => {
-            let namespace = document
-                .pointer("/metadata/namespace")
-                .and_then(Value::as_str)
-                .unwrap_or(&args.namespace)
-                .to_owned();
-            let review = admission::pod_create_review(PREVIEW_UID, &namespace, &document);
-            let object = document.clone();
-            (review, object)
-        }
-        "" => {
-            return Err(PreviewError::WrongKind {
-                path: path.into(),
-                found: "a document without kind".into(),
-            });
-        }
-        other => {
-            return Err(PreviewError::WrongKind {
-                path: path.into(),
-                found: format!("kind {other}"),
-            });
-        }
-    };
+    let (review_doc, object) = review_document(path, document, args)?;
     // Serializing a parsed JSON value cannot fail.
     let body = serde_json::to_vec(&review_doc).expect("JSON value serializes");
     let reply = admission::review_with(&body, args.mode.into(), |namespace| match policies {
@@ -250,7 +219,55 @@ pub fn preview_text(
         path: path.into(),
         source,
     })?;
+    let notes = notes(&reply, policy, policies, args);
+    let output = output(&reply, object, args)?;
+    Ok(Preview { output, notes })
+}
 
+/// The review to send and the pod in it: an AdmissionReview as it is, a Pod wrapped in a
+/// create review (in its own namespace, else `--namespace`).
+fn review_document(
+    path: &str,
+    document: Value,
+    args: &MutateArgs,
+) -> Result<(Value, Value), PreviewError> {
+    let kind = document.get("kind").and_then(Value::as_str).unwrap_or("");
+    match kind {
+        admission::KIND => {
+            let object = document
+                .pointer("/request/object")
+                .cloned()
+                .unwrap_or(Value::Null);
+            Ok((document, object))
+        }
+        "Pod" => {
+            let namespace = document
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or(&args.namespace)
+                .to_owned();
+            let review = admission::pod_create_review(PREVIEW_UID, &namespace, &document);
+            Ok((review, document))
+        }
+        "" => Err(PreviewError::WrongKind {
+            path: path.into(),
+            found: "a document without kind".into(),
+        }),
+        other => Err(PreviewError::WrongKind {
+            path: path.into(),
+            found: format!("kind {other}"),
+        }),
+    }
+}
+
+/// What goes to standard error: warnings, why the pod was skipped or failed, and with
+/// `--explain` which policy applied and the report of every variable.
+fn notes(
+    reply: &admission::Reply,
+    policy: &Policy,
+    policies: Option<&Snapshot>,
+    args: &MutateArgs,
+) -> String {
     let mut notes = String::new();
     for w in &reply.warnings {
         notes.push_str(&format!("warning: {w}\n"));
@@ -284,7 +301,15 @@ pub fn preview_text(
             None => notes.push_str("not a Tekton TaskRun pod (no tekton.dev/taskRun label)\n"),
         }
     }
+    notes
+}
 
+/// What goes to standard output: the patch, the review reply or the patched pod.
+fn output(
+    reply: &admission::Reply,
+    object: Value,
+    args: &MutateArgs,
+) -> Result<String, PreviewError> {
     // What the server sends: no patch in audit mode, although the decision has one.
     let patch = match reply.decision.as_ref().map(|d| &d.action) {
         Some(crate::admission::decide::Action::Patch(p))
@@ -294,7 +319,7 @@ pub fn preview_text(
         }
         _ => json_patch::Patch(Vec::new()),
     };
-    let output = match args.output {
+    Ok(match args.output {
         Output::Patch => pretty(&patch),
         Output::Review => {
             let v: Value = serde_json::from_slice(&reply.body).expect("reply is JSON");
@@ -309,8 +334,7 @@ pub fn preview_text(
                 false => pretty(&pod),
             }
         }
-    };
-    Ok(Preview { output, notes })
+    })
 }
 
 /// The mode the pod was decided in, and why: the one place `--explain` says it.

@@ -30,9 +30,11 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::envelope::{
+    RequestIn, ResponseOut, ReviewIn, ReviewOut, StatusOut, open, warning, without_values,
+};
 use crate::admission::decide::{self, Action, Decision, Mode, SkipReason, VarOutcome};
 use crate::admission::pod::PodView;
 use crate::policy::Policy;
@@ -41,10 +43,6 @@ use crate::policy::selection::{Fallback, Selected};
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
-
-/// Warnings reach the user who created the pod; the API server asks for 120 characters at most.
-const WARNING_MAX: usize = 120;
-const WARNING_PREFIX: &str = "lightstep-tekton: ";
 
 /// Why a body is not something we can answer with an AdmissionReview (HTTP 400).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -134,72 +132,6 @@ pub struct Reply {
     pub error: Option<String>,
     /// The decision, with its explanation; `None` when no pod was decided on.
     pub decision: Option<Decision>,
-}
-
-/// The review as decoded. `O` is the object: the pod itself on the fast path, or its raw JSON
-/// when the fast path failed and the reason must be found (see [`review`]).
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct ReviewIn<O> {
-    #[serde(default)]
-    pub(super) api_version: String,
-    #[serde(default)]
-    pub(super) kind: String,
-    pub(super) request: Option<RequestIn<O>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct RequestIn<O> {
-    #[serde(default)]
-    pub(super) uid: String,
-    pub(super) kind: Option<GroupVersionKind>,
-    #[serde(default)]
-    pub(super) namespace: Option<String>,
-    #[serde(default)]
-    pub(super) operation: Option<String>,
-    #[serde(default)]
-    pub(super) sub_resource: Option<String>,
-    pub(super) object: Option<O>,
-}
-
-#[derive(Deserialize)]
-pub(super) struct GroupVersionKind {
-    #[serde(default)]
-    pub(super) group: String,
-    #[serde(default)]
-    pub(super) kind: String,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct ReviewOut<'a> {
-    pub(super) api_version: &'static str,
-    pub(super) kind: &'static str,
-    pub(super) response: ResponseOut<'a>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct ResponseOut<'a> {
-    pub(super) uid: &'a str,
-    pub(super) allowed: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) status: Option<StatusOut>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) patch_type: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) patch: Option<String>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    pub(super) warnings: &'a [String],
-}
-
-#[derive(Serialize)]
-pub(super) struct StatusOut {
-    pub(super) status: &'static str,
-    pub(super) code: u16,
-    pub(super) reason: &'static str,
-    pub(super) message: String,
 }
 
 /// A CREATE review of a pod, shaped as the API server sends it: what `mutate` wraps a bare Pod
@@ -325,28 +257,6 @@ fn choose<'p>(
         reply.mode = Mode::Enforce;
     }
     (reply, Some(selected))
-}
-
-/// Checks the envelope: a v1 AdmissionReview with a request that has a uid. A wrong envelope
-/// is named by its field and the expected value, never by the value received.
-pub(super) fn open<O>(review: ReviewIn<O>) -> Result<RequestIn<O>, BadRequest> {
-    if review.api_version != API_VERSION {
-        return Err(BadRequest::NotAdmissionReview {
-            field: "apiVersion",
-            expected: API_VERSION,
-        });
-    }
-    if review.kind != KIND {
-        return Err(BadRequest::NotAdmissionReview {
-            field: "kind",
-            expected: KIND,
-        });
-    }
-    let request = review.request.ok_or(BadRequest::NoRequest)?;
-    if request.uid.is_empty() {
-        return Err(BadRequest::NoUid);
-    }
-    Ok(request)
 }
 
 /// Checks the envelope and starts the reply. The request comes back only when it is a pod
@@ -504,49 +414,6 @@ fn audit_message(marker: &str, decision: &Decision) -> String {
     format!(
         "audit: policy {name} would inject tracing into {changed} {containers}; pod not changed"
     )
-}
-
-/// A decoding error without the values it quotes. serde's messages quote the offending string
-/// (`invalid type: string "…", expected a sequence`), and these messages go to the log and to
-/// the caller: whatever a caller put in a mistyped field (a token, megabytes of text) must not be
-/// copied there. Found by the secret-grep test in tests/server.rs.
-pub(super) fn without_values(e: &serde_json::Error) -> String {
-    let message = e.to_string();
-    let mut out = String::with_capacity(message.len().min(256));
-    let mut quote = None;
-    for c in message.chars() {
-        match quote {
-            Some(q) if c == q => {
-                out.push(c);
-                quote = None;
-            }
-            Some(_) => {}
-            None => {
-                if c == '"' || c == '`' {
-                    out.push(c);
-                    out.push('…');
-                    quote = Some(c);
-                } else {
-                    out.push(c);
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Prefixes a warning with the webhook's name and keeps it within the API server's guideline.
-pub(super) fn warning(message: &str) -> String {
-    let mut w = format!("{WARNING_PREFIX}{message}");
-    if w.len() > WARNING_MAX {
-        let mut cut = WARNING_MAX - 3;
-        while !w.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        w.truncate(cut);
-        w.push_str("...");
-    }
-    w
 }
 
 #[cfg(test)]
@@ -753,11 +620,5 @@ mod tests {
         })
         .unwrap();
         assert_eq!(reply.outcome, Outcome::Patched);
-    }
-
-    #[test]
-    fn warnings_are_prefixed_and_short() {
-        let w = warning(&"x".repeat(300));
-        assert!(w.len() <= WARNING_MAX && w.starts_with(WARNING_PREFIX));
     }
 }

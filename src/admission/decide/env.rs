@@ -2,19 +2,18 @@
 //! each belongs to, and the precedence rules of the [module documentation](super) applied to
 //! each step and sidecar, enforce mode included.
 
-use json_patch::{PatchOperation, RemoveOperation};
-use jsonptr::{PointerBuf, Token};
-use k8s_openapi::api::core::v1::{EnvFromSource, EnvVar};
+use json_patch::PatchOperation;
 use serde_json::Value;
 
-use super::exporter::{EXPORTER_GROUP, HEADER_VARS, LS_ACCESS_TOKEN, exporter};
+use super::container_env::{Edits, EnvView, same_var};
+use super::exporter::{HEADER_VARS, LS_ACCESS_TOKEN, exporter};
 use super::report::{ContainerReport, Role, VarOutcome, VarReport};
 use super::resource::{join_attributes, merge_attributes, resource_attributes, service_name};
-use super::{Mode, Request, add, escape_dollar, literal, replace};
+use super::{Mode, Request, escape_dollar, literal, replace};
 use crate::admission::pod::{Container, PodView as Pod};
 use crate::contract::tekton::TaskRunFacts;
 use crate::contract::{SpanContext, step_context};
-use crate::policy::{EnvFromPolicy, Policy};
+use crate::policy::Policy;
 
 const TRACEPARENT: &str = "TRACEPARENT";
 const TRACESTATE: &str = "TRACESTATE";
@@ -413,134 +412,5 @@ fn role_of(name: &str) -> Role {
         Role::Sidecar
     } else {
         Role::Other
-    }
-}
-
-/// One container's env as the rules read it.
-struct EnvView<'c> {
-    env: &'c [EnvVar],
-    env_from: &'c [EnvFromSource],
-    preserve_env_from: bool,
-    /// The first exporter variable the container sets itself.
-    own_exporter: Option<&'static str>,
-    /// Whether an `envFrom` source may set an exporter variable (`envFrom: preserve`).
-    exporter_from_env_from: bool,
-}
-
-impl<'c> EnvView<'c> {
-    fn new(container: &'c Container, env_from: EnvFromPolicy) -> EnvView<'c> {
-        let mut view = EnvView {
-            env: container.env.as_deref().unwrap_or_default(),
-            env_from: container.env_from.as_deref().unwrap_or_default(),
-            preserve_env_from: env_from == EnvFromPolicy::Preserve,
-            own_exporter: None,
-            exporter_from_env_from: false,
-        };
-        view.own_exporter = EXPORTER_GROUP
-            .iter()
-            .copied()
-            .find(|n| view.defined(n).is_some());
-        view.exporter_from_env_from = EXPORTER_GROUP
-            .iter()
-            .any(|name| view.may_come_from_env_from(name));
-        view
-    }
-
-    /// The index of the entry that takes effect (the last one of that name).
-    fn defined(&self, name: &str) -> Option<usize> {
-        self.env.iter().rposition(|e| e.name == name)
-    }
-
-    fn positions(&self, name: &str) -> Vec<usize> {
-        self.env
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.name == name)
-            .map(|(i, _)| i)
-            .collect()
-    }
-
-    /// Whether `envFrom: preserve` leaves `name` to a source that may define it.
-    fn may_come_from_env_from(&self, name: &str) -> bool {
-        self.preserve_env_from && self.env_from_may_define(name)
-    }
-
-    /// Whether an `envFrom` source's prefix can produce `name` (the webhook cannot read the
-    /// source itself at admission time).
-    fn env_from_may_define(&self, name: &str) -> bool {
-        self.env_from
-            .iter()
-            .any(|s| name.starts_with(s.prefix.as_deref().unwrap_or("")))
-    }
-}
-
-/// One container's operations, kept apart so they can be emitted in a safe order: index-based
-/// operations first, then removals (highest index first), then appends.
-struct Edits {
-    index: usize,
-    in_place: Vec<PatchOperation>,
-    removals: Vec<usize>,
-    appends: Vec<Value>,
-}
-
-impl Edits {
-    fn new(index: usize) -> Edits {
-        Edits {
-            index,
-            in_place: Vec::new(),
-            removals: Vec::new(),
-            appends: Vec::new(),
-        }
-    }
-
-    /// `/spec/containers/<index>/env/<at>`, or `/-` to append.
-    fn ptr(&self, at: Option<usize>) -> PointerBuf {
-        PointerBuf::from_tokens([
-            Token::new("spec"),
-            Token::new("containers"),
-            Token::from(self.index),
-            Token::new("env"),
-            at.map_or_else(|| Token::new("-"), Token::from),
-        ])
-    }
-
-    /// Replaces every entry named `name` that differs from `value`; whether any did.
-    fn replace_differing(&mut self, view: &EnvView<'_>, name: &str, value: &Value) -> bool {
-        let mut changed = false;
-        for at in view.positions(name) {
-            if !same_var(&view.env[at], value) {
-                self.in_place
-                    .push(replace(self.ptr(Some(at)), value.clone()));
-                changed = true;
-            }
-        }
-        changed
-    }
-
-    fn finish(mut self, env_missing: bool, ops: &mut Vec<PatchOperation>) {
-        if self.appends.is_empty() && self.in_place.is_empty() && self.removals.is_empty() {
-            return;
-        }
-        ops.append(&mut self.in_place);
-        self.removals.sort_unstable_by(|a, b| b.cmp(a));
-        for &at in &self.removals {
-            let path = self.ptr(Some(at));
-            ops.push(PatchOperation::Remove(RemoveOperation { path }));
-        }
-        if env_missing {
-            let mut env = self.ptr(None);
-            env.pop_back();
-            ops.push(add(env, Value::Array(Vec::new())));
-        }
-        let append = self.ptr(None);
-        ops.extend(self.appends.into_iter().map(|v| add(append.clone(), v)));
-    }
-}
-
-/// Whether an env entry already is exactly the variable this policy would write.
-fn same_var(existing: &EnvVar, desired: &Value) -> bool {
-    match serde_json::to_value(existing) {
-        Ok(v) => &v == desired,
-        Err(_) => false,
     }
 }

@@ -26,6 +26,7 @@
 //! token, `resource` the service name and resource attributes, `metadata` the labels and
 //! annotations, and `report` the explanation `mutate --explain` prints.
 
+mod container_env;
 mod env;
 mod exporter;
 mod metadata;

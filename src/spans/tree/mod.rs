@@ -1,0 +1,321 @@
+//! Finished Tekton runs → the span tree they are exported as. Pure: objects, the policy and the
+//! [`RunSpans`] in; spans, their resources and the trace they belong to out. No clock, no
+//! I/O, so the exporter, the `spans` preview and the tests get the same tree from the same run.
+//!
+//! # Input
+//!
+//! A `tekton.dev/v1` PipelineRun and its TaskRuns (those whose `tekton.dev/pipelineRunUID` label
+//! is the PipelineRun's uid), or one standalone TaskRun ([`group`] sorts a bag of objects into
+//! runs). Only finished runs: the `Succeeded` condition of the run, of each TaskRun and of each
+//! earlier attempt must be `True` or `False`; anything else is an error naming the object. Every
+//! object needs `metadata.uid` and `metadata.creationTimestamp`, since the ids and times come
+//! from them.
+//!
+//! # The spans
+//!
+//! - **PipelineRun**: kind SERVER, named after the pipeline (`tekton.dev/pipeline` label, else the
+//!   PipelineRun's name), from `creationTimestamp` to `completionTime`. Span id
+//!   [`derive_pipeline_run_span_id`]`(uid)`. Its trace is Tekton's when Tekton traced the run
+//!   (`status.spanContext.traceparent`, valid, and at least one of its TaskRuns carries Tekton's
+//!   context, `tekton.dev/taskrunSpanContext`, in that same trace), and then its parent is
+//!   Tekton's PipelineRun span; otherwise the trace is [`derive_trace_id`]`(uid)` and the span is
+//!   the root. The TaskRun condition matters: Tekton writes `status.spanContext` on every run even
+//!   with its tracing off (every captured run has one, each TaskRun in a random trace of its
+//!   own), and those spans are never exported; only the annotation, which Tekton adds when its
+//!   tracing is on and which the webhook reads off the pods, shows that Tekton's trace is real.
+//! - **wait**: a child of the PipelineRun span from `creationTimestamp` to `status.startTime`,
+//!   only when that is not zero (span id [`derive_pipeline_run_wait_span_id`]).
+//! - **One span per TaskRun attempt**: each `status.retriesStatus[i]` is attempt `i`, the final
+//!   status is attempt `len(retriesStatus)`, from that attempt's `startTime` to its
+//!   `completionTime`, named after the pipeline task (else the Task, else the TaskRun). Its facts
+//!   are [`TaskRunFacts::from_task_run`] and its context is [`attempt_context`]: exactly what the
+//!   webhook injected into that attempt's pod. Span id [`derive_span_id`]`(taskRunUID, attempt)`,
+//!   never Tekton's span id (Tekton exports its own spans under those). Its trace is the attempt
+//!   context's trace:
+//!   - when that is the PipelineRun span's trace (the usual case, traced or not), the parent is
+//!     the PipelineRun span; when the context was Tekton's, the span also links to Tekton's
+//!     TaskRun span;
+//!   - when it is not (the captured `ship-run-traced`: Tekton's tracing was switched on as the run
+//!     started and `checkout` got a trace of its own, which the webhook, seeing only the pod, gave
+//!     checkout's steps), the attempt and its steps stay in the attempt's trace, under Tekton's
+//!     TaskRun span (or as the root, for a derived context), the attempt links to the PipelineRun
+//!     span and the PipelineRun span links back to the attempt.
+//!
+//!   So the steps' own telemetry always nests where the webhook pointed it, and a PipelineRun is
+//!   one trace except in that documented case, where the links join the two.
+//!   A standalone TaskRun's attempts are roots of its derived trace, or children of Tekton's
+//!   TaskRun span when Tekton traced it.
+//! - **One span per step** of each attempt that has `terminated` (`startedAt` → `finishedAt`),
+//!   span id [`derive_step_span_id`]`(taskRunUID, attempt, step)`, child of the attempt. A step
+//!   without `terminated` never ran and is not a span. A step Tekton skipped after an earlier
+//!   failure (`terminationReason: Skipped`) is a span with status unset and
+//!   `tekton.step.skipped: true`, not an error of its own.
+//!
+//! # Status and attributes
+//!
+//! A run or attempt whose `Succeeded` condition is `False` has status Error, with message
+//! `<reason>: <message>` clipped to [`STATUS_MESSAGE_MAX`] bytes, and `error.type` = the reason;
+//! a step with a non-zero exit code has status Error and `error.type` = its termination reason
+//! (the exit code when the reason is the generic `Error`). Everything else is OK (skipped steps:
+//! unset). `cicd.pipeline.result` / `cicd.pipeline.task.run.result` map Tekton's reasons with
+//! [`RunResult::of`]. Spans carry the CICD, VCS and `k8s.*` attributes of
+//! [`task_run_attributes`] (the PipelineRun span: its run-level ones), the result, the URLs of
+//! the options, and on deploys (by pipeline task name or TaskRun label, see [`RunSpans`])
+//! `cicd.pipeline.task.type: deploy`, `deployment.name`, `deployment.id` (the TaskRun uid),
+//! `deployment.status` and `deployment.environment.name`.
+//!
+//! # Resources and sampling
+//!
+//! Each attempt and its steps share the resource the webhook gave that attempt's pod:
+//! `service.name` from the policy's `serviceName` ([`service_name`]) and the contract's attribute
+//! list followed by the policy's `resourceAttributes`, raw (the pods get them percent-encoded,
+//! which SDKs decode). The PipelineRun and wait spans get the same from the PipelineRun's labels
+//! and annotations, without the per-TaskRun keys. A trace is exported only when it is sampled:
+//! for the PipelineRun's trace, Tekton's flag or [`sampled`]`(trace, policy.samplingRatio)`; for
+//! an attempt in a trace of its own, its context's flag, which is the flag its pod got.
+//!
+//! [`derive_trace_id`]: crate::contract::derive_trace_id
+//! [`derive_pipeline_run_span_id`]: crate::contract::derive_pipeline_run_span_id
+//! [`derive_pipeline_run_wait_span_id`]: crate::contract::derive_pipeline_run_wait_span_id
+//! [`derive_span_id`]: crate::contract::derive_span_id
+//! [`derive_step_span_id`]: crate::contract::derive_step_span_id
+//! [`sampled`]: crate::contract::sampled
+//! [`attempt_context`]: crate::contract::attempt_context
+//! [`TaskRunFacts::from_task_run`]: crate::contract::tekton::TaskRunFacts::from_task_run
+//! [`task_run_attributes`]: crate::contract::attributes::task_run_attributes
+//! [`service_name`]: crate::admission::decide::service_name
+//! [`RunSpans`]: crate::policy::run_spans::RunSpans
+
+mod attempt;
+mod attributes;
+mod pipeline;
+mod result;
+
+use super::SpanError;
+use super::objects::{Object, PipelineRun, TaskRun};
+use crate::contract::tekton::PIPELINE_RUN_UID;
+use crate::contract::{SpanId, TraceId};
+use crate::policy::Policy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+pub use result::{RunResult, STATUS_MESSAGE_MAX, clip};
+
+/// Which part of a run a span stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    PipelineRun,
+    Wait,
+    Attempt,
+    Step,
+}
+
+/// OTLP's span kinds that run spans use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Server,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    Unset,
+    Ok,
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttributeValue {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+}
+
+/// Why a span links to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    /// Tekton's own span for the TaskRun (its id is in Tekton's context, not ours).
+    TektonTaskRun,
+    /// Our PipelineRun span, in another trace.
+    PipelineRun,
+    /// One of our attempt spans, in another trace.
+    Attempt,
+}
+
+impl LinkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkKind::TektonTaskRun => "tekton.taskrun",
+            LinkKind::PipelineRun => "pipelinerun",
+            LinkKind::Attempt => "taskrun.attempt",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub kind: LinkKind,
+}
+
+/// One span, ready to encode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSpan {
+    pub role: Role,
+    /// Index into [`SpanTree::resources`].
+    pub resource: usize,
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub parent_id: Option<SpanId>,
+    pub trace_state: Option<String>,
+    /// W3C trace flags of the span's trace.
+    pub flags: u8,
+    pub name: String,
+    pub kind: Kind,
+    /// Unix time in nanoseconds.
+    pub start: u64,
+    pub end: u64,
+    pub status: Status,
+    pub attributes: Vec<(&'static str, AttributeValue)>,
+    pub links: Vec<Link>,
+}
+
+/// A resource: `service.name` and the other attributes, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpanResource {
+    pub service_name: String,
+    pub attributes: Vec<(String, String)>,
+}
+
+/// The spans of one run, PipelineRun span first, each attempt followed by its steps.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpanTree {
+    pub resources: Vec<SpanResource>,
+    pub spans: Vec<RunSpan>,
+    /// Traces of the run that were not sampled: their spans are not in `spans`.
+    pub unsampled: Vec<TraceId>,
+    /// What a reader of the preview should know (a Tekton context that could not be used).
+    pub notes: Vec<String>,
+}
+
+/// A run: the unit a span tree is built from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Run<'a> {
+    Pipeline {
+        pipeline_run: &'a PipelineRun,
+        task_runs: Vec<&'a TaskRun>,
+    },
+    Task(&'a TaskRun),
+}
+
+/// Sorts objects into runs: each PipelineRun with the TaskRuns that name its uid, then the
+/// standalone TaskRuns, in input order. A TaskRun that names a PipelineRun absent from the input
+/// is an error: its spans would have no parent.
+pub fn group(objects: &[Object]) -> Result<Vec<Run<'_>>, SpanError> {
+    let mut runs = Vec::new();
+    let mut standalone = Vec::new();
+    for object in objects {
+        if let Object::PipelineRun(pipeline_run) = object {
+            runs.push(Run::Pipeline {
+                pipeline_run,
+                task_runs: Vec::new(),
+            });
+        }
+    }
+    for object in objects {
+        let Object::TaskRun(task_run) = object else {
+            continue;
+        };
+        let Some(owner) = task_run.metadata.label(PIPELINE_RUN_UID) else {
+            standalone.push(Run::Task(task_run));
+            continue;
+        };
+        let parent = runs.iter_mut().find_map(|run| match run {
+            Run::Pipeline {
+                pipeline_run,
+                task_runs,
+            } if pipeline_run.metadata.uid.as_deref() == Some(owner) => Some(task_runs),
+            _ => None,
+        });
+        match parent {
+            Some(task_runs) => task_runs.push(task_run),
+            None => {
+                return Err(SpanError::Input {
+                    object: task_run.metadata.display_name("TaskRun"),
+                    field: format!("metadata.labels[{PIPELINE_RUN_UID}]"),
+                    expected: "the uid of a PipelineRun in the input".to_owned(),
+                });
+            }
+        }
+    }
+    // Attempts in the order they ran, whatever order the input listed them in.
+    for run in &mut runs {
+        if let Run::Pipeline { task_runs, .. } = run {
+            task_runs.sort_by(|a, b| {
+                let (a, b) = (&a.metadata, &b.metadata);
+                (&a.creation_timestamp, &a.name).cmp(&(&b.creation_timestamp, &b.name))
+            });
+        }
+    }
+    runs.extend(standalone);
+    Ok(runs)
+}
+
+/// The span tree of one finished run (see the module documentation for the rules).
+/// The run-span settings are the policy's `runSpans` section.
+pub fn span_tree(run: &Run<'_>, policy: &Policy) -> Result<SpanTree, SpanError> {
+    let mut tree = SpanTree::default();
+    match run {
+        Run::Pipeline {
+            pipeline_run,
+            task_runs,
+        } => {
+            let parent = pipeline::pipeline_run_spans(&mut tree, pipeline_run, task_runs, policy)?;
+            for task_run in task_runs {
+                attempt::task_run_spans(&mut tree, task_run, Some(&parent), policy)?;
+            }
+        }
+        Run::Task(task_run) => attempt::task_run_spans(&mut tree, task_run, None, policy)?,
+    }
+    Ok(tree)
+}
+
+fn required(value: Option<&str>, error: impl FnOnce() -> SpanError) -> Result<&str, SpanError> {
+    value.filter(|v| !v.trim().is_empty()).ok_or_else(error)
+}
+
+/// Unix nanoseconds; times before 1970 (no Tekton run) become 0 rather than an error.
+fn nanos(time: &Time) -> u64 {
+    u64::try_from(time.0.as_nanosecond()).unwrap_or(0)
+}
+
+impl SpanTree {
+    /// The index of the resource with these attributes, added when new: the contract's list, then
+    /// the policy's `resourceAttributes` whose keys it does not set (as the pods get them).
+    fn resource<'v>(
+        &mut self,
+        service_name: String,
+        contract: impl Iterator<Item = (&'static str, &'v str)>,
+        policy: &Policy,
+    ) -> usize {
+        let mut attributes: Vec<(String, String)> = contract
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        for (key, value) in &policy.resource_attributes {
+            if !attributes.iter().any(|(k, _)| k == key) {
+                attributes.push((key.clone(), value.clone()));
+            }
+        }
+        let resource = SpanResource {
+            service_name,
+            attributes,
+        };
+        match self.resources.iter().position(|r| *r == resource) {
+            Some(i) => i,
+            None => {
+                self.resources.push(resource);
+                self.resources.len() - 1
+            }
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! The PipelineRun's spans: the run itself and the time it waited to start. The run's trace is
+//! Tekton's when Tekton really traced it, else derived from the uid (see the module
+//! documentation of [`super`]).
+
+use super::attributes::{
+    Attributes, contract_attributes, pipeline_run_url, set, str_value, task_run_scoped,
+};
+use super::result::{
+    RunResult, UNFINISHED_EXPECTED, UNFINISHED_FIELD, end_of, finished, reason_of, span_status,
+};
+use super::{Kind, Role, RunSpan, SpanTree, Status, nanos, required};
+use crate::contract::tekton::{Labels, TASK_RUN_SPAN_CONTEXT, TaskRunFacts};
+use crate::contract::w3c::{parse_span_context_annotation, parse_traceparent, parse_tracestate};
+use crate::contract::{
+    SpanId, TraceId, derive_pipeline_run_span_id, derive_pipeline_run_wait_span_id,
+    derive_trace_id, sampled,
+};
+use crate::policy::Policy;
+use crate::spans::SpanError;
+use crate::spans::objects::{Condition, PipelineRun, PipelineRunStatus, TaskRun};
+
+/// What the attempts need to know of the PipelineRun span.
+pub(super) struct PipelineRunParent {
+    pub(super) trace_id: TraceId,
+    pub(super) span_id: SpanId,
+    pub(super) sampled: bool,
+    /// Index of the PipelineRun span in the tree, when it was exported.
+    pub(super) index: Option<usize>,
+}
+
+/// A finished PipelineRun, validated: every field its spans need.
+struct FinishedPipelineRun<'a> {
+    object: String,
+    name: &'a str,
+    uid: &'a str,
+    namespace: &'a str,
+    labels: Option<&'a Labels>,
+    annotations: Option<&'a Labels>,
+    status: &'a PipelineRunStatus,
+    condition: &'a Condition,
+    ok: bool,
+    start: u64,
+    end: u64,
+}
+
+/// The trace the PipelineRun span is in, and its parent there (Tekton's span, when Tekton's).
+struct PipelineTrace {
+    trace_id: TraceId,
+    parent_id: Option<SpanId>,
+    flags: u8,
+    trace_state: Option<String>,
+}
+
+pub(super) fn pipeline_run_spans(
+    tree: &mut SpanTree,
+    run: &PipelineRun,
+    task_runs: &[&TaskRun],
+    policy: &Policy,
+) -> Result<PipelineRunParent, SpanError> {
+    let run = finished_pipeline_run(run)?;
+    let trace = pipeline_trace(tree, &run, task_runs, policy);
+    let span_id = derive_pipeline_run_span_id(run.uid);
+    let is_sampled = trace.flags & 1 == 1;
+    let mut parent = PipelineRunParent {
+        trace_id: trace.trace_id,
+        span_id,
+        sampled: is_sampled,
+        index: None,
+    };
+    if !is_sampled {
+        tree.unsampled.push(trace.trace_id);
+        return Ok(parent);
+    }
+
+    let mut facts = TaskRunFacts::from_task_run(run.name, None, run.labels, run.annotations, 0);
+    facts.pipeline_run = Some(run.name);
+    facts.pipeline_run_uid = Some(run.uid);
+    let (resource, mut attributes) =
+        contract_attributes(tree, &facts, run.namespace, None, policy, |k| {
+            !task_run_scoped(k)
+        });
+    let status = pipeline_run_status(&run, trace.trace_id, policy, &mut attributes);
+    parent.index = Some(tree.spans.len());
+    tree.spans.push(RunSpan {
+        role: Role::PipelineRun,
+        resource,
+        trace_id: trace.trace_id,
+        span_id,
+        parent_id: trace.parent_id,
+        trace_state: trace.trace_state.clone(),
+        flags: trace.flags,
+        name: facts.pipeline_name().to_owned(),
+        kind: Kind::Server,
+        start: run.start,
+        end: run.end,
+        status,
+        attributes,
+        links: Vec::new(),
+    });
+    if let Some(wait) = wait_span(&run, &trace, span_id, resource) {
+        tree.spans.push(wait);
+    }
+    Ok(parent)
+}
+
+/// Reads what the spans need off a PipelineRun, or names the field that is missing.
+fn finished_pipeline_run(run: &PipelineRun) -> Result<FinishedPipelineRun<'_>, SpanError> {
+    let object = run.metadata.display_name("PipelineRun");
+    let missing = |field: &str, expected: &str| SpanError::Input {
+        object: object.clone(),
+        field: field.to_owned(),
+        expected: expected.to_owned(),
+    };
+    let name = required(run.metadata.name.as_deref(), || {
+        missing("metadata.name", "a name")
+    })?;
+    let uid = required(run.metadata.uid.as_deref(), || {
+        missing("metadata.uid", "the run's uid")
+    })?;
+    let created = run
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .ok_or_else(|| missing("metadata.creationTimestamp", "a time"))?;
+    let status = run
+        .status
+        .as_ref()
+        .ok_or_else(|| missing("status", "the status of a finished run"))?;
+    let (condition, ok) = finished(&status.conditions)
+        .ok_or_else(|| missing(UNFINISHED_FIELD, UNFINISHED_EXPECTED))?;
+    let start = nanos(created);
+    let end = end_of(status.completion_time.as_ref(), condition)
+        .ok_or_else(|| missing("status.completionTime", "a time"))?
+        .max(start);
+    Ok(FinishedPipelineRun {
+        name,
+        uid,
+        namespace: run.metadata.namespace.as_deref().unwrap_or(""),
+        labels: run.metadata.labels.as_ref(),
+        annotations: run.metadata.annotations.as_ref(),
+        status,
+        condition,
+        ok,
+        start,
+        end,
+        object,
+    })
+}
+
+/// Tekton's trace when Tekton traced the run, else the one derived from the uid, sampled by the
+/// policy's ratio.
+fn pipeline_trace(
+    tree: &mut SpanTree,
+    run: &FinishedPipelineRun<'_>,
+    task_runs: &[&TaskRun],
+    policy: &Policy,
+) -> PipelineTrace {
+    let span_context = run.status.span_context.as_ref();
+    let tekton = span_context
+        .and_then(|c| c.get("traceparent"))
+        .map(|tp| parse_traceparent(tp));
+    // Tekton records a span context on every run even when its tracing is off (random ids that
+    // no exporter sends); only when a TaskRun carries Tekton's context in the same trace did
+    // Tekton propagate, and so export, that trace.
+    let tekton = tekton.filter(|parsed| match parsed {
+        Ok((trace, _, _)) => task_runs.iter().any(|t| tekton_trace(t) == Some(*trace)),
+        Err(_) => true,
+    });
+    match tekton {
+        Some(Ok((trace_id, span, flags))) => PipelineTrace {
+            trace_id,
+            parent_id: Some(span),
+            flags,
+            trace_state: span_context
+                .and_then(|c| c.get("tracestate"))
+                .and_then(|s| parse_tracestate(s.trim()).value),
+        },
+        other => {
+            if let Some(Err(e)) = other {
+                tree.notes.push(format!(
+                    "{}: status.spanContext.traceparent not used ({}); the trace is derived from the uid",
+                    run.object, e.0
+                ));
+            }
+            let trace_id = derive_trace_id(run.uid);
+            PipelineTrace {
+                trace_id,
+                parent_id: None,
+                flags: u8::from(sampled(trace_id, policy.sampling_ratio)),
+                trace_state: None,
+            }
+        }
+    }
+}
+
+/// The trace of Tekton's context on a TaskRun (`tekton.dev/taskrunSpanContext`), which Tekton
+/// writes only when its tracing is on.
+fn tekton_trace(run: &TaskRun) -> Option<TraceId> {
+    let annotation = run
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(TASK_RUN_SPAN_CONTEXT)?;
+    parse_span_context_annotation(annotation)
+        .ok()
+        .map(|c| c.trace_id)
+}
+
+/// Adds the run's result and dashboard URL to its attributes and returns its status.
+fn pipeline_run_status(
+    run: &FinishedPipelineRun<'_>,
+    trace_id: TraceId,
+    policy: &Policy,
+    attributes: &mut Attributes,
+) -> Status {
+    let result = RunResult::of(run.ok, reason_of(run.condition));
+    attributes.push(("cicd.pipeline.result", str_value(result.as_str())));
+    let url = pipeline_run_url(
+        &policy.run_spans,
+        run.namespace,
+        run.name,
+        run.uid,
+        trace_id,
+    );
+    if let Some(url) = url {
+        set(attributes, "cicd.pipeline.run.url.full", url);
+    }
+    span_status(run.ok, run.condition, attributes)
+}
+
+/// The wait span, creation to `status.startTime`, when the run waited at all.
+fn wait_span(
+    run: &FinishedPipelineRun<'_>,
+    trace: &PipelineTrace,
+    parent_id: SpanId,
+    resource: usize,
+) -> Option<RunSpan> {
+    let started = nanos(run.status.start_time.as_ref()?).clamp(run.start, run.end);
+    (started > run.start).then(|| RunSpan {
+        role: Role::Wait,
+        resource,
+        trace_id: trace.trace_id,
+        span_id: derive_pipeline_run_wait_span_id(run.uid),
+        parent_id: Some(parent_id),
+        trace_state: trace.trace_state.clone(),
+        flags: trace.flags,
+        name: "wait".to_owned(),
+        kind: Kind::Internal,
+        start: run.start,
+        end: started,
+        status: Status::Unset,
+        attributes: Vec::new(),
+        links: Vec::new(),
+    })
+}
