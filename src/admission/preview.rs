@@ -220,7 +220,7 @@ pub fn preview_text(
         source,
     })?;
     let notes = notes(&reply, policy, policies, args);
-    let output = output(&reply, object, args)?;
+    let output = output(&reply, object, args, is_yaml(text))?;
     Ok(Preview { output, notes })
 }
 
@@ -292,7 +292,7 @@ fn notes(
                 policy,
                 &source,
             ));
-            notes.push_str(&mode_line(&reply, args));
+            notes.push_str(&mode_line(reply, args));
         }
         match reply.decision.as_ref().and_then(|d| d.report.as_ref()) {
             Some(report) => notes.push_str(&report.to_string()),
@@ -309,6 +309,7 @@ fn output(
     reply: &admission::Reply,
     object: Value,
     args: &MutateArgs,
+    yaml_input: bool,
 ) -> Result<String, PreviewError> {
     // What the server sends: no patch in audit mode, although the decision has one.
     let patch = match reply.decision.as_ref().map(|d| &d.action) {
@@ -328,7 +329,7 @@ fn output(
         Output::Pod => {
             let mut pod = object;
             json_patch::patch(&mut pod, &patch).map_err(|e| PreviewError::Apply(e.to_string()))?;
-            match is_yaml(text) {
+            match yaml_input {
                 // A JSON value always has a YAML form.
                 true => serde_norway::to_string(&pod).expect("JSON value as YAML"),
                 false => pretty(&pod),
