@@ -1,6 +1,6 @@
 //! The Helm chart, rendered by both Helm majors users run (3.17 and 4.1, installed by
 //! `.ci/install-helm`): `helm lint --strict`; every value set in the chart's `ci/` through the
-//! same install checks the kustomize overlays get (tests/common/install.rs); the values schema
+//! same install checks the kustomize overlays get (tests/support/install.rs); the values schema
 //! refusing what it must; `certs.mode=chart` keeping its CA across upgrades; the `helm test`
 //! hook's script run against the real binary; and manifests/base being the chart's current
 //! rendering.
@@ -9,8 +9,11 @@
 //! the suite says so and passes, unless `CI` is set: CI installs both, so a missing Helm there is
 //! a failure.
 
-#[path = "common/install.rs"]
-mod install;
+mod support {
+    pub mod http;
+    pub mod install;
+    pub mod tmp;
+}
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -18,10 +21,12 @@ use std::process::{Command, Output};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use install::*;
 use lightstep_tekton_webhook::certs;
 use lightstep_tekton_webhook::policy::resource;
 use serde_json::Value;
+use support::http::request;
+use support::install::*;
+use support::tmp::TempDir;
 
 fn chart_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/lightstep-tekton-webhook")

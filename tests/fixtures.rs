@@ -1,14 +1,19 @@
 //! The decision on the captured AdmissionReviews: every assertion is on the pod that results
 //! from applying the reply's patch, as the API server would.
 
-mod common;
+// The path is spelled out because rustfmt, seeing the folder tests/fixtures/ next to this file,
+// would look for the module there.
+#[path = "support"]
+mod support {
+    pub mod review;
+}
 
-use common::*;
 use lightstep_tekton_webhook::admission::decide::{Mode, SkipReason};
 use lightstep_tekton_webhook::admission::{self, Outcome};
 use lightstep_tekton_webhook::contract::{derive_span_id, derive_trace_id};
 use lightstep_tekton_webhook::policy::Policy;
 use serde_json::{Value, json};
+use support::review::*;
 
 const TRACE_ID_LABEL: &str = "lightstep-tekton.io/trace-id";
 

@@ -3,11 +3,16 @@
 //! Timing: nothing here asserts on latency. Waits poll a condition with a generous deadline
 //! ([`DEADLINE`]), so a loaded two-core machine makes the tests slower, not red.
 
+mod support {
+    pub mod http;
+    pub mod poll;
+    pub mod tmp;
+}
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use http_body_util::{BodyExt as _, Full};
@@ -17,43 +22,16 @@ use lightstep_tekton_webhook::certs;
 use lightstep_tekton_webhook::runtime::tls::TlsPaths;
 use lightstep_tekton_webhook::serve::{Server, Settings};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
+use support::http::client_config;
+use support::poll::{DEADLINE, eventually};
+use support::tmp::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-
-/// How long any wait may take before the test fails: far above what any step needs.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
-
-/// A scratch directory removed at the end of the test.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(name: &str) -> TestDir {
-        let dir = std::env::temp_dir().join(format!(
-            "ltw-server-{name}-{}-{}",
-            std::process::id(),
-            NEXT_DIR.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TestDir(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn bundle() -> certs::Bundle {
     certs::generate(&["localhost".into(), "127.0.0.1".into()], 30).unwrap()
@@ -67,7 +45,7 @@ fn replace(path: &Path, contents: &str) {
 }
 
 /// Writes a bundle's serving pair as plain files; returns the paths.
-fn write_pair(dir: &TestDir, b: &certs::Bundle) -> TlsPaths {
+fn write_pair(dir: &TempDir, b: &certs::Bundle) -> TlsPaths {
     let (cert, key) = (dir.path("tls.crt"), dir.path("tls.key"));
     replace(&cert, &b.cert_pem);
     replace(&key, &b.key_pem);
@@ -133,33 +111,6 @@ fn metric_of(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
-}
-
-fn client_config(ca_pems: &[&str], identity: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for pem in ca_pems {
-        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots);
-    let config = match identity {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(cert.as_bytes())
-                    .map(Result::unwrap)
-                    .collect(),
-                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    };
-    Arc::new(config)
 }
 
 async fn connect(
@@ -321,19 +272,6 @@ impl DevServer {
     }
 }
 
-/// Polls `check` until it holds or [`DEADLINE`] passes.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The leaf certificate the server presents to a new connection.
 async fn served_certificate(
     addr: SocketAddr,
@@ -373,7 +311,7 @@ fn fixtures() -> Vec<(String, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fixture_gets_a_reply_whose_patch_applies() {
-    let dir = TestDir::new("fixtures");
+    let dir = TempDir::new("fixtures");
     let b = bundle();
     let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
     let config = client_config(&[&b.ca_cert_pem], None);
@@ -428,7 +366,7 @@ async fn every_fixture_gets_a_reply_whose_patch_applies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_and_stalled_clients_get_their_answer_while_others_are_served() {
-    let dir = TestDir::new("bad");
+    let dir = TempDir::new("bad");
     let b = bundle();
     let mut settings = Settings::local(write_pair(&dir, &b));
     // Short enough for the test to see them fire, long enough for any honest step here.
@@ -571,7 +509,7 @@ async fn bad_and_stalled_clients_get_their_answer_while_others_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_certificate_files_are_served_and_bad_ones_refused() {
-    let dir = TestDir::new("reload");
+    let dir = TempDir::new("reload");
     let (first, second) = (bundle(), bundle());
     let paths = write_pair(&dir, &first);
     let server = Running::start(Settings::local(paths.clone())).await;
@@ -622,7 +560,7 @@ async fn new_certificate_files_are_served_and_bad_ones_refused() {
 async fn a_kubernetes_data_symlink_swap_is_picked_up() {
     use std::os::unix::fs::symlink;
     // The layout the kubelet writes for a Secret volume.
-    let dir = TestDir::new("symlink");
+    let dir = TempDir::new("symlink");
     let (first, second) = (bundle(), bundle());
     let version = |name: &str, b: &certs::Bundle| {
         let v = dir.path(name);
@@ -665,7 +603,7 @@ async fn a_kubernetes_data_symlink_swap_is_picked_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_ca_requires_a_client_certificate_signed_by_it() {
-    let dir = TestDir::new("mtls");
+    let dir = TempDir::new("mtls");
     let b = bundle();
     // A client CA of its own, and a client certificate it signs.
     let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -719,7 +657,7 @@ async fn client_ca_requires_a_client_certificate_signed_by_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_requests_in_flight_and_turns_readiness_off() {
-    let dir = TestDir::new("shutdown");
+    let dir = TempDir::new("shutdown");
     let b = bundle();
     let mut settings = Settings::local(write_pair(&dir, &b));
     // Long enough to observe /readyz failing while requests are still served.
@@ -794,7 +732,7 @@ async fn shutdown_finishes_requests_in_flight_and_turns_readiness_off() {
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_zero() {
-    let dir = TestDir::new("sigterm");
+    let dir = TempDir::new("sigterm");
     let mut server = DevServer::start(&dir.path("certs"), |c| {
         c.args(["--metrics-listen", "127.0.0.1:0"]);
     })
@@ -840,7 +778,7 @@ async fn spans_go_to_the_otlp_endpoint_and_continue_traceparent() {
         }
     });
 
-    let dir = TestDir::new("otlp");
+    let dir = TempDir::new("otlp");
     let mut server = DevServer::start(&dir.path("certs"), |c| {
         c.args(["--metrics-listen", "127.0.0.1:0"])
             .env(
@@ -894,7 +832,7 @@ async fn spans_go_to_the_otlp_endpoint_and_continue_traceparent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_policy_file_is_used_and_an_invalid_one_refused() {
-    let dir = TestDir::new("policy");
+    let dir = TempDir::new("policy");
     let b = bundle();
     let mut settings = Settings::local(write_pair(&dir, &b));
     let policy = dir.path("policy.yaml");
@@ -956,7 +894,7 @@ async fn a_new_policy_file_is_used_and_an_invalid_one_refused() {
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_starts_on_an_invalid_policy_file_and_takes_the_fixed_one() {
-    let dir = TestDir::new("invalid-start");
+    let dir = TempDir::new("invalid-start");
     let policy = dir.path("policy.yaml");
     let log = dir.path("serve.log");
     let collector = "profile: otlp\nexporter:\n  endpoint: http://collector-one:4318\n";
@@ -1042,7 +980,7 @@ async fn serve_starts_on_an_invalid_policy_file_and_takes_the_fixed_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_its_replies_is_cut_off() {
-    let dir = TestDir::new("no-read");
+    let dir = TempDir::new("no-read");
     let b = bundle();
     let mut settings = Settings::local(write_pair(&dir, &b));
     settings.limits.write_timeout = Duration::from_secs(2);
@@ -1095,7 +1033,7 @@ async fn a_client_that_stops_reading_its_replies_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_beyond_the_limit_cannot_starve_a_client() {
     const SLOTS: u32 = 4;
-    let dir = TestDir::new("idle");
+    let dir = TempDir::new("idle");
     let b = bundle();
     let mut settings = Settings::local(write_pair(&dir, &b));
     settings.limits.max_connections = SLOTS;
@@ -1153,7 +1091,7 @@ async fn idle_connections_beyond_the_limit_cannot_starve_a_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_request_head_is_refused() {
     use lightstep_tekton_webhook::serve::MAX_HEADER_BYTES;
-    let dir = TestDir::new("big-head");
+    let dir = TempDir::new("big-head");
     let b = bundle();
     let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
     let config = client_config(&[&b.ca_cert_pem], None);
@@ -1191,7 +1129,7 @@ async fn an_oversized_request_head_is_refused() {
 /// ALPN `h2` only is refused, one that offers both gets `http/1.1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_offers_aead_suites_on_1_2_and_1_3_and_http1_only() {
-    let dir = TestDir::new("tls-params");
+    let dir = TempDir::new("tls-params");
     let b = bundle();
     let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
     let mut roots = rustls::RootCertStore::empty();
@@ -1273,7 +1211,7 @@ async fn tls_offers_aead_suites_on_1_2_and_1_3_and_http1_only() {
 async fn no_output_of_a_run_contains_a_secret_value() {
     use std::process::Stdio;
     const TOKEN: &str = "lsat_7Hq2v9XkR4mN8pW3zL6yT1cB5dJ0fG2s";
-    let dir = TestDir::new("secret");
+    let dir = TempDir::new("secret");
     let mut review: Value = serde_json::from_slice(
         &fixtures()
             .into_iter()
@@ -1437,7 +1375,7 @@ async fn no_output_of_a_run_contains_a_secret_value() {
 /// kind gets 400 and counts as `reason="bad-framing"`, never 408 or `body-timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_chunked_framing_gets_400_of_its_own() {
-    let dir = TestDir::new("framing");
+    let dir = TempDir::new("framing");
     let b = bundle();
     let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
     let config = client_config(&[&b.ca_cert_pem], None);
@@ -1494,7 +1432,7 @@ async fn stalled_near_limit_bodies_are_bounded_by_the_body_budget() {
     const BODY: usize = 6 * 1024 * 1024 - 1;
     // The budget (24 MiB), the read buffers of 32 connections, and the process itself.
     const PEAK_BOUND_KIB: u64 = 96 * 1024;
-    let dir = TestDir::new("budget");
+    let dir = TempDir::new("budget");
     let mut server = DevServer::start(&dir.path("certs"), |c| {
         c.args(["--metrics-listen", "127.0.0.1:0", "--read-timeout", "3"]);
     })
@@ -1543,7 +1481,7 @@ async fn stalled_near_limit_bodies_are_bounded_by_the_body_budget() {
 /// A review sent as one-byte chunks is answered like the same review sent whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_review_in_one_byte_chunks_is_answered() {
-    let dir = TestDir::new("one-byte-chunks");
+    let dir = TempDir::new("one-byte-chunks");
     let b = bundle();
     let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
     let config = client_config(&[&b.ca_cert_pem], None);
@@ -1578,7 +1516,7 @@ async fn a_review_in_one_byte_chunks_is_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_port_is_bounded_like_the_webhook_port() {
     const SLOTS: u32 = 4;
-    let dir = TestDir::new("admin-limits");
+    let dir = TempDir::new("admin-limits");
     let b = bundle();
     let mut settings = Settings::local(write_pair(&dir, &b));
     settings.limits.max_connections = SLOTS;
@@ -1647,7 +1585,7 @@ async fn the_metrics_port_is_bounded_like_the_webhook_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_server_shows_every_documented_metric_and_label_set() {
     const PREFIX: &str = "lightstep_tekton_webhook_";
-    let dir = TestDir::new("fresh-metrics");
+    let dir = TempDir::new("fresh-metrics");
     let b = bundle();
     let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
     let text = server.metrics().await;

@@ -5,8 +5,8 @@
 //! hardening, the RBAC exactly as the code needs it, the CRD as the code generates it. And the
 //! binary itself, started with the Deployment's own arguments and files.
 //!
-//! Included with `#[path]` by those two suites only, not through `common/mod.rs`, so the other
-//! suites do not compile it.
+//! Declared by those two suites only (with `tmp`, which it uses), so the other suites do not
+//! compile it.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -37,6 +37,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use super::tmp::{TempDir, free_port};
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_lightstep-tekton-webhook");
 pub const NAMESPACE: &str = "lightstep-tekton";
 pub const SERVICE: &str = "lightstep-tekton-webhook";
@@ -50,27 +52,6 @@ pub const WEBHOOKS: [(&str, &str, &str, &str); 2] = [
         "Fail",
     ),
 ];
-/// A directory under the system temp dir, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("ltw-{tag}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Objects of a multi-document YAML stream (kustomize's or Helm's output), empty documents left out.
 pub fn parse_objects(text: &str) -> Vec<Value> {
     serde_norway::Deserializer::from_str(text)
@@ -1055,13 +1036,6 @@ impl Drop for Served {
     }
 }
 
-pub fn free_port() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 pub fn serve_like_the_deployment(install: &Install, tmp: &TempDir) -> Served {
     let container = install.container();
     let pod = install.pod_spec();
@@ -1137,72 +1111,6 @@ pub fn serve_like_the_deployment(install: &Install, tmp: &TempDir) -> Served {
         https,
         metrics,
         log,
-    }
-}
-
-/// One HTTP/1.1 request; returns the status and the body. `tls` is the client configuration and
-/// server name to use, as the API server would.
-pub fn request(
-    addr: std::net::SocketAddr,
-    tls: Option<(&std::sync::Arc<rustls::ClientConfig>, &str)>,
-    method: &str,
-    path: &str,
-    body: &[u8],
-) -> std::io::Result<(u16, Vec<u8>)> {
-    let tcp = std::net::TcpStream::connect(addr)?;
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {SERVICE}.{NAMESPACE}.svc\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let mut raw = Vec::new();
-    let mut exchange = |stream: &mut dyn ReadWrite| -> std::io::Result<()> {
-        stream.write_all(head.as_bytes())?;
-        stream.write_all(body)?;
-        stream.flush()?;
-        match stream.read_to_end(&mut raw) {
-            // A server that closes without close_notify still sent a complete response.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => Ok(()),
-            other => other.map(|_| ()),
-        }
-    };
-    match tls {
-        Some((config, name)) => {
-            let name = ServerName::try_from(name.to_string()).unwrap();
-            let connection = rustls::ClientConnection::new(config.clone(), name).unwrap();
-            exchange(&mut rustls::StreamOwned::new(connection, tcp))?;
-        }
-        None => exchange(&mut { tcp })?,
-    }
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a complete response head");
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut body = raw[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        body = dechunk(&body);
-    }
-    Ok((status, body))
-}
-
-pub trait ReadWrite: std::io::Read + std::io::Write {}
-impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
-
-pub fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size_text = String::from_utf8_lossy(&data[..line_end]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
     }
 }
 
