@@ -385,13 +385,8 @@ fn check_monitoring(install: &Install) {
     assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
     let port = monitor["spec"]["endpoints"][0]["port"].as_str().unwrap();
     assert!(
-        service
-            .spec
-            .as_ref()
-            .unwrap()
-            .ports
-            .as_ref()
-            .unwrap()
+        install
+            .service_ports()
             .iter()
             .any(|p| p.name.as_deref() == Some(port)),
         "the ServiceMonitor's port {port} is the Service's"

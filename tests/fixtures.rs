@@ -745,19 +745,7 @@ fn every_signals_endpoint_belongs_to_the_exporter_group() {
 /// grown (or cut) to `steps` steps: the adversarial pod of D1.
 fn pac_bomb(value: &str, steps: usize) -> Value {
     let mut object = object_of("tekton-40-steps.json");
-    for key in [
-        "sha",
-        "branch",
-        "source-branch",
-        "url-org",
-        "url-repository",
-        "sender",
-        "event-type",
-        "pull-request",
-        "git-provider",
-        "repo-url",
-        "log-url",
-    ] {
+    for key in PAC_KEYS {
         object["metadata"]["annotations"][format!("pipelinesascode.tekton.dev/{key}")] =
             json!(value);
     }

@@ -20,12 +20,16 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, PodSpec, Secret, Service, ServiceAccount,
+    ConfigMap, Container, Namespace, PodSpec, Secret, Service, ServiceAccount, ServicePort,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use lightstep_tekton_webhook::admission::validate::{POLICY_KEY, POLICY_LABEL};
 use lightstep_tekton_webhook::policy::Policy;
@@ -260,6 +264,16 @@ impl Install {
     pub fn service(&self) -> &Service {
         assert_eq!(self.services.len(), 1);
         &self.services[0]
+    }
+
+    pub fn service_ports(&self) -> &[ServicePort] {
+        self.service()
+            .spec
+            .as_ref()
+            .unwrap()
+            .ports
+            .as_deref()
+            .unwrap()
     }
 
     pub fn webhook_config(&self) -> &MutatingWebhookConfiguration {
@@ -584,16 +598,32 @@ pub fn check_rbac(install: &Install, account: &ServiceAccount) {
 
     assert_eq!(install.cluster_role_bindings.len(), 1);
     let binding = &install.cluster_role_bindings[0];
-    assert_eq!(binding.role_ref.kind, "ClusterRole");
-    assert_eq!(binding.role_ref.api_group, "rbac.authorization.k8s.io");
-    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
-    let subjects = binding.subjects.as_ref().unwrap();
+    check_binding(
+        &binding.role_ref,
+        &binding.subjects,
+        ("ClusterRole", &role.metadata),
+        account,
+    );
+
+    check_lease_rbac(install, account);
+}
+
+/// A binding refers to `role` (its kind and metadata) and grants it to the webhook's
+/// ServiceAccount alone.
+fn check_binding(
+    role_ref: &RoleRef,
+    subjects: &Option<Vec<Subject>>,
+    (kind, role): (&str, &ObjectMeta),
+    account: &ServiceAccount,
+) {
+    assert_eq!(role_ref.kind, kind);
+    assert_eq!(role_ref.api_group, "rbac.authorization.k8s.io");
+    assert_eq!(Some(&role_ref.name), role.name.as_ref());
+    let subjects = subjects.as_ref().unwrap();
     assert_eq!(subjects.len(), 1);
     assert_eq!(subjects[0].kind, "ServiceAccount");
     assert_eq!(Some(&subjects[0].name), account.metadata.name.as_ref());
     assert_eq!(subjects[0].namespace, account.metadata.namespace);
-
-    check_lease_rbac(install, account);
 }
 
 /// The Role grants the Lease that elects the status writer, in the install's namespace and by
@@ -622,14 +652,12 @@ fn check_lease_rbac(install: &Install, account: &ServiceAccount) {
     assert_eq!(install.role_bindings.len(), 1);
     let binding = &install.role_bindings[0];
     assert_eq!(binding.metadata.namespace, account.metadata.namespace);
-    assert_eq!(binding.role_ref.kind, "Role");
-    assert_eq!(binding.role_ref.api_group, "rbac.authorization.k8s.io");
-    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
-    let subjects = binding.subjects.as_ref().unwrap();
-    assert_eq!(subjects.len(), 1);
-    assert_eq!(subjects[0].kind, "ServiceAccount");
-    assert_eq!(Some(&subjects[0].name), account.metadata.name.as_ref());
-    assert_eq!(subjects[0].namespace, account.metadata.namespace);
+    check_binding(
+        &binding.role_ref,
+        &binding.subjects,
+        ("Role", &role.metadata),
+        account,
+    );
 
     // The Lease's namespace and holder come from the downward API.
     let container = &install.deployments[0]
@@ -798,13 +826,8 @@ pub fn check_webhook(
     );
     let port = service_ref.port.unwrap_or(443);
     assert!(
-        service
-            .spec
-            .as_ref()
-            .unwrap()
-            .ports
-            .as_ref()
-            .unwrap()
+        install
+            .service_ports()
             .iter()
             .any(|p| p.port == port && p.name.as_deref() == Some("https")),
         "{name}: port {port} is the Service's https port"

@@ -12,6 +12,22 @@ use serde_json::Value;
 /// The API server's `TotalAnnotationSizeLimitB`.
 pub const ANNOTATIONS_SIZE_LIMIT: usize = 256 * 1024;
 
+/// The Pipelines-as-Code annotations the webhook reads (after `pipelinesascode.tekton.dev/`):
+/// the adversarial pod of issue 14's D1 sets them all.
+pub const PAC_KEYS: [&str; 11] = [
+    "sha",
+    "branch",
+    "source-branch",
+    "url-org",
+    "url-repository",
+    "sender",
+    "event-type",
+    "pull-request",
+    "git-provider",
+    "repo-url",
+    "log-url",
+];
+
 pub fn fixture_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
