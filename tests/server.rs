@@ -167,6 +167,15 @@ impl Client {
     }
 }
 
+/// Whether a client with `config` is refused: at the handshake or, on TLS 1.3, where the
+/// server's refusal arrives with the first read.
+async fn refused(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, body: &[u8]) -> bool {
+    match Client::connect(addr, config).await {
+        Err(_) => true,
+        Ok(mut c) => c.post("/mutate", body.to_vec()).await.is_err(),
+    }
+}
+
 /// One request on a fresh connection.
 async fn post_once(
     addr: SocketAddr,
@@ -205,6 +214,14 @@ async fn read_message<S: tokio::io::AsyncRead + Unpin>(
 }
 
 /// Reads one HTTP/1.1 response: its status and body.
+/// The response on `s`, which must arrive whole within [`DEADLINE`].
+async fn response_of<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, Vec<u8>) {
+    tokio::time::timeout(DEADLINE, read_response(s))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 async fn read_response<S: tokio::io::AsyncRead + Unpin>(
     s: &mut S,
 ) -> std::io::Result<(u16, Vec<u8>)> {
@@ -443,10 +460,7 @@ async fn bad_and_stalled_clients_get_their_answer_while_others_are_served() {
         .await
         .unwrap();
     big.write_all(&vec![b' '; 64 * 1024]).await.unwrap();
-    let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut big))
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, _) = response_of(&mut big).await;
     assert_eq!(status, 413);
     // Over 6 MiB, chunked (no length given): 413 once the limit is passed.
     let chunked = connect(server.addr, &config).await.unwrap();
@@ -463,19 +477,13 @@ async fn bad_and_stalled_clients_get_their_answer_while_others_are_served() {
         }
         tx.write_all(b"0\r\n\r\n").await
     });
-    let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut rx))
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, _) = response_of(&mut rx).await;
     assert_eq!(status, 413);
     // The writer may or may not have finished before the server closed: either is fine.
     let _ = writer.await;
 
     // The stalled clients are cut off: the half body gets 408, the others are closed.
-    let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut half_body))
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, _) = response_of(&mut half_body).await;
     assert_eq!(status, 408);
     let closed = tokio::time::timeout(DEADLINE, read_response(&mut no_headers))
         .await
@@ -630,22 +638,19 @@ async fn client_ca_requires_a_client_certificate_signed_by_it() {
     let body = fixtures()[0].1.clone();
 
     let anonymous = client_config(&[&b.ca_cert_pem], None);
-    let refused = match Client::connect(server.addr, &anonymous).await {
-        Err(_) => true,
-        // TLS 1.3: the server's refusal arrives with the first read.
-        Ok(mut c) => c.post("/mutate", body.clone()).await.is_err(),
-    };
-    assert!(refused, "a client without a certificate was served");
+    assert!(
+        refused(server.addr, &anonymous, &body).await,
+        "a client without a certificate was served"
+    );
 
     let wrong = client_config(
         &[&b.ca_cert_pem],
         Some((&stranger.cert_pem, &stranger.key_pem)),
     );
-    let refused = match Client::connect(server.addr, &wrong).await {
-        Err(_) => true,
-        Ok(mut c) => c.post("/mutate", body.clone()).await.is_err(),
-    };
-    assert!(refused, "a client certificate from another CA was accepted");
+    assert!(
+        refused(server.addr, &wrong, &body).await,
+        "a client certificate from another CA was accepted"
+    );
 
     let known = client_config(
         &[&b.ca_cert_pem],
@@ -686,10 +691,7 @@ async fn shutdown_finishes_requests_in_flight_and_turns_readiness_off() {
         )
         .await
         .unwrap();
-        let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut s))
-            .await
-            .unwrap()
-            .unwrap();
+        let (status, _) = response_of(&mut s).await;
         assert_eq!(status, 100);
         in_flight.push(s);
     }
@@ -714,10 +716,7 @@ async fn shutdown_finishes_requests_in_flight_and_turns_readiness_off() {
     // Every request in flight completes with a full reply.
     for mut s in in_flight {
         s.write_all(&body).await.unwrap();
-        let (status, reply) = tokio::time::timeout(DEADLINE, read_response(&mut s))
-            .await
-            .unwrap()
-            .unwrap();
+        let (status, reply) = response_of(&mut s).await;
         assert_eq!(status, 200);
         let reply: Value = serde_json::from_slice(&reply).unwrap();
         assert!(reply["response"]["patch"].is_string());
@@ -806,10 +805,7 @@ async fn spans_go_to_the_otlp_endpoint_and_continue_traceparent() {
     .await
     .unwrap();
     s.write_all(&body).await.unwrap();
-    let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut s))
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, _) = response_of(&mut s).await;
     assert_eq!(status, 200);
     drop(s);
     assert_eq!(server.terminate().await.code(), Some(0));
@@ -1103,10 +1099,7 @@ async fn an_oversized_request_head_is_refused() {
     );
     // The server may answer and close before it has read all of it.
     let _ = s.write_all(head.as_bytes()).await;
-    let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut s))
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, _) = response_of(&mut s).await;
     assert_eq!(status, 431);
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
@@ -1308,13 +1301,7 @@ async fn no_output_of_a_run_contains_a_secret_value() {
                 ));
             }
         }
-        let mut tcp = TcpStream::connect(metrics_addr).await.unwrap();
-        tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut page = Vec::new();
-        tcp.read_to_end(&mut page).await.unwrap();
-        let page = String::from_utf8(page).unwrap();
+        let page = scrape(metrics_addr).await;
         assert!(
             page.contains("allowed-on-error") || page.contains("denied"),
             "{page}"
@@ -1396,10 +1383,7 @@ async fn malformed_chunked_framing_gets_400_of_its_own() {
             format!("POST /mutate HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{body}");
         // The server may answer and close before it has read all of it.
         let _ = s.write_all(request.as_bytes()).await;
-        let (status, reply) = tokio::time::timeout(DEADLINE, read_response(&mut s))
-            .await
-            .unwrap()
-            .unwrap();
+        let (status, reply) = response_of(&mut s).await;
         assert_eq!(status, 400, "{what}: {}", String::from_utf8_lossy(&reply));
     }
     let metric = |reason: &str| {
@@ -1501,10 +1485,7 @@ async fn a_review_in_one_byte_chunks_is_answered() {
     request.extend_from_slice(b"0\r\n\r\n");
     let mut s = connect(server.addr, &config).await.unwrap();
     s.write_all(&request).await.unwrap();
-    let (status, chunked) = tokio::time::timeout(DEADLINE, read_response(&mut s))
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, chunked) = response_of(&mut s).await;
     assert_eq!(status, 200);
     assert_eq!(chunked, whole.to_vec());
 }
