@@ -6,6 +6,7 @@
 mod support {
     pub mod http;
     pub mod poll;
+    pub mod review;
     pub mod tmp;
 }
 
@@ -26,6 +27,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use support::http::client_config;
 use support::poll::{DEADLINE, eventually};
+use support::review::{fixture_bytes, fixture_names};
 use support::tmp::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,6 +37,15 @@ use tokio_rustls::client::TlsStream;
 
 fn bundle() -> certs::Bundle {
     certs::generate(&["localhost".into(), "127.0.0.1".into()], 30).unwrap()
+}
+
+/// A scratch directory holding a fresh bundle's serving pair, the bundle, and settings that serve
+/// it on 127.0.0.1:0.
+fn local(tag: &str) -> (TempDir, certs::Bundle, Settings) {
+    let dir = TempDir::new(tag);
+    let b = bundle();
+    let settings = Settings::local(write_pair(&dir, &b));
+    (dir, b, settings)
 }
 
 /// Replaces a file the way a careful writer does (write aside, rename over).
@@ -309,28 +320,24 @@ fn der_of(pem: &str) -> Vec<u8> {
 }
 
 fn fixtures() -> Vec<(String, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let mut out: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&p).unwrap(),
-            )
+    fixture_names()
+        .into_iter()
+        .map(|name| {
+            let bytes = fixture_bytes(&name);
+            (name, bytes)
         })
-        .collect();
-    out.sort();
-    assert!(out.len() >= 5, "fixtures missing");
-    out
+        .collect()
+}
+
+/// The review of a pipeline's TaskRun pod.
+fn task_review() -> Vec<u8> {
+    fixture_bytes("tekton-pipeline-task-traced.json")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fixture_gets_a_reply_whose_patch_applies() {
-    let dir = TempDir::new("fixtures");
-    let b = bundle();
-    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let (_dir, b, settings) = local("fixtures");
+    let server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
     // One keep-alive connection for everything, as the API server does.
     let mut client = Client::connect(server.addr, &config).await.unwrap();
@@ -383,20 +390,14 @@ async fn every_fixture_gets_a_reply_whose_patch_applies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_and_stalled_clients_get_their_answer_while_others_are_served() {
-    let dir = TempDir::new("bad");
-    let b = bundle();
-    let mut settings = Settings::local(write_pair(&dir, &b));
+    let (_dir, b, mut settings) = local("bad");
     // Short enough for the test to see them fire, long enough for any honest step here.
     settings.limits.header_timeout = Duration::from_secs(2);
     settings.limits.body_timeout = Duration::from_secs(2);
     settings.limits.handshake_timeout = Duration::from_secs(2);
     let server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
-    let good = fixtures()
-        .into_iter()
-        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
-        .unwrap()
-        .1;
+    let good = task_review();
 
     // Three stalled clients, opened first and left hanging: no TLS handshake, no headers, and a
     // body that stops half-way.
@@ -662,20 +663,14 @@ async fn client_ca_requires_a_client_certificate_signed_by_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_requests_in_flight_and_turns_readiness_off() {
-    let dir = TempDir::new("shutdown");
-    let b = bundle();
-    let mut settings = Settings::local(write_pair(&dir, &b));
+    let (_dir, b, mut settings) = local("shutdown");
     // Long enough to observe /readyz failing while requests are still served.
     settings.shutdown_delay = Duration::from_secs(5);
     // The bodies are sent only after the drain has started: give them all the time they need.
     settings.limits.body_timeout = DEADLINE;
     let mut server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
-    let body = fixtures()
-        .into_iter()
-        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
-        .unwrap()
-        .1;
+    let body = task_review();
 
     // Requests in flight: headers sent with `Expect: 100-continue`; the server's "100 Continue"
     // proves the handler is running and waiting for the body.
@@ -828,9 +823,7 @@ async fn spans_go_to_the_otlp_endpoint_and_continue_traceparent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_policy_file_is_used_and_an_invalid_one_refused() {
-    let dir = TempDir::new("policy");
-    let b = bundle();
-    let mut settings = Settings::local(write_pair(&dir, &b));
+    let (dir, b, mut settings) = local("policy");
     let policy = dir.path("policy.yaml");
     let endpoint = |host: &str| {
         format!(
@@ -841,11 +834,7 @@ async fn a_new_policy_file_is_used_and_an_invalid_one_refused() {
     settings.policy = Some(policy.clone());
     let server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
-    let body = fixtures()
-        .into_iter()
-        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
-        .unwrap()
-        .1;
+    let body = task_review();
     let patch_of = |reply: Bytes| -> String {
         let v: Value = serde_json::from_slice(&reply).unwrap();
         let patch = v["response"]["patch"]
@@ -914,10 +903,7 @@ async fn serve_starts_on_an_invalid_policy_file_and_takes_the_fixed_one() {
     let mut client = Client::connect(server.addr, &config).await.unwrap();
     assert_eq!(client.get("/readyz").await.unwrap(), 200, "{}", log_text());
 
-    let (_, body) = fixtures()
-        .into_iter()
-        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
-        .unwrap();
+    let body = task_review();
     for path in ["/mutate", "/enforce"] {
         let (status, reply) = client.post(path, body.clone()).await.unwrap();
         assert_eq!(status, 200, "{path}");
@@ -976,9 +962,7 @@ async fn serve_starts_on_an_invalid_policy_file_and_takes_the_fixed_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_its_replies_is_cut_off() {
-    let dir = TempDir::new("no-read");
-    let b = bundle();
-    let mut settings = Settings::local(write_pair(&dir, &b));
+    let (_dir, b, mut settings) = local("no-read");
     settings.limits.write_timeout = Duration::from_secs(2);
     let server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
@@ -1029,9 +1013,7 @@ async fn a_client_that_stops_reading_its_replies_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_beyond_the_limit_cannot_starve_a_client() {
     const SLOTS: u32 = 4;
-    let dir = TempDir::new("idle");
-    let b = bundle();
-    let mut settings = Settings::local(write_pair(&dir, &b));
+    let (_dir, b, mut settings) = local("idle");
     settings.limits.max_connections = SLOTS;
     settings.limits.handshake_timeout = Duration::from_secs(1);
     settings.limits.header_timeout = Duration::from_secs(1);
@@ -1087,9 +1069,8 @@ async fn idle_connections_beyond_the_limit_cannot_starve_a_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_request_head_is_refused() {
     use lightstep_tekton_webhook::serve::MAX_HEADER_BYTES;
-    let dir = TempDir::new("big-head");
-    let b = bundle();
-    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let (_dir, b, settings) = local("big-head");
+    let server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
 
     let mut s = connect(server.addr, &config).await.unwrap();
@@ -1122,9 +1103,8 @@ async fn an_oversized_request_head_is_refused() {
 /// ALPN `h2` only is refused, one that offers both gets `http/1.1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_offers_aead_suites_on_1_2_and_1_3_and_http1_only() {
-    let dir = TempDir::new("tls-params");
-    let b = bundle();
-    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let (_dir, b, settings) = local("tls-params");
+    let server = Running::start(settings).await;
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_slice(b.ca_cert_pem.as_bytes()).unwrap())
@@ -1205,14 +1185,7 @@ async fn no_output_of_a_run_contains_a_secret_value() {
     use std::process::Stdio;
     const TOKEN: &str = "lsat_7Hq2v9XkR4mN8pW3zL6yT1cB5dJ0fG2s";
     let dir = TempDir::new("secret");
-    let mut review: Value = serde_json::from_slice(
-        &fixtures()
-            .into_iter()
-            .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
-            .unwrap()
-            .1,
-    )
-    .unwrap();
+    let mut review: Value = serde_json::from_slice(&task_review()).unwrap();
     let object = &mut review["request"]["object"];
     object["metadata"]["annotations"]["team.example.com/debug-token"] = TOKEN.into();
     let env = object["spec"]["containers"][0]["env"]
@@ -1362,9 +1335,8 @@ async fn no_output_of_a_run_contains_a_secret_value() {
 /// kind gets 400 and counts as `reason="bad-framing"`, never 408 or `body-timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_chunked_framing_gets_400_of_its_own() {
-    let dir = TempDir::new("framing");
-    let b = bundle();
-    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let (_dir, b, settings) = local("framing");
+    let server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
     // hyper refuses chunk extensions past 16 KiB in one body.
     let long_extension = format!("3;{}\r\nabc\r\n0\r\n\r\n", "e".repeat(20 * 1024));
@@ -1465,15 +1437,10 @@ async fn stalled_near_limit_bodies_are_bounded_by_the_body_budget() {
 /// A review sent as one-byte chunks is answered like the same review sent whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_review_in_one_byte_chunks_is_answered() {
-    let dir = TempDir::new("one-byte-chunks");
-    let b = bundle();
-    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let (_dir, b, settings) = local("one-byte-chunks");
+    let server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
-    let review = fixtures()
-        .into_iter()
-        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
-        .unwrap()
-        .1;
+    let review = task_review();
     let (_, whole) = post_once(server.addr, &config, "/mutate", review.clone()).await;
     let mut request =
         b"POST /mutate HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
@@ -1497,9 +1464,7 @@ async fn a_review_in_one_byte_chunks_is_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_port_is_bounded_like_the_webhook_port() {
     const SLOTS: u32 = 4;
-    let dir = TempDir::new("admin-limits");
-    let b = bundle();
-    let mut settings = Settings::local(write_pair(&dir, &b));
+    let (_dir, _b, mut settings) = local("admin-limits");
     settings.limits.max_connections = SLOTS;
     settings.limits.header_timeout = Duration::from_secs(1);
     let server = Running::start(settings).await;
@@ -1566,9 +1531,8 @@ async fn the_metrics_port_is_bounded_like_the_webhook_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_server_shows_every_documented_metric_and_label_set() {
     const PREFIX: &str = "lightstep_tekton_webhook_";
-    let dir = TempDir::new("fresh-metrics");
-    let b = bundle();
-    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let (_dir, _b, settings) = local("fresh-metrics");
+    let server = Running::start(settings).await;
     let text = server.metrics().await;
     let docs =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md"))
