@@ -1,5 +1,11 @@
-//! Shared test support: loading the captured reviews, and the API server's rules for a patched
-//! pod (docs/apiserver-rules.md, section 3), reproduced because there is no cluster to ask.
+//! The captured reviews, and the API server's rules for a reply and a patched pod
+//! (docs/apiserver-rules.md, section 3), reproduced because there is no cluster to ask.
+//!
+//! One piece of `tests/support/`, the harness every suite shares: `review` (this), `install`
+//! (the install's checks), `tmp` (scratch dirs, free ports), `http` (the blocking HTTPS client),
+//! `poll` (`eventually`) and `fake_api` (the in-process stand-in API server). A suite declares
+//! the pieces it uses in `mod support { pub mod …; }`; the benches and fuzz targets include this
+//! file by `#[path]`.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
