@@ -12,6 +12,7 @@
 mod support {
     pub mod http;
     pub mod install;
+    pub mod poll;
     pub mod tmp;
 }
 
@@ -26,6 +27,7 @@ use lightstep_tekton_webhook::policy::resource;
 use serde_json::Value;
 use support::http::request;
 use support::install::*;
+use support::poll::eventually_blocking;
 use support::tmp::TempDir;
 
 fn chart_dir() -> PathBuf {
@@ -740,9 +742,9 @@ fn the_helm_test_hook_passes_against_the_binary_and_fails_on_a_wrong_reply() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
+    let log = || fs::read_to_string(&served.log).unwrap_or_default();
     let run_hook = || {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
+        eventually_blocking("the hook reaches the listener", &log, || {
             let output = Command::new("sh")
                 .arg(review_dir.join("test.sh"))
                 .env("PATH", &path)
@@ -751,11 +753,8 @@ fn the_helm_test_hook_passes_against_the_binary_and_fails_on_a_wrong_reply() {
                 .output()
                 .expect("sh");
             // Until the listener is up, curl cannot connect (exit 7); then the real answer.
-            if output.status.code() != Some(7) || std::time::Instant::now() > deadline {
-                return output;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+            (output.status.code() != Some(7)).then_some(output)
+        })
     };
     let output = run_hook();
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -15,6 +15,7 @@
 mod support {
     pub mod http;
     pub mod install;
+    pub mod poll;
     pub mod tmp;
 }
 
@@ -33,6 +34,7 @@ use lightstep_tekton_webhook::policy::resource;
 use serde_json::Value;
 use support::http::{client_config, request};
 use support::install::*;
+use support::poll::eventually_blocking;
 use support::tmp::TempDir;
 
 fn manifests_dir() -> PathBuf {
@@ -324,21 +326,14 @@ fn the_binary_serves_the_webhook_configuration_as_installed() {
     let ca_bundle = &webhooks[0].client_config.ca_bundle.as_ref().unwrap().0;
     let client = client_config(&[std::str::from_utf8(ca_bundle).unwrap()], None);
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     for webhook in webhooks {
         let service = webhook.client_config.service.as_ref().unwrap();
         let server_name = format!("{}.{}.svc", service.name, service.namespace);
         let tls = Some((&client, server_name.as_str()));
         // Wait for the listener (and, with it, the first probe kubelet would send).
-        let (status, _) = loop {
-            match request(served.https, tls, "GET", "/readyz", b"") {
-                Ok(reply) => break reply,
-                Err(_) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-                Err(e) => panic!("serve never came up: {e}\n{}", log()),
-            }
-        };
+        let (status, _) = eventually_blocking("serve comes up", &log, || {
+            request(served.https, tls, "GET", "/readyz", b"").ok()
+        });
         assert_eq!(status, 200, "/readyz\n{}", log());
         let (status, _) = request(served.https, tls, "GET", "/healthz", b"").unwrap();
         assert_eq!(status, 200, "/healthz");
