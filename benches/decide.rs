@@ -6,8 +6,10 @@
 //! Pipelines-as-Code annotations set to 22 KB of commas each, which once forced a 40 MB reply.
 //! Run with `cargo bench --bench decide` (or `make bench`).
 
+#[path = "../tests/support/review.rs"]
+mod support;
+
 use std::hint::black_box;
-use std::path::Path;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lightstep_tekton_webhook::admission;
@@ -24,33 +26,14 @@ const FIXTURES: &[&str] = &[
     "plain-pod.json",
 ];
 
-fn load(name: &str) -> Vec<u8> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 /// D1's adversarial review: every PaC annotation the attributes read, at 22 KB of commas (each
 /// percent-encodes to three times its size), on the 40-step pod.
 fn pac_bomb() -> Vec<u8> {
     let mut review: serde_json::Value =
-        serde_json::from_slice(&load("tekton-40-steps.json")).unwrap();
+        serde_json::from_slice(&support::fixture_bytes("tekton-40-steps.json")).unwrap();
     let annotations = &mut review["request"]["object"]["metadata"]["annotations"];
     let commas = ",".repeat(22 * 1024);
-    for key in [
-        "sha",
-        "branch",
-        "source-branch",
-        "url-org",
-        "url-repository",
-        "sender",
-        "event-type",
-        "pull-request",
-        "git-provider",
-        "repo-url",
-        "log-url",
-    ] {
+    for key in support::PAC_KEYS {
         annotations[format!("pipelinesascode.tekton.dev/{key}")] = commas.clone().into();
     }
     serde_json::to_vec(&review).unwrap()
@@ -61,7 +44,7 @@ fn benches(c: &mut Criterion) {
 
     let mut decide = c.benchmark_group("decide");
     for name in FIXTURES {
-        let body = load(name);
+        let body = support::fixture_bytes(name);
         let review: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let pod: PodView = serde_json::from_value(review["request"]["object"].clone()).unwrap();
         let request = decide::Request {
@@ -76,7 +59,7 @@ fn benches(c: &mut Criterion) {
 
     let mut review = c.benchmark_group("review");
     for name in FIXTURES {
-        let body = load(name);
+        let body = support::fixture_bytes(name);
         review.throughput(Throughput::Bytes(body.len() as u64));
         review.bench_function(name.trim_end_matches(".json"), |b| {
             b.iter(|| admission::review(black_box(&body), &policy, Mode::Inject).unwrap())

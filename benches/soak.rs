@@ -37,7 +37,7 @@
 //!   round robin, each with a fresh uid, alternately to `/mutate` and `/enforce`, over
 //!   keep-alive connections to the ready replicas.
 //!
-//! Every reply is checked with the test suite's own rules (`tests/common/mod.rs`: v1
+//! Every reply is checked with the test suite's own rules (`tests/support/review.rs`: v1
 //! AdmissionReview, uid echoed, patch with its type, base64, short warnings; the patch applies to
 //! the pod and leaves a pod the API server accepts). The run fails (exit 1) unless failed
 //! requests, connection errors (TCP or TLS, to a replica marked ready), bad replies, requests
@@ -46,9 +46,9 @@
 //! than `--rss-growth-mb` between its first sample (a few seconds after it became ready) and its
 //! last.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
 mod https;
+#[path = "../tests/support/review.rs"]
+mod support;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -1096,7 +1096,7 @@ enum Reply {
 /// The test suite's rules for a reply, and what it did.
 fn check(body: &[u8], uid: &str, object: &Value) -> Result<Reply, String> {
     std::panic::catch_unwind(|| {
-        let (v, patch) = common::check_reply(body, uid);
+        let (v, patch) = support::check_reply(body, uid);
         if patch.0.is_empty() {
             let warned = v["response"]["warnings"]
                 .as_array()
@@ -1110,7 +1110,7 @@ fn check(body: &[u8], uid: &str, object: &Value) -> Result<Reply, String> {
                 Reply::Untouched
             };
         }
-        let pod = common::validated_pod(&common::apply(object, &patch));
+        let pod = support::validated_pod(&support::apply(object, &patch));
         Reply::Patched(
             pod.metadata
                 .annotations

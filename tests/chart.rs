@@ -1,6 +1,6 @@
 //! The Helm chart, rendered by both Helm majors users run (3.17 and 4.1, installed by
 //! `.ci/install-helm`): `helm lint --strict`; every value set in the chart's `ci/` through the
-//! same install checks the kustomize overlays get (tests/common/install.rs); the values schema
+//! same install checks the kustomize overlays get (tests/support/install.rs); the values schema
 //! refusing what it must; `certs.mode=chart` keeping its CA across upgrades; the `helm test`
 //! hook's script run against the real binary; and manifests/base being the chart's current
 //! rendering.
@@ -9,8 +9,12 @@
 //! the suite says so and passes, unless `CI` is set: CI installs both, so a missing Helm there is
 //! a failure.
 
-#[path = "common/install.rs"]
-mod install;
+mod support {
+    pub mod http;
+    pub mod install;
+    pub mod poll;
+    pub mod tmp;
+}
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -18,10 +22,13 @@ use std::process::{Command, Output};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use install::*;
 use lightstep_tekton_webhook::certs;
 use lightstep_tekton_webhook::policy::resource;
 use serde_json::Value;
+use support::http::request;
+use support::install::*;
+use support::poll::eventually_blocking;
+use support::tmp::TempDir;
 
 fn chart_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/lightstep-tekton-webhook")
@@ -380,13 +387,8 @@ fn check_monitoring(install: &Install) {
     assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
     let port = monitor["spec"]["endpoints"][0]["port"].as_str().unwrap();
     assert!(
-        service
-            .spec
-            .as_ref()
-            .unwrap()
-            .ports
-            .as_ref()
-            .unwrap()
+        install
+            .service_ports()
             .iter()
             .any(|p| p.name.as_deref() == Some(port)),
         "the ServiceMonitor's port {port} is the Service's"
@@ -740,9 +742,9 @@ fn the_helm_test_hook_passes_against_the_binary_and_fails_on_a_wrong_reply() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
+    let log = || fs::read_to_string(&served.log).unwrap_or_default();
     let run_hook = || {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
+        eventually_blocking("the hook reaches the listener", &log, || {
             let output = Command::new("sh")
                 .arg(review_dir.join("test.sh"))
                 .env("PATH", &path)
@@ -751,11 +753,8 @@ fn the_helm_test_hook_passes_against_the_binary_and_fails_on_a_wrong_reply() {
                 .output()
                 .expect("sh");
             // Until the listener is up, curl cannot connect (exit 7); then the real answer.
-            if output.status.code() != Some(7) || std::time::Instant::now() > deadline {
-                return output;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+            (output.status.code() != Some(7)).then_some(output)
+        })
     };
     let output = run_hook();
     let stdout = String::from_utf8_lossy(&output.stdout);

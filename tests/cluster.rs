@@ -3,14 +3,16 @@
 //! writer against a stand-in API server: retried on a timer after a failure, a conflict re-read,
 //! the leader alone writing.
 
-mod common;
-mod fake_api;
+mod support {
+    pub mod fake_api;
+    pub mod poll;
+    pub mod review;
+}
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -26,8 +28,10 @@ use lightstep_tekton_webhook::policy::resource::TracingPolicyStatus;
 use lightstep_tekton_webhook::policy::selection::Fallback;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
+use support::fake_api;
+use support::poll::eventually;
+use support::review::*;
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 fn policy_object(name: &str, generation: i64, spec: Value) -> DynamicObject {
     serde_json::from_value(json!({
@@ -330,18 +334,6 @@ async fn status_writer(
     (seen, registry)
 }
 
-async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    // Far above what any step needs.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn encoded(registry: &Registry) -> String {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
@@ -358,7 +350,7 @@ async fn a_failed_status_write_is_retried_on_a_timer_without_another_event() {
         _ => (200, r.body.clone()),
     })
     .await;
-    let puts = eventually("three writes", || {
+    let puts = eventually("three writes", async || {
         let seen = seen.lock().unwrap();
         (seen.len() >= 3).then(|| seen.clone())
     })
@@ -372,7 +364,7 @@ async fn a_failed_status_write_is_retried_on_a_timer_without_another_event() {
         assert_eq!(put.body["status"]["matchedNamespaces"], 2);
     }
     // The third write's answer is counted after the stand-in saw it: wait for the count.
-    eventually("the written write counted", || {
+    eventually("the written write counted", async || {
         encoded(&registry)
             .contains("status_writes_total{result=\"written\"} 1")
             .then_some(())
@@ -405,7 +397,7 @@ async fn a_conflict_is_re_read_and_compared_not_lost() {
         }
     })
     .await;
-    let requests = eventually("the second write", || {
+    let requests = eventually("the second write", async || {
         let seen = seen.lock().unwrap();
         (seen.len() >= 3).then(|| seen.clone())
     })
@@ -445,7 +437,7 @@ async fn only_the_leader_writes_and_a_new_leader_writes_at_once() {
     tokio::time::sleep(TIMING.debounce * 20).await;
     assert!(seen.lock().unwrap().is_empty(), "a standby wrote");
     leader.send(true).unwrap();
-    eventually("the new leader's write", || {
+    eventually("the new leader's write", async || {
         let seen = seen.lock().unwrap();
         (seen.len() == 1 && seen[0].path == PROD_STATUS).then_some(())
     })

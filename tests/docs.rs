@@ -17,25 +17,24 @@
 //! - `serve --dev --log-format json`: each line is what the server logs for the requests the text
 //!   names, apart from the timestamp and the duration.
 
+mod support {
+    pub mod http;
+    pub mod tmp;
+}
+
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use support::http::{client_config, request};
+use support::tmp::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lightstep-tekton-webhook");
 const MARKER: &str = "<!-- checked: ";
-
-/// How long a socket read from the dev server may block before the test gives up: far above what
-/// one review needs, so a loaded machine makes the test slower, never red.
-const SOCKET_DEADLINE: Duration = Duration::from_secs(60);
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -595,55 +594,13 @@ fn the_three_descriptions_of_make_test_name_every_suite() {
     }
 }
 
-/// A scratch directory, removed at the end.
-struct ScratchDir(PathBuf);
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// One HTTPS request on its own connection; returns the status.
-fn post(addr: &str, ca: &Path, path: &str, body: &[u8]) -> u16 {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let server_name = ServerName::try_from("localhost").unwrap();
-    let connection = rustls::ClientConnection::new(Arc::new(config), server_name).unwrap();
-    let tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(SOCKET_DEADLINE)).unwrap();
-    let mut tls = rustls::StreamOwned::new(connection, tcp);
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    tls.write_all(head.as_bytes()).unwrap();
-    tls.write_all(body).unwrap();
-    tls.flush().unwrap();
-    // The status line is all this needs; the server logs the request before it replies.
-    let mut status = [0u8; 12];
-    tls.read_exact(&mut status).unwrap();
-    String::from_utf8_lossy(&status[9..12]).parse().unwrap()
-}
-
 /// The fields a log line may differ in from run to run.
 const VOLATILE: [&str; 2] = ["timestamp", "duration_ms"];
 
 #[test]
 fn the_json_log_example_is_what_the_server_logs() {
     let examples = examples_of("serve");
-    let dir = ScratchDir(std::env::temp_dir().join(format!("ltw-docs-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
+    let dir = TempDir::new("docs");
     let mut child = Command::new(BIN)
         .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
         .args([
@@ -684,10 +641,18 @@ fn the_json_log_example_is_what_the_server_logs() {
         .recv()
         .expect("serve --dev exited before naming its address");
 
-    let ca = dir.0.join("ca.crt");
+    let ca = std::fs::read_to_string(dir.path("ca.crt")).unwrap();
+    let config = client_config(&[&ca], None);
+    let addr: SocketAddr = addr.parse().unwrap();
+    // The status is all this needs; the server logs the request before it replies.
+    let post = |path: &str, body: &[u8]| {
+        request(addr, Some((&config, "localhost")), "POST", path, body)
+            .unwrap()
+            .0
+    };
     let fixture = read(&root().join("tests/fixtures/tekton-pipeline-task-traced.json"));
-    assert_eq!(post(&addr, &ca, "/enforce", fixture.as_bytes()), 200);
-    assert_eq!(post(&addr, &ca, "/mutate", b"not json"), 400);
+    assert_eq!(post("/enforce", fixture.as_bytes()), 200);
+    assert_eq!(post("/mutate", b"not json"), 400);
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

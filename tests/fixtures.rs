@@ -1,14 +1,19 @@
 //! The decision on the captured AdmissionReviews: every assertion is on the pod that results
 //! from applying the reply's patch, as the API server would.
 
-mod common;
+// The path is spelled out because rustfmt, seeing the folder tests/fixtures/ next to this file,
+// would look for the module there.
+#[path = "support"]
+mod support {
+    pub mod review;
+}
 
-use common::*;
 use lightstep_tekton_webhook::admission::decide::{Mode, SkipReason};
 use lightstep_tekton_webhook::admission::{self, Outcome};
 use lightstep_tekton_webhook::contract::{derive_span_id, derive_trace_id};
 use lightstep_tekton_webhook::policy::Policy;
 use serde_json::{Value, json};
+use support::review::*;
 
 const TRACE_ID_LABEL: &str = "lightstep-tekton.io/trace-id";
 
@@ -740,19 +745,7 @@ fn every_signals_endpoint_belongs_to_the_exporter_group() {
 /// grown (or cut) to `steps` steps: the adversarial pod of D1.
 fn pac_bomb(value: &str, steps: usize) -> Value {
     let mut object = object_of("tekton-40-steps.json");
-    for key in [
-        "sha",
-        "branch",
-        "source-branch",
-        "url-org",
-        "url-repository",
-        "sender",
-        "event-type",
-        "pull-request",
-        "git-provider",
-        "repo-url",
-        "log-url",
-    ] {
+    for key in PAC_KEYS {
         object["metadata"]["annotations"][format!("pipelinesascode.tekton.dev/{key}")] =
             json!(value);
     }

@@ -4,23 +4,24 @@
 //! stops renewing and the Lease expires, a leader that shuts down releases the Lease, and a
 //! candidate that loses a race for the Lease (409) does not lead.
 
-mod fake_api;
+mod support {
+    pub mod fake_api;
+    pub mod poll;
+}
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::Method;
-use fake_api::Request;
 use lightstep_tekton_webhook::cluster::{LeaderElection, LeaseConfig};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
+use support::fake_api::{self, Request};
+use support::poll::eventually;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
-/// How long any wait may take before the test fails: far above what any step needs.
-const DEADLINE: Duration = Duration::from_secs(60);
 const NAMESPACE: &str = "tracing";
 const LEASE: &str = "webhook";
 const COLLECTION: &str = "/apis/coordination.k8s.io/v1/namespaces/tracing/leases";
@@ -114,14 +115,6 @@ fn campaign(client: &kube::Client, identity: &str) -> Candidate {
     }
 }
 
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !check() {
-        assert!(Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Whether two candidates ever both said they lead, watched from now on. A candidate whose task
 /// ended (crashed) leads no more, whatever it last said.
 fn watch_for_two_leaders(a: watch::Receiver<bool>, b: watch::Receiver<bool>) -> Arc<AtomicUsize> {
@@ -153,11 +146,14 @@ async fn one_leads_the_other_takes_over_after_expiry_and_a_clean_stop_releases()
     let mut b = campaign(&client, "replica-b");
     let overlaps = watch_for_two_leaders(a.leading.clone(), b.leading.clone());
 
-    eventually("one leader", || *a.leading.borrow() || *b.leading.borrow()).await;
+    eventually("one leader", async || {
+        *a.leading.borrow() || *b.leading.borrow()
+    })
+    .await;
     // Give the standby a few tries at a Lease that is held: it must stay standby.
     let first_holder = store.holder().unwrap();
     let version = store.version.load(Ordering::SeqCst);
-    eventually("the leader renews a few times", || {
+    eventually("the leader renews a few times", async || {
         store.version.load(Ordering::SeqCst) >= version + 3
     })
     .await;
@@ -171,7 +167,7 @@ async fn one_leads_the_other_takes_over_after_expiry_and_a_clean_stop_releases()
 
     // The leader dies without releasing: the standby takes over once the Lease expires.
     leader.task.abort();
-    eventually("the standby takes over", || *standby.leading.borrow()).await;
+    eventually("the standby takes over", async || *standby.leading.borrow()).await;
     let second_holder = store.holder().unwrap();
     assert_ne!(second_holder, first_holder);
     let lease = store.lease.lock().unwrap().clone().unwrap();
@@ -219,10 +215,16 @@ async fn a_candidate_that_loses_a_race_for_the_lease_does_not_lead() {
     let b = campaign(&client, "replica-b");
     let overlaps = watch_for_two_leaders(a.leading.clone(), b.leading.clone());
 
-    eventually("a conflict", || store.conflicts.load(Ordering::SeqCst) >= 1).await;
-    eventually("one leader", || *a.leading.borrow() || *b.leading.borrow()).await;
+    eventually("a conflict", async || {
+        store.conflicts.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    eventually("one leader", async || {
+        *a.leading.borrow() || *b.leading.borrow()
+    })
+    .await;
     let version = store.version.load(Ordering::SeqCst);
-    eventually("the leader renews a few times", || {
+    eventually("the leader renews a few times", async || {
         store.version.load(Ordering::SeqCst) >= version + 3
     })
     .await;

@@ -8,12 +8,16 @@
 //! structural schema the API server accepts), and the RBAC against what the code needs.
 //!
 //! manifests/base is a rendering of the Helm chart (tests/chart.rs checks it is current); the
-//! checks themselves live in tests/common/install.rs, shared with the chart's suite.
+//! checks themselves live in tests/support/install.rs, shared with the chart's suite.
 //!
 //! kubectl comes from `$KUBECTL` (default `kubectl`); `.ci/run` installs it on a fresh machine.
 
-#[path = "common/install.rs"]
-mod install;
+mod support {
+    pub mod http;
+    pub mod install;
+    pub mod poll;
+    pub mod tmp;
+}
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,16 +25,17 @@ use std::process::Command;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use install::*;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use lightstep_tekton_webhook::admission::validate::{POLICY_KEY, POLICY_LABEL};
 use lightstep_tekton_webhook::certs;
 use lightstep_tekton_webhook::policy::Policy;
 use lightstep_tekton_webhook::policy::resource;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use serde_json::Value;
+use support::http::{client_config, request};
+use support::install::*;
+use support::poll::eventually_blocking;
+use support::tmp::TempDir;
 
 fn manifests_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("manifests")
@@ -319,35 +324,16 @@ fn the_binary_serves_the_webhook_configuration_as_installed() {
     let config = install.webhook_config();
     let webhooks = config.webhooks.as_ref().unwrap();
     let ca_bundle = &webhooks[0].client_config.ca_bundle.as_ref().unwrap().0;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(ca_bundle) {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let client = std::sync::Arc::new(
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    );
+    let client = client_config(&[std::str::from_utf8(ca_bundle).unwrap()], None);
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     for webhook in webhooks {
         let service = webhook.client_config.service.as_ref().unwrap();
         let server_name = format!("{}.{}.svc", service.name, service.namespace);
         let tls = Some((&client, server_name.as_str()));
         // Wait for the listener (and, with it, the first probe kubelet would send).
-        let (status, _) = loop {
-            match request(served.https, tls, "GET", "/readyz", b"") {
-                Ok(reply) => break reply,
-                Err(_) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-                Err(e) => panic!("serve never came up: {e}\n{}", log()),
-            }
-        };
+        let (status, _) = eventually_blocking("serve comes up", &log, || {
+            request(served.https, tls, "GET", "/readyz", b"").ok()
+        });
         assert_eq!(status, 200, "/readyz\n{}", log());
         let (status, _) = request(served.https, tls, "GET", "/healthz", b"").unwrap();
         assert_eq!(status, 200, "/healthz");

@@ -4,6 +4,10 @@
 //! OpenTelemetry proto types and answers from a script, so retries, timeouts and token
 //! rotation are observed from the receiver's side.
 
+mod support {
+    pub mod tmp;
+}
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -27,6 +31,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message as _;
+use support::tmp::TempDir;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
@@ -298,26 +303,6 @@ impl Pki {
             Wire::Http => vec![b"http/1.1".to_vec()],
         };
         tokio_rustls::TlsAcceptor::from(Arc::new(config))
-    }
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "ltw-otlp-{tag}-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -3,7 +3,9 @@
 //! that means to alter a patch updates the pins on purpose with
 //! `BLESS_PATCHES=1 cargo test --locked --test patches` and says why in its commit.
 
-mod common;
+mod support {
+    pub mod review;
+}
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -18,7 +20,7 @@ const PINS: &str = "tests/fixtures/patches.sha256";
 /// Every review the tests hold: the admission fixtures and the pods of the captured runs.
 fn reviews() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let mut paths: Vec<PathBuf> = common::fixture_names()
+    let mut paths: Vec<PathBuf> = support::review::fixture_names()
         .iter()
         .map(|n| root.join(n))
         .collect();

@@ -1,12 +1,14 @@
 //! The `mutate` preview command, run as a user runs it.
 
-mod common;
+mod support {
+    pub mod review;
+}
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
-use common::*;
 use serde_json::Value;
+use support::review::*;
 
 fn mutate(args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_lightstep-tekton-webhook"))

@@ -2,17 +2,19 @@
 //! the result is a pod the API server accepts, nothing the pod had is lost, and deciding again
 //! gives an empty patch.
 
-mod common;
+mod support {
+    pub mod review;
+}
 
 use std::collections::BTreeMap;
 
-use common::*;
 use k8s_openapi::api::core::v1::{Container, EnvVar};
 use lightstep_tekton_webhook::admission;
 use lightstep_tekton_webhook::admission::decide::Mode;
 use lightstep_tekton_webhook::policy::Policy;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
+use support::review::*;
 
 const ENV_NAMES: &[&str] = &[
     "TRACEPARENT",

@@ -3,11 +3,17 @@
 //! Timing: nothing here asserts on latency. Waits poll a condition with a generous deadline
 //! ([`DEADLINE`]), so a loaded two-core machine makes the tests slower, not red.
 
+mod support {
+    pub mod http;
+    pub mod poll;
+    pub mod review;
+    pub mod tmp;
+}
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use http_body_util::{BodyExt as _, Full};
@@ -17,46 +23,29 @@ use lightstep_tekton_webhook::certs;
 use lightstep_tekton_webhook::runtime::tls::TlsPaths;
 use lightstep_tekton_webhook::serve::{Server, Settings};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
+use support::http::client_config;
+use support::poll::{DEADLINE, eventually};
+use support::review::{fixture_bytes, fixture_names};
+use support::tmp::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-/// How long any wait may take before the test fails: far above what any step needs.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
-
-/// A scratch directory removed at the end of the test.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(name: &str) -> TestDir {
-        let dir = std::env::temp_dir().join(format!(
-            "ltw-server-{name}-{}-{}",
-            std::process::id(),
-            NEXT_DIR.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TestDir(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn bundle() -> certs::Bundle {
     certs::generate(&["localhost".into(), "127.0.0.1".into()], 30).unwrap()
+}
+
+/// A scratch directory holding a fresh bundle's serving pair, the bundle, and settings that serve
+/// it on 127.0.0.1:0.
+fn local(tag: &str) -> (TempDir, certs::Bundle, Settings) {
+    let dir = TempDir::new(tag);
+    let b = bundle();
+    let settings = Settings::local(write_pair(&dir, &b));
+    (dir, b, settings)
 }
 
 /// Replaces a file the way a careful writer does (write aside, rename over).
@@ -67,7 +56,7 @@ fn replace(path: &Path, contents: &str) {
 }
 
 /// Writes a bundle's serving pair as plain files; returns the paths.
-fn write_pair(dir: &TestDir, b: &certs::Bundle) -> TlsPaths {
+fn write_pair(dir: &TempDir, b: &certs::Bundle) -> TlsPaths {
     let (cert, key) = (dir.path("tls.crt"), dir.path("tls.key"));
     replace(&cert, &b.cert_pem);
     replace(&key, &b.key_pem);
@@ -135,33 +124,6 @@ fn metric_of(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn client_config(ca_pems: &[&str], identity: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for pem in ca_pems {
-        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots);
-    let config = match identity {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(cert.as_bytes())
-                    .map(Result::unwrap)
-                    .collect(),
-                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    };
-    Arc::new(config)
-}
-
 async fn connect(
     addr: SocketAddr,
     config: &Arc<rustls::ClientConfig>,
@@ -216,6 +178,15 @@ impl Client {
     }
 }
 
+/// Whether a client with `config` is refused: at the handshake or, on TLS 1.3, where the
+/// server's refusal arrives with the first read.
+async fn refused(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, body: &[u8]) -> bool {
+    match Client::connect(addr, config).await {
+        Err(_) => true,
+        Ok(mut c) => c.post("/mutate", body.to_vec()).await.is_err(),
+    }
+}
+
 /// One request on a fresh connection.
 async fn post_once(
     addr: SocketAddr,
@@ -254,6 +225,14 @@ async fn read_message<S: tokio::io::AsyncRead + Unpin>(
 }
 
 /// Reads one HTTP/1.1 response: its status and body.
+/// The response on `s`, which must arrive whole within [`DEADLINE`].
+async fn response_of<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, Vec<u8>) {
+    tokio::time::timeout(DEADLINE, read_response(s))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 async fn read_response<S: tokio::io::AsyncRead + Unpin>(
     s: &mut S,
 ) -> std::io::Result<(u16, Vec<u8>)> {
@@ -321,19 +300,6 @@ impl DevServer {
     }
 }
 
-/// Polls `check` until it holds or [`DEADLINE`] passes.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The leaf certificate the server presents to a new connection.
 async fn served_certificate(
     addr: SocketAddr,
@@ -354,28 +320,24 @@ fn der_of(pem: &str) -> Vec<u8> {
 }
 
 fn fixtures() -> Vec<(String, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let mut out: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&p).unwrap(),
-            )
+    fixture_names()
+        .into_iter()
+        .map(|name| {
+            let bytes = fixture_bytes(&name);
+            (name, bytes)
         })
-        .collect();
-    out.sort();
-    assert!(out.len() >= 5, "fixtures missing");
-    out
+        .collect()
+}
+
+/// The review of a pipeline's TaskRun pod.
+fn task_review() -> Vec<u8> {
+    fixture_bytes("tekton-pipeline-task-traced.json")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fixture_gets_a_reply_whose_patch_applies() {
-    let dir = TestDir::new("fixtures");
-    let b = bundle();
-    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let (_dir, b, settings) = local("fixtures");
+    let server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
     // One keep-alive connection for everything, as the API server does.
     let mut client = Client::connect(server.addr, &config).await.unwrap();
@@ -428,20 +390,14 @@ async fn every_fixture_gets_a_reply_whose_patch_applies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_and_stalled_clients_get_their_answer_while_others_are_served() {
-    let dir = TestDir::new("bad");
-    let b = bundle();
-    let mut settings = Settings::local(write_pair(&dir, &b));
+    let (_dir, b, mut settings) = local("bad");
     // Short enough for the test to see them fire, long enough for any honest step here.
     settings.limits.header_timeout = Duration::from_secs(2);
     settings.limits.body_timeout = Duration::from_secs(2);
     settings.limits.handshake_timeout = Duration::from_secs(2);
     let server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
-    let good = fixtures()
-        .into_iter()
-        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
-        .unwrap()
-        .1;
+    let good = task_review();
 
     // Three stalled clients, opened first and left hanging: no TLS handshake, no headers, and a
     // body that stops half-way.
@@ -505,10 +461,7 @@ async fn bad_and_stalled_clients_get_their_answer_while_others_are_served() {
         .await
         .unwrap();
     big.write_all(&vec![b' '; 64 * 1024]).await.unwrap();
-    let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut big))
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, _) = response_of(&mut big).await;
     assert_eq!(status, 413);
     // Over 6 MiB, chunked (no length given): 413 once the limit is passed.
     let chunked = connect(server.addr, &config).await.unwrap();
@@ -525,19 +478,13 @@ async fn bad_and_stalled_clients_get_their_answer_while_others_are_served() {
         }
         tx.write_all(b"0\r\n\r\n").await
     });
-    let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut rx))
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, _) = response_of(&mut rx).await;
     assert_eq!(status, 413);
     // The writer may or may not have finished before the server closed: either is fine.
     let _ = writer.await;
 
     // The stalled clients are cut off: the half body gets 408, the others are closed.
-    let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut half_body))
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, _) = response_of(&mut half_body).await;
     assert_eq!(status, 408);
     let closed = tokio::time::timeout(DEADLINE, read_response(&mut no_headers))
         .await
@@ -571,7 +518,7 @@ async fn bad_and_stalled_clients_get_their_answer_while_others_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_certificate_files_are_served_and_bad_ones_refused() {
-    let dir = TestDir::new("reload");
+    let dir = TempDir::new("reload");
     let (first, second) = (bundle(), bundle());
     let paths = write_pair(&dir, &first);
     let server = Running::start(Settings::local(paths.clone())).await;
@@ -622,7 +569,7 @@ async fn new_certificate_files_are_served_and_bad_ones_refused() {
 async fn a_kubernetes_data_symlink_swap_is_picked_up() {
     use std::os::unix::fs::symlink;
     // The layout the kubelet writes for a Secret volume.
-    let dir = TestDir::new("symlink");
+    let dir = TempDir::new("symlink");
     let (first, second) = (bundle(), bundle());
     let version = |name: &str, b: &certs::Bundle| {
         let v = dir.path(name);
@@ -665,7 +612,7 @@ async fn a_kubernetes_data_symlink_swap_is_picked_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_ca_requires_a_client_certificate_signed_by_it() {
-    let dir = TestDir::new("mtls");
+    let dir = TempDir::new("mtls");
     let b = bundle();
     // A client CA of its own, and a client certificate it signs.
     let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -692,22 +639,19 @@ async fn client_ca_requires_a_client_certificate_signed_by_it() {
     let body = fixtures()[0].1.clone();
 
     let anonymous = client_config(&[&b.ca_cert_pem], None);
-    let refused = match Client::connect(server.addr, &anonymous).await {
-        Err(_) => true,
-        // TLS 1.3: the server's refusal arrives with the first read.
-        Ok(mut c) => c.post("/mutate", body.clone()).await.is_err(),
-    };
-    assert!(refused, "a client without a certificate was served");
+    assert!(
+        refused(server.addr, &anonymous, &body).await,
+        "a client without a certificate was served"
+    );
 
     let wrong = client_config(
         &[&b.ca_cert_pem],
         Some((&stranger.cert_pem, &stranger.key_pem)),
     );
-    let refused = match Client::connect(server.addr, &wrong).await {
-        Err(_) => true,
-        Ok(mut c) => c.post("/mutate", body.clone()).await.is_err(),
-    };
-    assert!(refused, "a client certificate from another CA was accepted");
+    assert!(
+        refused(server.addr, &wrong, &body).await,
+        "a client certificate from another CA was accepted"
+    );
 
     let known = client_config(
         &[&b.ca_cert_pem],
@@ -719,20 +663,14 @@ async fn client_ca_requires_a_client_certificate_signed_by_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_requests_in_flight_and_turns_readiness_off() {
-    let dir = TestDir::new("shutdown");
-    let b = bundle();
-    let mut settings = Settings::local(write_pair(&dir, &b));
+    let (_dir, b, mut settings) = local("shutdown");
     // Long enough to observe /readyz failing while requests are still served.
     settings.shutdown_delay = Duration::from_secs(5);
     // The bodies are sent only after the drain has started: give them all the time they need.
     settings.limits.body_timeout = DEADLINE;
     let mut server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
-    let body = fixtures()
-        .into_iter()
-        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
-        .unwrap()
-        .1;
+    let body = task_review();
 
     // Requests in flight: headers sent with `Expect: 100-continue`; the server's "100 Continue"
     // proves the handler is running and waiting for the body.
@@ -748,10 +686,7 @@ async fn shutdown_finishes_requests_in_flight_and_turns_readiness_off() {
         )
         .await
         .unwrap();
-        let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut s))
-            .await
-            .unwrap()
-            .unwrap();
+        let (status, _) = response_of(&mut s).await;
         assert_eq!(status, 100);
         in_flight.push(s);
     }
@@ -776,10 +711,7 @@ async fn shutdown_finishes_requests_in_flight_and_turns_readiness_off() {
     // Every request in flight completes with a full reply.
     for mut s in in_flight {
         s.write_all(&body).await.unwrap();
-        let (status, reply) = tokio::time::timeout(DEADLINE, read_response(&mut s))
-            .await
-            .unwrap()
-            .unwrap();
+        let (status, reply) = response_of(&mut s).await;
         assert_eq!(status, 200);
         let reply: Value = serde_json::from_slice(&reply).unwrap();
         assert!(reply["response"]["patch"].is_string());
@@ -794,7 +726,7 @@ async fn shutdown_finishes_requests_in_flight_and_turns_readiness_off() {
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_zero() {
-    let dir = TestDir::new("sigterm");
+    let dir = TempDir::new("sigterm");
     let mut server = DevServer::start(&dir.path("certs"), |c| {
         c.args(["--metrics-listen", "127.0.0.1:0"]);
     })
@@ -840,7 +772,7 @@ async fn spans_go_to_the_otlp_endpoint_and_continue_traceparent() {
         }
     });
 
-    let dir = TestDir::new("otlp");
+    let dir = TempDir::new("otlp");
     let mut server = DevServer::start(&dir.path("certs"), |c| {
         c.args(["--metrics-listen", "127.0.0.1:0"])
             .env(
@@ -868,10 +800,7 @@ async fn spans_go_to_the_otlp_endpoint_and_continue_traceparent() {
     .await
     .unwrap();
     s.write_all(&body).await.unwrap();
-    let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut s))
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, _) = response_of(&mut s).await;
     assert_eq!(status, 200);
     drop(s);
     assert_eq!(server.terminate().await.code(), Some(0));
@@ -894,9 +823,7 @@ async fn spans_go_to_the_otlp_endpoint_and_continue_traceparent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_policy_file_is_used_and_an_invalid_one_refused() {
-    let dir = TestDir::new("policy");
-    let b = bundle();
-    let mut settings = Settings::local(write_pair(&dir, &b));
+    let (dir, b, mut settings) = local("policy");
     let policy = dir.path("policy.yaml");
     let endpoint = |host: &str| {
         format!(
@@ -907,11 +834,7 @@ async fn a_new_policy_file_is_used_and_an_invalid_one_refused() {
     settings.policy = Some(policy.clone());
     let server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
-    let body = fixtures()
-        .into_iter()
-        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
-        .unwrap()
-        .1;
+    let body = task_review();
     let patch_of = |reply: Bytes| -> String {
         let v: Value = serde_json::from_slice(&reply).unwrap();
         let patch = v["response"]["patch"]
@@ -956,7 +879,7 @@ async fn a_new_policy_file_is_used_and_an_invalid_one_refused() {
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_starts_on_an_invalid_policy_file_and_takes_the_fixed_one() {
-    let dir = TestDir::new("invalid-start");
+    let dir = TempDir::new("invalid-start");
     let policy = dir.path("policy.yaml");
     let log = dir.path("serve.log");
     let collector = "profile: otlp\nexporter:\n  endpoint: http://collector-one:4318\n";
@@ -980,10 +903,7 @@ async fn serve_starts_on_an_invalid_policy_file_and_takes_the_fixed_one() {
     let mut client = Client::connect(server.addr, &config).await.unwrap();
     assert_eq!(client.get("/readyz").await.unwrap(), 200, "{}", log_text());
 
-    let (_, body) = fixtures()
-        .into_iter()
-        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
-        .unwrap();
+    let body = task_review();
     for path in ["/mutate", "/enforce"] {
         let (status, reply) = client.post(path, body.clone()).await.unwrap();
         assert_eq!(status, 200, "{path}");
@@ -1042,9 +962,7 @@ async fn serve_starts_on_an_invalid_policy_file_and_takes_the_fixed_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_its_replies_is_cut_off() {
-    let dir = TestDir::new("no-read");
-    let b = bundle();
-    let mut settings = Settings::local(write_pair(&dir, &b));
+    let (_dir, b, mut settings) = local("no-read");
     settings.limits.write_timeout = Duration::from_secs(2);
     let server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
@@ -1095,9 +1013,7 @@ async fn a_client_that_stops_reading_its_replies_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_beyond_the_limit_cannot_starve_a_client() {
     const SLOTS: u32 = 4;
-    let dir = TestDir::new("idle");
-    let b = bundle();
-    let mut settings = Settings::local(write_pair(&dir, &b));
+    let (_dir, b, mut settings) = local("idle");
     settings.limits.max_connections = SLOTS;
     settings.limits.handshake_timeout = Duration::from_secs(1);
     settings.limits.header_timeout = Duration::from_secs(1);
@@ -1153,9 +1069,8 @@ async fn idle_connections_beyond_the_limit_cannot_starve_a_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_request_head_is_refused() {
     use lightstep_tekton_webhook::serve::MAX_HEADER_BYTES;
-    let dir = TestDir::new("big-head");
-    let b = bundle();
-    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let (_dir, b, settings) = local("big-head");
+    let server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
 
     let mut s = connect(server.addr, &config).await.unwrap();
@@ -1165,10 +1080,7 @@ async fn an_oversized_request_head_is_refused() {
     );
     // The server may answer and close before it has read all of it.
     let _ = s.write_all(head.as_bytes()).await;
-    let (status, _) = tokio::time::timeout(DEADLINE, read_response(&mut s))
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, _) = response_of(&mut s).await;
     assert_eq!(status, 431);
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
@@ -1191,9 +1103,8 @@ async fn an_oversized_request_head_is_refused() {
 /// ALPN `h2` only is refused, one that offers both gets `http/1.1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_offers_aead_suites_on_1_2_and_1_3_and_http1_only() {
-    let dir = TestDir::new("tls-params");
-    let b = bundle();
-    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let (_dir, b, settings) = local("tls-params");
+    let server = Running::start(settings).await;
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_slice(b.ca_cert_pem.as_bytes()).unwrap())
@@ -1273,15 +1184,8 @@ async fn tls_offers_aead_suites_on_1_2_and_1_3_and_http1_only() {
 async fn no_output_of_a_run_contains_a_secret_value() {
     use std::process::Stdio;
     const TOKEN: &str = "lsat_7Hq2v9XkR4mN8pW3zL6yT1cB5dJ0fG2s";
-    let dir = TestDir::new("secret");
-    let mut review: Value = serde_json::from_slice(
-        &fixtures()
-            .into_iter()
-            .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
-            .unwrap()
-            .1,
-    )
-    .unwrap();
+    let dir = TempDir::new("secret");
+    let mut review: Value = serde_json::from_slice(&task_review()).unwrap();
     let object = &mut review["request"]["object"];
     object["metadata"]["annotations"]["team.example.com/debug-token"] = TOKEN.into();
     let env = object["spec"]["containers"][0]["env"]
@@ -1370,13 +1274,7 @@ async fn no_output_of_a_run_contains_a_secret_value() {
                 ));
             }
         }
-        let mut tcp = TcpStream::connect(metrics_addr).await.unwrap();
-        tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut page = Vec::new();
-        tcp.read_to_end(&mut page).await.unwrap();
-        let page = String::from_utf8(page).unwrap();
+        let page = scrape(metrics_addr).await;
         assert!(
             page.contains("allowed-on-error") || page.contains("denied"),
             "{page}"
@@ -1437,9 +1335,8 @@ async fn no_output_of_a_run_contains_a_secret_value() {
 /// kind gets 400 and counts as `reason="bad-framing"`, never 408 or `body-timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_chunked_framing_gets_400_of_its_own() {
-    let dir = TestDir::new("framing");
-    let b = bundle();
-    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let (_dir, b, settings) = local("framing");
+    let server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
     // hyper refuses chunk extensions past 16 KiB in one body.
     let long_extension = format!("3;{}\r\nabc\r\n0\r\n\r\n", "e".repeat(20 * 1024));
@@ -1458,10 +1355,7 @@ async fn malformed_chunked_framing_gets_400_of_its_own() {
             format!("POST /mutate HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{body}");
         // The server may answer and close before it has read all of it.
         let _ = s.write_all(request.as_bytes()).await;
-        let (status, reply) = tokio::time::timeout(DEADLINE, read_response(&mut s))
-            .await
-            .unwrap()
-            .unwrap();
+        let (status, reply) = response_of(&mut s).await;
         assert_eq!(status, 400, "{what}: {}", String::from_utf8_lossy(&reply));
     }
     let metric = |reason: &str| {
@@ -1494,7 +1388,7 @@ async fn stalled_near_limit_bodies_are_bounded_by_the_body_budget() {
     const BODY: usize = 6 * 1024 * 1024 - 1;
     // The budget (24 MiB), the read buffers of 32 connections, and the process itself.
     const PEAK_BOUND_KIB: u64 = 96 * 1024;
-    let dir = TestDir::new("budget");
+    let dir = TempDir::new("budget");
     let mut server = DevServer::start(&dir.path("certs"), |c| {
         c.args(["--metrics-listen", "127.0.0.1:0", "--read-timeout", "3"]);
     })
@@ -1543,15 +1437,10 @@ async fn stalled_near_limit_bodies_are_bounded_by_the_body_budget() {
 /// A review sent as one-byte chunks is answered like the same review sent whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_review_in_one_byte_chunks_is_answered() {
-    let dir = TestDir::new("one-byte-chunks");
-    let b = bundle();
-    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let (_dir, b, settings) = local("one-byte-chunks");
+    let server = Running::start(settings).await;
     let config = client_config(&[&b.ca_cert_pem], None);
-    let review = fixtures()
-        .into_iter()
-        .find(|(n, _)| n.starts_with("tekton-pipeline-task"))
-        .unwrap()
-        .1;
+    let review = task_review();
     let (_, whole) = post_once(server.addr, &config, "/mutate", review.clone()).await;
     let mut request =
         b"POST /mutate HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
@@ -1563,10 +1452,7 @@ async fn a_review_in_one_byte_chunks_is_answered() {
     request.extend_from_slice(b"0\r\n\r\n");
     let mut s = connect(server.addr, &config).await.unwrap();
     s.write_all(&request).await.unwrap();
-    let (status, chunked) = tokio::time::timeout(DEADLINE, read_response(&mut s))
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, chunked) = response_of(&mut s).await;
     assert_eq!(status, 200);
     assert_eq!(chunked, whole.to_vec());
 }
@@ -1578,9 +1464,7 @@ async fn a_review_in_one_byte_chunks_is_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_port_is_bounded_like_the_webhook_port() {
     const SLOTS: u32 = 4;
-    let dir = TestDir::new("admin-limits");
-    let b = bundle();
-    let mut settings = Settings::local(write_pair(&dir, &b));
+    let (_dir, _b, mut settings) = local("admin-limits");
     settings.limits.max_connections = SLOTS;
     settings.limits.header_timeout = Duration::from_secs(1);
     let server = Running::start(settings).await;
@@ -1647,9 +1531,8 @@ async fn the_metrics_port_is_bounded_like_the_webhook_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_server_shows_every_documented_metric_and_label_set() {
     const PREFIX: &str = "lightstep_tekton_webhook_";
-    let dir = TestDir::new("fresh-metrics");
-    let b = bundle();
-    let server = Running::start(Settings::local(write_pair(&dir, &b))).await;
+    let (_dir, _b, settings) = local("fresh-metrics");
+    let server = Running::start(settings).await;
     let text = server.metrics().await;
     let docs =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md"))

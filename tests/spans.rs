@@ -2,14 +2,15 @@
 //! attributes, links), the ids against what the webhook injected into the same runs' pods, a
 //! property over synthetic runs, and the `spans` command on every fixture and on bad input.
 
-mod common;
+mod support {
+    pub mod review;
+}
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{apply, check_reply, validated_pod, value};
 use lightstep_tekton_webhook::admission;
 use lightstep_tekton_webhook::admission::decide::Mode;
 use lightstep_tekton_webhook::contract::{
@@ -28,6 +29,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use percent_encoding::percent_decode_str;
 use proptest::prelude::*;
 use serde_json::{Value, json};
+use support::review::{apply, check_reply, validated_pod, value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lightstep-tekton-webhook");
 const FIXTURES: &[&str] = &[

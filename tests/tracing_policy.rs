@@ -1,11 +1,12 @@
 //! TracingPolicy: selection as a pure function, validation, the status the webhook reports, and
 //! the policy modes (audit, enforce) through the admission path on the captured reviews.
 
-mod common;
+mod support {
+    pub mod review;
+}
 
 use std::collections::BTreeMap;
 
-use common::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use lightstep_tekton_webhook::admission::decide::{MARKER_ANNOTATION, Mode};
@@ -19,6 +20,7 @@ use lightstep_tekton_webhook::policy::selection::{self, Choice, Fallback, Snapsh
 use lightstep_tekton_webhook::runtime::metrics::Registry;
 use lightstep_tekton_webhook::serve::metrics::{WebhookMetrics, record_admission};
 use serde_json::{Value, json};
+use support::review::*;
 
 /// A TracingPolicy from its name, generation and spec (JSON, as written in YAML).
 fn tp(name: &str, generation: i64, spec: Value) -> TracingPolicy {

@@ -8,7 +8,12 @@
 //! GET, POST and PUT of one Lease (the election of the status writer).
 //! Its watches stay open and silent, as a quiet cluster's do.
 
-mod common;
+mod support {
+    pub mod http;
+    pub mod poll;
+    pub mod review;
+    pub mod tmp;
+}
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -17,19 +22,18 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::*;
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use lightstep_tekton_webhook::cluster::WEBHOOK_LEASE;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Deserialize as _;
 use serde_json::{Value, json};
+use support::http::{client_config, request};
+use support::poll::eventually_blocking as eventually;
+use support::review::*;
+use support::tmp::{TempDir, free_port};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lightstep-tekton-webhook");
-/// How long any wait may take before the test fails: far above what any step needs.
-const DEADLINE: Duration = Duration::from_secs(60);
 const POLICIES: &str = "/apis/lightstep-tekton.io/v1alpha1/tracingpolicies";
 const NAMESPACES: &str = "/api/v1/namespaces";
 /// Where the install's namespace keeps its Leases (the webhook's elects its status writer).
@@ -194,24 +198,6 @@ fn respond(writer: &mut TcpStream, code: u16, body: &[u8]) {
     let _ = writer.write_all(body);
 }
 
-/// A scratch directory removed at the end of the test.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new() -> TestDir {
-        let dir = std::env::temp_dir().join(format!("ltw-watch-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TestDir(dir)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct Served(Child);
 
 impl Drop for Served {
@@ -219,80 +205,6 @@ impl Drop for Served {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// One HTTPS request (connection closed after it); the status and the body.
-fn https(
-    addr: SocketAddr,
-    ca: &[u8],
-    method: &str,
-    path: &str,
-    body: &[u8],
-) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connection =
-        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("127.0.0.1").unwrap())
-            .unwrap();
-    let mut tls = rustls::StreamOwned::new(connection, TcpStream::connect(addr)?);
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    tls.write_all(head.as_bytes())?;
-    tls.write_all(body)?;
-    let mut response = Vec::new();
-    match tls.read_to_end(&mut response) {
-        Ok(_) => {}
-        // The server closes without close_notify after `Connection: close`; what came is whole.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
-        Err(e) => return Err(e),
-    }
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a complete response");
-    let head = String::from_utf8_lossy(&response[..split]).to_string();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut body = response[split + 4..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body);
-    }
-    Ok((status, body))
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(end) = data.windows(2).position(|w| w == b"\r\n") {
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&data[..end]).unwrap().trim(), 16).unwrap();
-        data = &data[end + 2..];
-        if size == 0 {
-            break;
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
-    }
-    out
 }
 
 fn policy(name: &str, generation: i64, spec: Value) -> Value {
@@ -335,17 +247,6 @@ fn install_role(kind: &str) -> Vec<PolicyRule> {
         .unwrap_or_else(|| panic!("a {kind} in rbac.yaml"))
 }
 
-fn eventually<T>(what: &str, log: &dyn Fn() -> String, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "never: {what}\n{}", log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn serve_watches_decides_from_the_caches_writes_status_and_stays_within_its_rbac() {
     let api = FakeApi::start(
@@ -366,7 +267,7 @@ fn serve_watches_decides_from_the_caches_writes_status_and_stays_within_its_rbac
             namespace("ci-dev", &[("env", "dev")]),
         ],
     );
-    let dir = TestDir::new();
+    let dir = TempDir::new("watch");
     let kubeconfig = dir.0.join("kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -399,19 +300,23 @@ fn serve_watches_decides_from_the_caches_writes_status_and_stays_within_its_rbac
     );
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let ca_path = dir.0.join("certs/ca.crt");
-    let ca = eventually("the dev CA", &log, || std::fs::read(&ca_path).ok());
+    let ca = eventually("the dev CA", &log, || {
+        std::fs::read_to_string(&ca_path).ok()
+    });
+    let config = client_config(&[&ca], None);
+    let https = |method: &str, path: &str, body: &[u8]| {
+        request(listen, Some((&config, "127.0.0.1")), method, path, body)
+    };
 
     // Serving, but not ready: the lists have not been answered.
-    let (status, body) = eventually("the listener", &log, || {
-        https(listen, &ca, "GET", "/readyz", b"").ok()
-    });
+    let (status, body) = eventually("the listener", &log, || https("GET", "/readyz", b"").ok());
     assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(https(listen, &ca, "GET", "/readyz", b"").unwrap().0, 503);
+    assert_eq!(https("GET", "/readyz", b"").unwrap().0, 503);
 
     api.open.store(true, Ordering::SeqCst);
     eventually("ready", &log, || {
-        (https(listen, &ca, "GET", "/readyz", b"").ok()?.0 == 200).then_some(())
+        (https("GET", "/readyz", b"").ok()?.0 == 200).then_some(())
     });
 
     // Decisions come from the caches: the TracingPolicy in ci-prod, the default in ci-dev.
@@ -419,14 +324,7 @@ fn serve_watches_decides_from_the_caches_writes_status_and_stays_within_its_rbac
     let reads = || api.seen().iter().filter(|r| r.method == "GET").count();
     let reads_before = reads();
     for (ns, expected_prefix) in [("ci-prod", "prod@gen3/"), ("ci-dev", "lightstep-default@")] {
-        let (status, body) = https(
-            listen,
-            &ca,
-            "POST",
-            "/mutate",
-            &review_of("uid-w", ns, &object),
-        )
-        .unwrap();
+        let (status, body) = https("POST", "/mutate", &review_of("uid-w", ns, &object)).unwrap();
         assert_eq!(status, 200);
         let (_, patch) = check_reply(&body, "uid-w");
         let pod = validated_pod(&apply(&object, &patch));

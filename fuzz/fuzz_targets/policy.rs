@@ -6,8 +6,8 @@
 //! Tekton pod that applies and leaves a pod the API server accepts.
 #![no_main]
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+#[path = "../../tests/support/review.rs"]
+mod support;
 
 use std::sync::LazyLock;
 
@@ -75,12 +75,12 @@ fuzz_target!(|data: &[u8]| {
     for mode in [Mode::Inject, Mode::Enforce] {
         let reply = admission::review(FIXTURE, &policy, mode).expect("the fixture is a review");
         let uid = reply.uid.clone();
-        let (_, patch) = common::check_reply(&reply.body, &uid);
-        let patched = common::apply(&FIXTURE_OBJECT, &patch);
-        common::validated_pod(&patched);
-        let second = admission::review(&common::review_of("again", "ns", &patched), &policy, mode)
+        let (_, patch) = support::check_reply(&reply.body, &uid);
+        let patched = support::apply(&FIXTURE_OBJECT, &patch);
+        support::validated_pod(&patched);
+        let second = admission::review(&support::review_of("again", "ns", &patched), &policy, mode)
             .expect("the patched pod is a review");
-        let (_, second) = common::check_reply(&second.body, "again");
+        let (_, second) = support::check_reply(&second.body, "again");
         assert!(second.0.is_empty(), "second review patched again");
     }
 });

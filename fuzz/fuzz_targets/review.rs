@@ -2,7 +2,7 @@
 //!
 //! For any input, in both modes: no panic, no hang, and an `Ok` reply obeys the API server's
 //! rules (docs/apiserver-rules.md, section 3), checked by the same code the test suite uses
-//! (`tests/common/mod.rs`, included by path so the rules exist once). When the review carries a
+//! (`tests/support/review.rs`, included by path so the rules exist once). When the review carries a
 //! pod the API server could have sent (it decodes as a `Pod` and passes the validation the API
 //! server applies), the patch must apply to it, the result must still pass that validation, and
 //! a second review of the patched pod (`reinvocationPolicy: IfNeeded`) must give no patch; and
@@ -10,8 +10,8 @@
 //! be decoded") with a patch that applies. Inject mode never denies.
 #![no_main]
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+#[path = "../../tests/support/review.rs"]
+mod support;
 
 use std::sync::LazyLock;
 
@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
         let uid = input.as_ref().map_or(reply.uid.as_str(), |v| {
             v["request"]["uid"].as_str().unwrap_or_default()
         });
-        let (v, patch) = common::check_reply(&reply.body, uid);
+        let (v, patch) = support::check_reply(&reply.body, uid);
         if mode == Mode::Inject {
             assert_eq!(v["response"]["allowed"], true, "inject mode never denies");
         }
@@ -47,25 +47,25 @@ fuzz_target!(|data: &[u8]| {
         let Ok(pod) = serde_json::from_value::<Pod>(object.clone()) else {
             continue;
         };
-        if common::validate(&pod).is_err() {
+        if support::validate(&pod).is_err() {
             continue;
         }
         canonical_review(&pod, mode);
         if patch.0.is_empty() {
             continue;
         }
-        let patched = common::apply(object, &patch);
-        common::validated_pod(&patched);
+        let patched = support::apply(object, &patch);
+        support::validated_pod(&patched);
         let namespace = input.as_ref().unwrap()["request"]["namespace"]
             .as_str()
             .unwrap_or_default();
         let again = admission::review(
-            &common::review_of("uid-again", namespace, &patched),
+            &support::review_of("uid-again", namespace, &patched),
             &POLICY,
             mode,
         )
         .expect("the patched pod is a review");
-        let (_, second) = common::check_reply(&again.body, "uid-again");
+        let (_, second) = support::check_reply(&again.body, "uid-again");
         assert!(
             second.0.is_empty(),
             "second review patched again: {}",
@@ -79,15 +79,15 @@ fuzz_target!(|data: &[u8]| {
 /// enforce mode turns into a refused pod), and its patch must apply and keep it valid.
 fn canonical_review(pod: &Pod, mode: Mode) {
     let object = serde_json::to_value(pod).expect("a Pod serializes");
-    let body = common::review_of("uid-canonical", "ns", &object);
+    let body = support::review_of("uid-canonical", "ns", &object);
     let reply = admission::review(&body, &POLICY, mode).expect("a canonical review is a review");
     assert!(
         !matches!(reply.outcome, Outcome::Failed { .. }),
         "a valid pod could not be decided on: {:?}",
         reply.error
     );
-    let (_, patch) = common::check_reply(&reply.body, "uid-canonical");
+    let (_, patch) = support::check_reply(&reply.body, "uid-canonical");
     if !patch.0.is_empty() {
-        common::validated_pod(&common::apply(&object, &patch));
+        support::validated_pod(&support::apply(&object, &patch));
     }
 }

@@ -5,8 +5,8 @@
 //! hardening, the RBAC exactly as the code needs it, the CRD as the code generates it. And the
 //! binary itself, started with the Deployment's own arguments and files.
 //!
-//! Included with `#[path]` by those two suites only, not through `common/mod.rs`, so the other
-//! suites do not compile it.
+//! Declared by those two suites only (with `tmp`, which it uses), so the other suites do not
+//! compile it.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -20,12 +20,16 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, PodSpec, Secret, Service, ServiceAccount,
+    ConfigMap, Container, Namespace, PodSpec, Secret, Service, ServiceAccount, ServicePort,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use lightstep_tekton_webhook::admission::validate::{POLICY_KEY, POLICY_LABEL};
 use lightstep_tekton_webhook::policy::Policy;
@@ -36,6 +40,8 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use super::tmp::{TempDir, free_port};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_lightstep-tekton-webhook");
 pub const NAMESPACE: &str = "lightstep-tekton";
@@ -50,27 +56,6 @@ pub const WEBHOOKS: [(&str, &str, &str, &str); 2] = [
         "Fail",
     ),
 ];
-/// A directory under the system temp dir, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("ltw-{tag}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Objects of a multi-document YAML stream (kustomize's or Helm's output), empty documents left out.
 pub fn parse_objects(text: &str) -> Vec<Value> {
     serde_norway::Deserializer::from_str(text)
@@ -279,6 +264,16 @@ impl Install {
     pub fn service(&self) -> &Service {
         assert_eq!(self.services.len(), 1);
         &self.services[0]
+    }
+
+    pub fn service_ports(&self) -> &[ServicePort] {
+        self.service()
+            .spec
+            .as_ref()
+            .unwrap()
+            .ports
+            .as_deref()
+            .unwrap()
     }
 
     pub fn webhook_config(&self) -> &MutatingWebhookConfiguration {
@@ -603,16 +598,32 @@ pub fn check_rbac(install: &Install, account: &ServiceAccount) {
 
     assert_eq!(install.cluster_role_bindings.len(), 1);
     let binding = &install.cluster_role_bindings[0];
-    assert_eq!(binding.role_ref.kind, "ClusterRole");
-    assert_eq!(binding.role_ref.api_group, "rbac.authorization.k8s.io");
-    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
-    let subjects = binding.subjects.as_ref().unwrap();
+    check_binding(
+        &binding.role_ref,
+        &binding.subjects,
+        ("ClusterRole", &role.metadata),
+        account,
+    );
+
+    check_lease_rbac(install, account);
+}
+
+/// A binding refers to `role` (its kind and metadata) and grants it to the webhook's
+/// ServiceAccount alone.
+fn check_binding(
+    role_ref: &RoleRef,
+    subjects: &Option<Vec<Subject>>,
+    (kind, role): (&str, &ObjectMeta),
+    account: &ServiceAccount,
+) {
+    assert_eq!(role_ref.kind, kind);
+    assert_eq!(role_ref.api_group, "rbac.authorization.k8s.io");
+    assert_eq!(Some(&role_ref.name), role.name.as_ref());
+    let subjects = subjects.as_ref().unwrap();
     assert_eq!(subjects.len(), 1);
     assert_eq!(subjects[0].kind, "ServiceAccount");
     assert_eq!(Some(&subjects[0].name), account.metadata.name.as_ref());
     assert_eq!(subjects[0].namespace, account.metadata.namespace);
-
-    check_lease_rbac(install, account);
 }
 
 /// The Role grants the Lease that elects the status writer, in the install's namespace and by
@@ -641,14 +652,12 @@ fn check_lease_rbac(install: &Install, account: &ServiceAccount) {
     assert_eq!(install.role_bindings.len(), 1);
     let binding = &install.role_bindings[0];
     assert_eq!(binding.metadata.namespace, account.metadata.namespace);
-    assert_eq!(binding.role_ref.kind, "Role");
-    assert_eq!(binding.role_ref.api_group, "rbac.authorization.k8s.io");
-    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
-    let subjects = binding.subjects.as_ref().unwrap();
-    assert_eq!(subjects.len(), 1);
-    assert_eq!(subjects[0].kind, "ServiceAccount");
-    assert_eq!(Some(&subjects[0].name), account.metadata.name.as_ref());
-    assert_eq!(subjects[0].namespace, account.metadata.namespace);
+    check_binding(
+        &binding.role_ref,
+        &binding.subjects,
+        ("Role", &role.metadata),
+        account,
+    );
 
     // The Lease's namespace and holder come from the downward API.
     let container = &install.deployments[0]
@@ -817,13 +826,8 @@ pub fn check_webhook(
     );
     let port = service_ref.port.unwrap_or(443);
     assert!(
-        service
-            .spec
-            .as_ref()
-            .unwrap()
-            .ports
-            .as_ref()
-            .unwrap()
+        install
+            .service_ports()
             .iter()
             .any(|p| p.port == port && p.name.as_deref() == Some("https")),
         "{name}: port {port} is the Service's https port"
@@ -1055,13 +1059,6 @@ impl Drop for Served {
     }
 }
 
-pub fn free_port() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 pub fn serve_like_the_deployment(install: &Install, tmp: &TempDir) -> Served {
     let container = install.container();
     let pod = install.pod_spec();
@@ -1137,72 +1134,6 @@ pub fn serve_like_the_deployment(install: &Install, tmp: &TempDir) -> Served {
         https,
         metrics,
         log,
-    }
-}
-
-/// One HTTP/1.1 request; returns the status and the body. `tls` is the client configuration and
-/// server name to use, as the API server would.
-pub fn request(
-    addr: std::net::SocketAddr,
-    tls: Option<(&std::sync::Arc<rustls::ClientConfig>, &str)>,
-    method: &str,
-    path: &str,
-    body: &[u8],
-) -> std::io::Result<(u16, Vec<u8>)> {
-    let tcp = std::net::TcpStream::connect(addr)?;
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {SERVICE}.{NAMESPACE}.svc\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let mut raw = Vec::new();
-    let mut exchange = |stream: &mut dyn ReadWrite| -> std::io::Result<()> {
-        stream.write_all(head.as_bytes())?;
-        stream.write_all(body)?;
-        stream.flush()?;
-        match stream.read_to_end(&mut raw) {
-            // A server that closes without close_notify still sent a complete response.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => Ok(()),
-            other => other.map(|_| ()),
-        }
-    };
-    match tls {
-        Some((config, name)) => {
-            let name = ServerName::try_from(name.to_string()).unwrap();
-            let connection = rustls::ClientConnection::new(config.clone(), name).unwrap();
-            exchange(&mut rustls::StreamOwned::new(connection, tcp))?;
-        }
-        None => exchange(&mut { tcp })?,
-    }
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a complete response head");
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut body = raw[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        body = dechunk(&body);
-    }
-    Ok((status, body))
-}
-
-pub trait ReadWrite: std::io::Read + std::io::Write {}
-impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
-
-pub fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size_text = String::from_utf8_lossy(&data[..line_end]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
     }
 }
 

@@ -1,5 +1,11 @@
-//! Shared test support: loading the captured reviews, and the API server's rules for a patched
-//! pod (docs/apiserver-rules.md, section 3), reproduced because there is no cluster to ask.
+//! The captured reviews, and the API server's rules for a reply and a patched pod
+//! (docs/apiserver-rules.md, section 3), reproduced because there is no cluster to ask.
+//!
+//! One piece of `tests/support/`, the harness every suite shares: `review` (this), `install`
+//! (the install's checks), `tmp` (scratch dirs, free ports), `http` (the blocking HTTPS client),
+//! `poll` (`eventually`) and `fake_api` (the in-process stand-in API server). A suite declares
+//! the pieces it uses in `mod support { pub mod …; }`; the benches and fuzz targets include this
+//! file by `#[path]`.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -11,6 +17,22 @@ use serde_json::Value;
 
 /// The API server's `TotalAnnotationSizeLimitB`.
 pub const ANNOTATIONS_SIZE_LIMIT: usize = 256 * 1024;
+
+/// The Pipelines-as-Code annotations the webhook reads (after `pipelinesascode.tekton.dev/`):
+/// the adversarial pod of issue 14's D1 sets them all.
+pub const PAC_KEYS: [&str; 11] = [
+    "sha",
+    "branch",
+    "source-branch",
+    "url-org",
+    "url-repository",
+    "sender",
+    "event-type",
+    "pull-request",
+    "git-provider",
+    "repo-url",
+    "log-url",
+];
 
 pub fn fixture_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
