@@ -15,7 +15,8 @@ use libfuzzer_sys::fuzz_target;
 use lightstep_tekton_webhook::admission;
 use lightstep_tekton_webhook::admission::decide::Mode;
 use lightstep_tekton_webhook::policy::{
-    ContainersSpec, ExporterSpec, Policy, PolicySpec, Profile, SamplingSpec, TokenSpec,
+    ContainersSpec, DeploySpec, ExporterSpec, Policy, PolicySpec, Profile, RunSpansSpec,
+    SamplingSpec, TokenSpec,
 };
 use serde_json::Value;
 
@@ -54,6 +55,27 @@ fn spec_of(p: &Policy) -> PolicySpec {
         propagators: Some(p.propagators.split(',').map(str::to_owned).collect()),
         resource_attributes: Some(p.resource_attributes.clone()),
         env_from: Some(p.env_from),
+        run_spans: Some(run_spans_of(p)),
+    }
+}
+
+fn run_spans_of(p: &Policy) -> RunSpansSpec {
+    let r = &p.run_spans;
+    let url = |t: &Option<_>| {
+        t.as_ref().map(
+            |t: &lightstep_tekton_webhook::policy::run_spans::UrlTemplate| t.as_str().to_owned(),
+        )
+    };
+    RunSpansSpec {
+        enabled: Some(r.enabled),
+        trace_url: url(&r.trace_url),
+        pipeline_run_url: url(&r.pipeline_run_url),
+        task_run_url: url(&r.task_run_url),
+        deploy: Some(DeploySpec {
+            tasks: Some(r.deploy_tasks.clone()),
+            labels: Some(r.deploy_labels.iter().cloned().collect()),
+            environment: r.deploy_environment.clone(),
+        }),
     }
 }
 

@@ -17,8 +17,8 @@ use std::sync::LazyLock;
 
 use k8s_openapi::api::core::v1::Pod;
 use libfuzzer_sys::fuzz_target;
-use lightstep_tekton_webhook::admission::{self, Outcome};
 use lightstep_tekton_webhook::admission::decide::Mode;
+use lightstep_tekton_webhook::admission::{self, Outcome};
 use lightstep_tekton_webhook::policy::Policy;
 use serde_json::Value;
 

@@ -143,6 +143,11 @@ impl UrlTemplate {
         })
     }
 
+    /// The template as written.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
     /// The URL for one span, or `None` when a field it uses is unknown for that span (a
     /// standalone TaskRun has no `{pipelineRun}`).
     pub fn render<'a>(&self, field: impl Fn(&str) -> Option<&'a str>) -> Option<String> {
