@@ -10,7 +10,8 @@ use super::result::{
     reason_of, span_status,
 };
 use super::{
-    AttributeValue, Kind, Link, LinkKind, Role, RunSpan, SpanTree, Status, nanos, required,
+    AttributeValue, Identity, Kind, Link, LinkKind, Role, RunSpan, SpanTree, Status, identity,
+    input_error, nanos,
 };
 use crate::contract::tekton::{Labels, TaskRunFacts};
 use crate::contract::w3c::SpanContext;
@@ -57,24 +58,13 @@ pub(super) fn task_run_spans(
     pipeline: Option<&PipelineRunParent>,
     policy: &Policy,
 ) -> Result<(), SpanError> {
-    let object = run.metadata.display_name("TaskRun");
-    let missing = |field: &str, expected: &str| SpanError::Input {
-        object: object.clone(),
-        field: field.to_owned(),
-        expected: expected.to_owned(),
-    };
-    let name = required(run.metadata.name.as_deref(), || {
-        missing("metadata.name", "a name")
-    })?;
-    let uid = required(run.metadata.uid.as_deref(), || {
-        missing("metadata.uid", "the run's uid")
-    })?;
-    let created = nanos(
-        run.metadata
-            .creation_timestamp
-            .as_ref()
-            .ok_or_else(|| missing("metadata.creationTimestamp", "a time"))?,
-    );
+    let Identity {
+        object,
+        name,
+        uid,
+        created,
+    } = identity(&run.metadata, "TaskRun")?;
+    let missing = |field: &str, expected: &str| input_error(&object, field, expected);
     let status = run
         .status
         .as_ref()

@@ -92,7 +92,7 @@ mod pipeline;
 mod result;
 
 use super::SpanError;
-use super::objects::{Object, PipelineRun, TaskRun};
+use super::objects::{Metadata, Object, PipelineRun, TaskRun};
 use crate::contract::tekton::PIPELINE_RUN_UID;
 use crate::contract::{SpanId, TraceId};
 use crate::policy::Policy;
@@ -282,6 +282,45 @@ pub fn span_tree(run: &Run<'_>, policy: &Policy) -> Result<SpanTree, SpanError> 
 
 fn required(value: Option<&str>, error: impl FnOnce() -> SpanError) -> Result<&str, SpanError> {
     value.filter(|v| !v.trim().is_empty()).ok_or_else(error)
+}
+
+/// An input error: `object`'s `field` is missing or not what was `expected`.
+fn input_error(object: &str, field: &str, expected: &str) -> SpanError {
+    SpanError::Input {
+        object: object.to_owned(),
+        field: field.to_owned(),
+        expected: expected.to_owned(),
+    }
+}
+
+/// What every run carries: how errors name it, its name, its uid, and when it was created (Unix
+/// nanoseconds), or the first of those that is missing, named.
+struct Identity<'a> {
+    object: String,
+    name: &'a str,
+    uid: &'a str,
+    created: u64,
+}
+
+fn identity<'a>(metadata: &'a Metadata, kind: &str) -> Result<Identity<'a>, SpanError> {
+    let object = metadata.display_name(kind);
+    let missing = |field: &str, expected: &str| input_error(&object, field, expected);
+    let name = required(metadata.name.as_deref(), || {
+        missing("metadata.name", "a name")
+    })?;
+    let uid = required(metadata.uid.as_deref(), || {
+        missing("metadata.uid", "the run's uid")
+    })?;
+    let created = metadata
+        .creation_timestamp
+        .as_ref()
+        .ok_or_else(|| missing("metadata.creationTimestamp", "a time"))?;
+    Ok(Identity {
+        created: nanos(created),
+        object,
+        name,
+        uid,
+    })
 }
 
 /// Unix nanoseconds; times before 1970 (no Tekton run) become 0 rather than an error.

@@ -8,7 +8,7 @@ use super::attributes::{
 use super::result::{
     RunResult, UNFINISHED_EXPECTED, UNFINISHED_FIELD, end_of, finished, reason_of, span_status,
 };
-use super::{Kind, Role, RunSpan, SpanTree, Status, nanos, required};
+use super::{Identity, Kind, Role, RunSpan, SpanTree, Status, identity, input_error, nanos};
 use crate::contract::tekton::{Labels, TASK_RUN_SPAN_CONTEXT, TaskRunFacts};
 use crate::contract::w3c::{parse_span_context_annotation, parse_traceparent, parse_tracestate};
 use crate::contract::{
@@ -105,30 +105,19 @@ pub(super) fn pipeline_run_spans(
 
 /// Reads what the spans need off a PipelineRun, or names the field that is missing.
 fn finished_pipeline_run(run: &PipelineRun) -> Result<FinishedPipelineRun<'_>, SpanError> {
-    let object = run.metadata.display_name("PipelineRun");
-    let missing = |field: &str, expected: &str| SpanError::Input {
-        object: object.clone(),
-        field: field.to_owned(),
-        expected: expected.to_owned(),
-    };
-    let name = required(run.metadata.name.as_deref(), || {
-        missing("metadata.name", "a name")
-    })?;
-    let uid = required(run.metadata.uid.as_deref(), || {
-        missing("metadata.uid", "the run's uid")
-    })?;
-    let created = run
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .ok_or_else(|| missing("metadata.creationTimestamp", "a time"))?;
+    let Identity {
+        object,
+        name,
+        uid,
+        created: start,
+    } = identity(&run.metadata, "PipelineRun")?;
+    let missing = |field: &str, expected: &str| input_error(&object, field, expected);
     let status = run
         .status
         .as_ref()
         .ok_or_else(|| missing("status", "the status of a finished run"))?;
     let (condition, ok) = finished(&status.conditions)
         .ok_or_else(|| missing(UNFINISHED_FIELD, UNFINISHED_EXPECTED))?;
-    let start = nanos(created);
     let end = end_of(status.completion_time.as_ref(), condition)
         .ok_or_else(|| missing("status.completionTime", "a time"))?
         .max(start);
