@@ -133,6 +133,20 @@ pub struct PipelineRunStatus {
     /// Tekton's own span context for the PipelineRun when its tracing is on: propagation
     /// headers, `{"traceparent": "…"}`.
     pub span_context: Option<Labels>,
+    /// The runs Tekton created for the pipeline's tasks: the exporter waits for these TaskRuns
+    /// to finish before it exports the PipelineRun with them (the tree itself does not read it).
+    #[serde(default)]
+    pub child_references: Vec<ChildReference>,
+}
+
+/// One entry of a PipelineRun's `status.childReferences`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChildReference {
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

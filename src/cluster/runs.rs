@@ -1,0 +1,533 @@
+//! Watch caches of `tekton.dev/v1` PipelineRuns and TaskRuns for the exporter, and the one write
+//! it makes on them: the merge patch of its annotations.
+//!
+//! Runs are decoded by the watcher into a wrapper of the span tree's lean status types
+//! ([`crate::spans::objects`]), so a run's spec, the resolved pipeline and task specs Tekton
+//! copies into `status`, results and provenance are skipped while decoding; the metadata is then
+//! cut down to what the tree reads (name, namespace, uid, creation time, labels, annotations
+//! without `kubectl`'s last-applied copy) before the run enters the cache. The caches are plain
+//! maps keyed by namespace and name, not reflector stores: a reflector keeps the whole
+//! `ObjectMeta` of every object, which on a cluster with 50,000 TaskRuns is most of the memory.
+//!
+//! The watch loop ([`RunWatch::run`]) also keeps the namespace and TracingPolicy caches of
+//! [`super::Caches`] current, and tells the exporter what changed through a bounded channel
+//! ([`RunEvent`]); the exporter keeps no copy of its own.
+
+use std::collections::HashMap;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt as _;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use super::{Caches, Cluster, ClusterError, ClusterMetrics, WatchedResource};
+use crate::spans::objects::{Metadata, PipelineRun, PipelineRunStatus, TaskRun, TaskRunStatus};
+
+/// The annotation `kubectl apply` keeps a whole copy of the object in; the tree never reads it.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Which kind of run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RunKind {
+    PipelineRun,
+    TaskRun,
+}
+
+impl RunKind {
+    /// The `kind` metric label: the resource's plural name, as in RBAC rules.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::PipelineRun => "pipelinerun",
+            RunKind::TaskRun => "taskrun",
+        }
+    }
+
+    fn plural(self) -> &'static str {
+        match self {
+            RunKind::PipelineRun => "pipelineruns",
+            RunKind::TaskRun => "taskruns",
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            RunKind::PipelineRun => "PipelineRun",
+            RunKind::TaskRun => "TaskRun",
+        }
+    }
+}
+
+/// A run's address: kind, namespace, name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunKey {
+    pub kind: RunKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for RunKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.kind.kind(), self.namespace, self.name)
+    }
+}
+
+/// What the watch loop tells the exporter.
+#[derive(Debug, Clone)]
+pub enum RunEvent {
+    /// A run was added or changed; the cache holds its new state.
+    Changed(RunKey),
+    /// A run was deleted; its last state as the cache held it.
+    Deleted(CachedRun),
+    /// A kind was (re)listed: the cache was replaced, and runs deleted while the watch was down
+    /// vanished without an event.
+    Relisted(RunKind),
+}
+
+/// A cached run.
+#[derive(Debug, Clone)]
+pub enum CachedRun {
+    PipelineRun(Arc<PipelineRun>),
+    TaskRun(Arc<TaskRun>),
+}
+
+/// The read side of the run caches, shared with the exporter.
+#[derive(Debug, Default)]
+pub struct Runs {
+    pipeline_runs: RwLock<HashMap<(String, String), Arc<PipelineRun>>>,
+    task_runs: RwLock<HashMap<(String, String), Arc<TaskRun>>>,
+    pipeline_runs_synced: AtomicBool,
+    task_runs_synced: AtomicBool,
+}
+
+impl Runs {
+    /// Both kinds have been listed once (stays true across relists).
+    pub fn synced(&self) -> bool {
+        self.pipeline_runs_synced.load(Ordering::SeqCst)
+            && self.task_runs_synced.load(Ordering::SeqCst)
+    }
+
+    pub fn pipeline_run(&self, namespace: &str, name: &str) -> Option<Arc<PipelineRun>> {
+        read(&self.pipeline_runs)
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    pub fn task_run(&self, namespace: &str, name: &str) -> Option<Arc<TaskRun>> {
+        read(&self.task_runs)
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// Every cached run's key, for a rescan.
+    pub fn keys(&self) -> Vec<RunKey> {
+        let key = |kind, (namespace, name): &(String, String)| RunKey {
+            kind,
+            namespace: namespace.clone(),
+            name: name.clone(),
+        };
+        let mut keys: Vec<RunKey> = read(&self.pipeline_runs)
+            .keys()
+            .map(|k| key(RunKind::PipelineRun, k))
+            .collect();
+        keys.extend(
+            read(&self.task_runs)
+                .keys()
+                .map(|k| key(RunKind::TaskRun, k)),
+        );
+        keys
+    }
+
+    /// The TaskRuns whose `tekton.dev/pipelineRunUID` label is `uid`, for a PipelineRun whose
+    /// status lists no children (a scan: only for that rare case).
+    pub fn task_runs_of(&self, namespace: &str, uid: &str) -> Vec<Arc<TaskRun>> {
+        read(&self.task_runs)
+            .iter()
+            .filter(|((ns, _), run)| {
+                ns == namespace
+                    && run
+                        .metadata
+                        .label(crate::contract::tekton::PIPELINE_RUN_UID)
+                        == Some(uid)
+            })
+            .map(|(_, run)| run.clone())
+            .collect()
+    }
+
+    /// Runs cached, by kind (for the benchmark and the log).
+    pub fn len(&self) -> (usize, usize) {
+        (read(&self.pipeline_runs).len(), read(&self.task_runs).len())
+    }
+
+    /// A lookup of `key` in the cache.
+    pub fn get(&self, key: &RunKey) -> Option<CachedRun> {
+        match key.kind {
+            RunKind::PipelineRun => self
+                .pipeline_run(&key.namespace, &key.name)
+                .map(CachedRun::PipelineRun),
+            RunKind::TaskRun => self
+                .task_run(&key.namespace, &key.name)
+                .map(CachedRun::TaskRun),
+        }
+    }
+}
+
+/// A poisoned lock still holds a complete map: writers only insert, remove or swap.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A run as the watcher decodes it: the full `ObjectMeta` (kube's watcher tracks resource
+/// versions through it) and the lean status. Lives only until it is trimmed into the cache.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Watched<S> {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    status: Option<S>,
+}
+
+/// Which kind a status type belongs to, for the watcher's URL.
+pub trait RunStatus {
+    const KIND: RunKind;
+}
+
+impl RunStatus for PipelineRunStatus {
+    const KIND: RunKind = RunKind::PipelineRun;
+}
+
+impl RunStatus for TaskRunStatus {
+    const KIND: RunKind = RunKind::TaskRun;
+}
+
+impl<S: RunStatus> kube::Resource for Watched<S> {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        S::KIND.kind().into()
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "tekton.dev".into()
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        S::KIND.plural().into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// What the tree reads of the metadata.
+fn trim(meta: ObjectMeta) -> Metadata {
+    let mut annotations = meta.annotations;
+    if let Some(a) = annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+    Metadata {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        creation_timestamp: meta.creation_timestamp,
+        labels: meta.labels,
+        annotations,
+    }
+}
+
+/// The lean run a watched object becomes.
+trait Lean: Sized {
+    type Status: RunStatus;
+    fn from_watched(watched: Watched<Self::Status>) -> Self;
+    fn metadata(&self) -> &Metadata;
+    fn map(runs: &Runs) -> &RwLock<HashMap<(String, String), Arc<Self>>>;
+    fn synced(runs: &Runs) -> &AtomicBool;
+    fn cached(run: Arc<Self>) -> CachedRun;
+}
+
+impl Lean for PipelineRun {
+    type Status = PipelineRunStatus;
+    fn from_watched(w: Watched<PipelineRunStatus>) -> Self {
+        PipelineRun {
+            metadata: trim(w.metadata),
+            status: w.status,
+        }
+    }
+    fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+    fn map(runs: &Runs) -> &RwLock<HashMap<(String, String), Arc<Self>>> {
+        &runs.pipeline_runs
+    }
+    fn synced(runs: &Runs) -> &AtomicBool {
+        &runs.pipeline_runs_synced
+    }
+    fn cached(run: Arc<Self>) -> CachedRun {
+        CachedRun::PipelineRun(run)
+    }
+}
+
+impl Lean for TaskRun {
+    type Status = TaskRunStatus;
+    fn from_watched(w: Watched<TaskRunStatus>) -> Self {
+        TaskRun {
+            metadata: trim(w.metadata),
+            status: w.status,
+        }
+    }
+    fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+    fn map(runs: &Runs) -> &RwLock<HashMap<(String, String), Arc<Self>>> {
+        &runs.task_runs
+    }
+    fn synced(runs: &Runs) -> &AtomicBool {
+        &runs.task_runs_synced
+    }
+    fn cached(run: Arc<Self>) -> CachedRun {
+        CachedRun::TaskRun(run)
+    }
+}
+
+fn map_key(metadata: &Metadata) -> (String, String) {
+    (
+        metadata.namespace.clone().unwrap_or_default(),
+        metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+fn run_key(kind: RunKind, (namespace, name): (String, String)) -> RunKey {
+    RunKey {
+        kind,
+        namespace,
+        name,
+    }
+}
+
+/// The write side of one kind's cache: a relist is buffered until it is complete, as a
+/// reflector does, so the cache never shows half a list.
+struct Writer<L> {
+    buffer: Option<HashMap<(String, String), Arc<L>>>,
+}
+
+impl<L: Lean> Writer<L> {
+    fn new() -> Self {
+        Writer { buffer: None }
+    }
+
+    /// Applies one event; what the exporter should hear of it.
+    fn apply(&mut self, runs: &Runs, event: Event<Watched<L::Status>>) -> Option<RunEvent> {
+        let kind = L::Status::KIND;
+        match event {
+            Event::Init => {
+                self.buffer = Some(HashMap::new());
+                None
+            }
+            Event::InitApply(w) => {
+                let run = L::from_watched(w);
+                self.buffer
+                    .get_or_insert_with(HashMap::new)
+                    .insert(map_key(run.metadata()), Arc::new(run));
+                None
+            }
+            Event::InitDone => {
+                let listed = self.buffer.take().unwrap_or_default();
+                *write(L::map(runs)) = listed;
+                L::synced(runs).store(true, Ordering::SeqCst);
+                Some(RunEvent::Relisted(kind))
+            }
+            Event::Apply(w) => {
+                let run = L::from_watched(w);
+                let key = map_key(run.metadata());
+                write(L::map(runs)).insert(key.clone(), Arc::new(run));
+                Some(RunEvent::Changed(run_key(kind, key)))
+            }
+            Event::Delete(w) => {
+                let run = L::from_watched(w);
+                let key = map_key(run.metadata());
+                let last = write(L::map(runs)).remove(&key);
+                let last = last.unwrap_or_else(|| Arc::new(run));
+                Some(RunEvent::Deleted(L::cached(last)))
+            }
+        }
+    }
+}
+
+/// The exporter's API connection: its caches (runs, namespaces, and TracingPolicies when asked
+/// for) and its one write.
+pub struct RunWatch {
+    client: Client,
+    caches: Caches,
+    runs: Arc<Runs>,
+    metrics: ClusterMetrics,
+    watch_policies: bool,
+}
+
+impl RunWatch {
+    /// Configures the client from the in-cluster service account, or KUBECONFIG outside a
+    /// cluster, and registers `watch_errors_total` in `registry`. Nothing is requested yet.
+    pub async fn connect(
+        watch_policies: bool,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Result<RunWatch, ClusterError> {
+        let client = Client::try_default()
+            .await
+            .map_err(ClusterError::ConnectRuns)?;
+        let mut resources = vec![
+            WatchedResource::PipelineRuns,
+            WatchedResource::TaskRuns,
+            WatchedResource::Namespaces,
+        ];
+        if watch_policies {
+            resources.push(WatchedResource::TracingPolicies);
+        }
+        Ok(RunWatch {
+            client,
+            caches: Caches::new(),
+            runs: Arc::new(Runs::default()),
+            metrics: ClusterMetrics::register_watches(registry, &resources),
+            watch_policies,
+        })
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Namespaces and TracingPolicies, for selection.
+    pub fn cluster(&self) -> Arc<Cluster> {
+        self.caches.cluster()
+    }
+
+    pub fn runs(&self) -> Arc<Runs> {
+        self.runs.clone()
+    }
+
+    /// The annotation writer.
+    pub fn marker(&self) -> Marker {
+        Marker {
+            client: self.client.clone(),
+        }
+    }
+
+    /// Watches until the task is dropped (every stream retries forever with backoff), sending
+    /// what changed to `events`; waits for the exporter when it is behind (the channel is
+    /// bounded), which slows the watch rather than growing memory.
+    pub async fn run(self, events: mpsc::Sender<RunEvent>) {
+        let RunWatch {
+            client,
+            mut caches,
+            runs,
+            metrics,
+            watch_policies,
+        } = self;
+        let config = watcher::Config::default();
+        let pipeline_runs = watcher::watcher(
+            Api::<Watched<PipelineRunStatus>>::all(client.clone()),
+            config.clone(),
+        )
+        .default_backoff();
+        let task_runs = watcher::watcher(
+            Api::<Watched<TaskRunStatus>>::all(client.clone()),
+            config.clone(),
+        )
+        .default_backoff();
+        let mut pipeline_runs = pin!(pipeline_runs);
+        let mut task_runs = pin!(task_runs);
+        if !watch_policies {
+            // Nothing to list: the file policy applies everywhere, from the start.
+            caches.apply_policy_event(Event::Init);
+            caches.apply_policy_event(Event::InitDone);
+        }
+        let others = super::watch_caches(client, caches, metrics.clone(), watch_policies);
+        let mut others = pin!(others);
+        let (mut prs, mut trs) = (Writer::<PipelineRun>::new(), Writer::<TaskRun>::new());
+        loop {
+            let event = tokio::select! {
+                () = &mut others => break,
+                Some(event) = pipeline_runs.next() => match event {
+                    Ok(event) => prs.apply(&runs, event),
+                    Err(e) => {
+                        metrics.watch_error(WatchedResource::PipelineRuns);
+                        tracing::warn!(error = %e, "watching PipelineRuns failed; retrying with backoff");
+                        None
+                    }
+                },
+                Some(event) = task_runs.next() => match event {
+                    Ok(event) => trs.apply(&runs, event),
+                    Err(e) => {
+                        metrics.watch_error(WatchedResource::TaskRuns);
+                        tracing::warn!(error = %e, "watching TaskRuns failed; retrying with backoff");
+                        None
+                    }
+                },
+                else => break,
+            };
+            if let Some(event) = event
+                && events.send(event).await.is_err()
+            {
+                break;
+            }
+        }
+    }
+}
+
+/// Why an annotation could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum MarkError {
+    /// The run is gone.
+    #[error("{0}: not found")]
+    Gone(RunKey),
+    #[error("{key}: patching its annotations failed: {source}")]
+    Api { key: RunKey, source: kube::Error },
+}
+
+/// Writes annotations on runs: a JSON merge patch of `metadata.annotations`, nothing else.
+#[derive(Clone)]
+pub struct Marker {
+    client: Client,
+}
+
+impl Marker {
+    /// Sets `annotations` on the run (other annotations untouched).
+    pub async fn mark(&self, key: &RunKey, annotations: &[(&str, &str)]) -> Result<(), MarkError> {
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("tekton.dev", "v1", key.kind.kind()),
+            key.kind.plural(),
+        );
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &key.namespace, &resource);
+        let values: serde_json::Map<String, serde_json::Value> = annotations
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+            .collect();
+        let patch = serde_json::json!({"metadata": {"annotations": values}});
+        match api
+            .patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Err(MarkError::Gone(key.clone())),
+            Err(source) => Err(MarkError::Api {
+                key: key.clone(),
+                source,
+            }),
+        }
+    }
+}
