@@ -435,7 +435,10 @@ async fn a_failing_receiver_gets_everything_once_it_recovers_and_a_restart_repea
         (errors >= 1.0).then_some(())
     })
     .await;
-    assert!(world.patches().is_empty(), "marked while the receiver refused");
+    assert!(
+        world.patches().is_empty(),
+        "marked while the receiver refused"
+    );
     world.receiver.fail(false);
     eventually("all marked", &log, || {
         (world.patches().len() == 3).then_some(())
