@@ -131,6 +131,17 @@ impl Receiver {
         self.received.lock().unwrap().clone()
     }
 
+    /// The trace ids of each request from the `from`th on, with when it was answered (cheaper
+    /// than [`Receiver::received`] when polled often).
+    pub fn traces_from(&self, from: usize) -> Vec<(Vec<String>, Instant)> {
+        let received = self.received.lock().unwrap();
+        received
+            .iter()
+            .skip(from)
+            .map(|r| (r.trace_ids(), r.answered))
+            .collect()
+    }
+
     pub fn count(&self) -> usize {
         self.received.lock().unwrap().len()
     }
