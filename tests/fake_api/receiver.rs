@@ -87,8 +87,10 @@ impl Receiver {
     /// Serves `POST /v1/traces` on 127.0.0.1 until the runtime ends.
     pub async fn start() -> Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut receiver = Receiver::default();
-        receiver.addr = Some(listener.local_addr().unwrap());
+        let receiver = Receiver {
+            addr: Some(listener.local_addr().unwrap()),
+            ..Receiver::default()
+        };
         let r = receiver.clone();
         let app = Router::new().route(
             "/v1/traces",
