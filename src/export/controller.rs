@@ -264,7 +264,12 @@ impl Controller {
                     CachedRun::PipelineRun(r) => decide::pipeline_run_due(r, self.window).is_ok(),
                     CachedRun::TaskRun(r) => decide::task_run_due(r, self.window).is_ok(),
                 };
-                if due && self.policy_for(&key.namespace).is_some() && !self.settings.dry_run {
+                // Counted by the leader only: the standby would count the same run again.
+                if active
+                    && due
+                    && !self.settings.dry_run
+                    && self.policy_for(&key.namespace).is_some()
+                {
                     tracing::warn!(run = %key, "run deleted before it was exported");
                     self.metrics.lost(key.kind);
                     self.queue.done(&key);
