@@ -9,6 +9,10 @@
 //! maps keyed by namespace and name, not reflector stores: a reflector keeps the whole
 //! `ObjectMeta` of every object, which on a cluster with 50,000 TaskRuns is most of the memory.
 //!
+//! A run that carries the exporter's mark is kept as a stub (name, uid, the mark), and the
+//! TaskRuns of a marked PipelineRun are not kept at all: on a cluster that keeps weeks of runs,
+//! nearly all of them are done with, and the cache holds kilobytes only for runs still to send.
+//!
 //! The watch loop ([`RunWatch::run`]) also keeps the namespace and TracingPolicy caches of
 //! [`super::Caches`] current, and tells the exporter what changed through a bounded channel
 //! ([`RunEvent`]); the exporter keeps no copy of its own.
@@ -30,7 +34,12 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::{Caches, Cluster, ClusterError, ClusterMetrics, WatchedResource};
+use crate::contract::tekton::{PIPELINE_RUN, PIPELINE_RUN_UID};
 use crate::spans::objects::{Metadata, PipelineRun, PipelineRunStatus, TaskRun, TaskRunStatus};
+
+/// Set on a run once the backend accepted its spans: the trace id (or `unsampled:<trace id>`,
+/// or `invalid`). A run that has it is never exported again, and the cache keeps only a stub.
+pub const EXPORTED_ANNOTATION: &str = "lightstep-tekton.io/exported";
 
 /// The annotation `kubectl apply` keeps a whole copy of the object in; the tree never reads it.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -167,6 +176,38 @@ impl Runs {
         (read(&self.pipeline_runs).len(), read(&self.task_runs).len())
     }
 
+    /// Whether the TaskRun's PipelineRun (by its `tekton.dev/pipelineRun` and `pipelineRunUID`
+    /// labels) is in the cache and marked.
+    fn parent_marked(&self, task_run: &TaskRun) -> bool {
+        let (Some(name), Some(uid)) = (
+            task_run.metadata.label(PIPELINE_RUN),
+            task_run.metadata.label(PIPELINE_RUN_UID),
+        ) else {
+            return false;
+        };
+        let namespace = task_run.metadata.namespace.clone().unwrap_or_default();
+        read(&self.pipeline_runs)
+            .get(&(namespace, name.to_owned()))
+            .is_some_and(|pr| pr.metadata.uid.as_deref() == Some(uid) && marked(&pr.metadata))
+    }
+
+    /// Drops the TaskRuns whose PipelineRun is marked (those that arrived before it did, say in
+    /// a relist); what is left in the cache is what may still be exported.
+    pub fn prune(&self) {
+        let stale: Vec<(String, String)> = read(&self.task_runs)
+            .iter()
+            .filter(|(_, run)| self.parent_marked(run))
+            .map(|(key, _)| key.clone())
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        let mut task_runs = write(&self.task_runs);
+        for key in stale {
+            task_runs.remove(&key);
+        }
+    }
+
     /// A lookup of `key` in the cache.
     pub fn get(&self, key: &RunKey) -> Option<CachedRun> {
         match key.kind {
@@ -259,6 +300,9 @@ trait Lean: Sized {
     fn map(runs: &Runs) -> &RwLock<HashMap<(String, String), Arc<Self>>>;
     fn synced(runs: &Runs) -> &AtomicBool;
     fn cached(run: Arc<Self>) -> CachedRun;
+    /// What the cache keeps of a run: the run, a stub once it is marked, or nothing for a
+    /// TaskRun whose PipelineRun is marked (the exporter never needs it again).
+    fn compact(self, runs: &Runs) -> Option<Self>;
 }
 
 impl Lean for PipelineRun {
@@ -281,6 +325,22 @@ impl Lean for PipelineRun {
     fn cached(run: Arc<Self>) -> CachedRun {
         CachedRun::PipelineRun(run)
     }
+    fn compact(self, runs: &Runs) -> Option<Self> {
+        if !marked(&self.metadata) {
+            return Some(self);
+        }
+        // Its TaskRuns went with it: drop them from the cache.
+        let namespace = self.metadata.namespace.clone().unwrap_or_default();
+        let mut task_runs = write(&runs.task_runs);
+        for child in self.status.iter().flat_map(|s| &s.child_references) {
+            task_runs.remove(&(namespace.clone(), child.name.clone()));
+        }
+        drop(task_runs);
+        Some(PipelineRun {
+            metadata: stub(self.metadata),
+            status: None,
+        })
+    }
 }
 
 impl Lean for TaskRun {
@@ -302,6 +362,46 @@ impl Lean for TaskRun {
     }
     fn cached(run: Arc<Self>) -> CachedRun {
         CachedRun::TaskRun(run)
+    }
+    fn compact(self, runs: &Runs) -> Option<Self> {
+        if marked(&self.metadata) {
+            return Some(TaskRun {
+                metadata: stub(self.metadata),
+                status: None,
+            });
+        }
+        match runs.parent_marked(&self) {
+            true => None,
+            false => Some(self),
+        }
+    }
+}
+
+/// Whether the run carries the exporter's mark.
+fn marked(metadata: &Metadata) -> bool {
+    metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(EXPORTED_ANNOTATION))
+}
+
+/// A marked run as the cache keeps it: its name, uid and the mark (a few hundred bytes, where
+/// the run was kilobytes), enough to know it is done.
+fn stub(metadata: Metadata) -> Metadata {
+    let annotations = metadata.annotations.and_then(|mut a| {
+        let mark = a.remove(EXPORTED_ANNOTATION)?;
+        Some(std::collections::BTreeMap::from([(
+            EXPORTED_ANNOTATION.to_owned(),
+            mark,
+        )]))
+    });
+    Metadata {
+        name: metadata.name,
+        namespace: metadata.namespace,
+        uid: metadata.uid,
+        creation_timestamp: None,
+        labels: None,
+        annotations,
     }
 }
 
@@ -340,10 +440,11 @@ impl<L: Lean> Writer<L> {
                 None
             }
             Event::InitApply(w) => {
-                let run = L::from_watched(w);
-                self.buffer
-                    .get_or_insert_with(HashMap::new)
-                    .insert(map_key(run.metadata()), Arc::new(run));
+                if let Some(run) = L::from_watched(w).compact(runs) {
+                    self.buffer
+                        .get_or_insert_with(HashMap::new)
+                        .insert(map_key(run.metadata()), Arc::new(run));
+                }
                 None
             }
             Event::InitDone => {
@@ -355,6 +456,10 @@ impl<L: Lean> Writer<L> {
             Event::Apply(w) => {
                 let run = L::from_watched(w);
                 let key = map_key(run.metadata());
+                let Some(run) = run.compact(runs) else {
+                    write(L::map(runs)).remove(&key);
+                    return None;
+                };
                 write(L::map(runs)).insert(key.clone(), Arc::new(run));
                 Some(RunEvent::Changed(run_key(kind, key)))
             }

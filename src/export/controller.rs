@@ -252,6 +252,7 @@ impl Controller {
                 }
             }
             RunEvent::Relisted(_) => {
+                self.runs.prune();
                 if active {
                     self.rescan();
                 }
@@ -281,6 +282,7 @@ impl Controller {
     /// Offers every cached run that is due to the queue (those that do not fit wait for the
     /// next rescan).
     fn rescan(&mut self) {
+        self.runs.prune();
         for key in self.runs.keys() {
             if !self.queue.contains(&key) && self.due(&key) && !self.push(key) {
                 break;

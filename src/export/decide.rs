@@ -26,9 +26,7 @@ use crate::policy::selection::Selected;
 use crate::spans::objects::{Condition, Metadata, PipelineRun, TaskRun, succeeded};
 use crate::spans::tree::RunResult;
 
-/// Set once the backend accepted a run's spans: the trace id (or `unsampled:<trace id>`, or
-/// `invalid`). A run that has it is never exported again.
-pub const EXPORTED_ANNOTATION: &str = "lightstep-tekton.io/exported";
+pub use crate::cluster::runs::EXPORTED_ANNOTATION;
 /// The link to the run's trace, from the policy's `runSpans.traceUrl`.
 pub const TRACE_URL_ANNOTATION: &str = "lightstep-tekton.io/trace-url";
 /// The values of the namespace label that opt a namespace in (as the webhook's
