@@ -678,3 +678,76 @@ impl Marker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spans::objects::Object;
+
+    /// The captured ship-run-ok objects, lean.
+    fn fixture() -> (PipelineRun, Vec<TaskRun>) {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/runs/ship-run-ok.json"
+        );
+        let list: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let (mut pipeline_run, mut task_runs) = (None, Vec::new());
+        for (i, item) in list["items"].as_array().unwrap().iter().enumerate() {
+            match Object::from_value(item.clone(), &i.to_string()).unwrap() {
+                Object::PipelineRun(r) => pipeline_run = Some(r),
+                Object::TaskRun(r) => task_runs.push(r),
+            }
+        }
+        (pipeline_run.unwrap(), task_runs)
+    }
+
+    #[test]
+    fn a_stored_run_reads_back_unchanged_and_smaller() {
+        let (pipeline_run, task_runs) = fixture();
+        let stored = Stored::new(task_runs[0].clone());
+        assert_eq!(*stored.load().unwrap(), task_runs[0]);
+        let StoredForm::Packed(bytes) = &stored.inner else {
+            panic!("a run with labels is packed");
+        };
+        let json = serde_json::to_vec(&task_runs[0]).unwrap();
+        assert!(
+            bytes.len() < json.len(),
+            "{} >= {}",
+            bytes.len(),
+            json.len()
+        );
+        assert_eq!(
+            *Stored::new(pipeline_run.clone()).load().unwrap(),
+            pipeline_run
+        );
+    }
+
+    #[test]
+    fn a_marked_pipeline_run_is_a_stub_and_takes_its_task_runs_out_of_the_cache() {
+        let (mut pipeline_run, task_runs) = fixture();
+        let runs = Runs::default();
+        for task_run in task_runs {
+            let task_run = task_run
+                .compact(&runs)
+                .expect("kept while the run is unmarked");
+            write(&runs.task_runs).insert(map_key(&task_run.metadata), Stored::new(task_run));
+        }
+        let (_, before) = runs.len();
+        assert_eq!(before, 6);
+        pipeline_run
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(EXPORTED_ANNOTATION.into(), "abc".into());
+        let stub = pipeline_run.clone().compact(&runs).unwrap();
+        assert_eq!(runs.len().1, 0, "its TaskRuns left the cache");
+        assert!(stub.status.is_none() && stub.metadata.labels.is_none());
+        assert_eq!(stub.metadata.uid, pipeline_run.metadata.uid);
+        assert!(marked(&stub.metadata));
+        // A TaskRun of it that arrives afterwards is not kept.
+        write(&runs.pipeline_runs).insert(map_key(&stub.metadata), Stored::new(stub));
+        let (_, task_runs) = fixture();
+        assert!(task_runs[0].clone().compact(&runs).is_none());
+    }
+}
