@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use lightstep_tekton_webhook::admission::preview;
 use lightstep_tekton_webhook::policy::resource;
-use lightstep_tekton_webhook::{certs, serve, spans};
+use lightstep_tekton_webhook::{certs, export, serve, spans};
 
 /// mimalloc instead of glibc's malloc: decoding a review allocates many small strings and maps,
 /// and glibc spent about a seventh of the server's CPU in malloc and free (consolidating its
@@ -36,6 +36,8 @@ enum Command {
     Crd,
     /// Preview the spans of finished PipelineRuns/TaskRuns (JSON or YAML) without a cluster.
     Spans(spans::preview::SpansArgs),
+    /// Export finished PipelineRuns/TaskRuns of opted-in namespaces as spans, once each.
+    Export(Box<export::command::ExportArgs>),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
         Command::Certs(args) => certs::run(args),
         Command::Serve(args) => serve::run(*args),
         Command::Spans(args) => spans::preview::run(args),
+        Command::Export(args) => export::command::run(*args),
         Command::Crd => {
             print!("{}", resource::crd_yaml());
             ExitCode::SUCCESS

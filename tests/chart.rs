@@ -263,11 +263,19 @@ fn every_value_set_passes_the_install_checks() {
         };
         check_common(&install, &expect);
 
+        let install = render(&["--skip-tests", "-f", &values("exporter-off")]);
+        let expect = Expect {
+            exporter: None,
+            ..helm_default.clone()
+        };
+        check_common(&install, &expect);
+
         let install = render(&["--skip-tests", "-f", &values("everything")]);
         let expect = Expect {
             replicas: 3,
             excluded_namespaces: vec!["tekton-pipelines".to_string()],
             token_namespaces: vec!["ci".to_string(), "builds".to_string()],
+            exporter: Some(3),
             ..helm_default.clone()
         };
         check_common(&install, &expect);

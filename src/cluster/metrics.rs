@@ -16,6 +16,8 @@ use prometheus_client::registry::Registry;
 pub enum WatchedResource {
     TracingPolicies,
     Namespaces,
+    PipelineRuns,
+    TaskRuns,
 }
 
 impl WatchedResource {
@@ -24,6 +26,8 @@ impl WatchedResource {
         match self {
             WatchedResource::TracingPolicies => "tracingpolicies",
             WatchedResource::Namespaces => "namespaces",
+            WatchedResource::PipelineRuns => "pipelineruns",
+            WatchedResource::TaskRuns => "taskruns",
         }
     }
 }
@@ -93,6 +97,24 @@ impl ClusterMetrics {
             WriteResult::Error,
         ] {
             metrics.status_write_counter(result);
+        }
+        metrics
+    }
+
+    /// Registers `watch_errors_total{resource}` alone, for the `resources` a command watches
+    /// (the exporter writes no statuses).
+    pub fn register_watches(
+        registry: &mut Registry,
+        resources: &[WatchedResource],
+    ) -> ClusterMetrics {
+        let metrics = ClusterMetrics::default();
+        registry.register(
+            "watch_errors",
+            "Watch or list requests that failed (retried with backoff), by resource",
+            metrics.watch_errors.clone(),
+        );
+        for resource in resources {
+            metrics.watch_error_counter(*resource);
         }
         metrics
     }

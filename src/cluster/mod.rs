@@ -22,6 +22,7 @@ mod args;
 mod caches;
 pub mod lease;
 mod metrics;
+pub mod runs;
 mod status;
 
 use std::future::Future;
@@ -46,6 +47,8 @@ pub use status::{STATUS_DEBOUNCE, StatusTiming, StatusWriter};
 
 /// The webhook's Lease, in the install's namespace. The exporter campaigns under its own name.
 pub const WEBHOOK_LEASE: &str = "lightstep-tekton-webhook";
+/// The exporter's Lease: only its holder exports.
+pub const EXPORTER_LEASE: &str = "lightstep-tekton-exporter";
 
 /// Why the cluster room could not start; each message names what to set.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +57,10 @@ pub enum ClusterError {
         "--watch-tracing-policies: no Kubernetes API access ({0}); run in a pod with a service account token, or set KUBECONFIG"
     )]
     Connect(kube::Error),
+    #[error(
+        "export: no Kubernetes API access ({0}); run in a pod with a service account token, or set KUBECONFIG"
+    )]
+    ConnectRuns(kube::Error),
     #[error(
         "--lease-namespace: not set; set it or POD_NAMESPACE (the downward API's metadata.namespace), or run in a pod with a service account"
     )]
@@ -119,7 +126,7 @@ impl Watch {
         // All in this task, none spawned: aborting the task stops every part of it.
         let work = async move {
             tokio::select! {
-                () = watch_caches(client, caches, metrics) => {}
+                () = watch_caches(client, caches, metrics, true) => {}
                 // Returns only once leadership can no longer be known (the election ended).
                 () = status.run() => {}
                 () = shutdown => {}
@@ -135,13 +142,18 @@ impl Watch {
     }
 }
 
-/// Watches both resources into `caches`; never returns (both streams retry forever).
-async fn watch_caches(client: Client, mut caches: Caches, metrics: ClusterMetrics) {
-    let policies = watcher::watcher(
-        Api::<DynamicObject>::all_with(client.clone(), &caches::api_resource()),
-        watcher::Config::default(),
-    )
-    .default_backoff();
+/// Watches namespaces, and TracingPolicies when `policies`, into `caches`; never returns (the
+/// streams retry forever). Without `policies` the caller has marked the policies listed.
+async fn watch_caches(client: Client, mut caches: Caches, metrics: ClusterMetrics, policies: bool) {
+    let policies = match policies {
+        true => watcher::watcher(
+            Api::<DynamicObject>::all_with(client.clone(), &caches::api_resource()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .boxed(),
+        false => futures::stream::empty().boxed(),
+    };
     // `Api<PartialObjectMeta<_>>` asks for metadata only: the same as `metadata_watcher`.
     let namespaces = watcher::watcher(
         Api::<PartialObjectMeta<Namespace>>::all(client),

@@ -1,4 +1,5 @@
-//! The admin port: plain HTTP, `GET /metrics` as OpenMetrics text.
+//! The admin port: plain HTTP, `GET /metrics` as OpenMetrics text (and, for a command with no
+//! serving port of its own, `GET /healthz` and `GET /readyz`).
 //!
 //! Separate from any serving port so that scraping needs no client certificate, and so that a
 //! server that drains (or a controller with no port of its own) still answers scrapes. The
@@ -13,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -48,35 +49,73 @@ pub(crate) async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpList
         .map_err(|source| BindError { flag, addr, source })
 }
 
-/// Serves `GET /metrics` on `listener` until the task is aborted, with at most
-/// `max_connections` connections (capped at [`MAX_CONNECTIONS`]), each within the header and
-/// write timeouts.
-pub(crate) async fn serve(
+/// Whether a command is ready for `/readyz`, asked on each probe.
+pub(crate) type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// How the admin port bounds its clients: at most `max_connections` connections (capped at
+/// [`MAX_CONNECTIONS`]), each within the header and write timeouts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdminLimits {
+    pub(crate) max_connections: u32,
+    pub(crate) header_timeout: std::time::Duration,
+    pub(crate) write_timeout: std::time::Duration,
+}
+
+/// Serves `GET /metrics` on `listener` until the task is aborted.
+pub(crate) async fn serve(listener: TcpListener, registry: Arc<Registry>, limits: AdminLimits) {
+    serve_app(listener, metrics(registry), limits).await;
+}
+
+/// Serves `GET /metrics`, `GET /healthz` (200 while the process answers) and `GET /readyz` (200
+/// when `ready` says so, else 503), for a command whose only port this is (the exporter).
+pub(crate) async fn serve_with_probes(
     listener: TcpListener,
     registry: Arc<Registry>,
-    max_connections: u32,
-    header_timeout: std::time::Duration,
-    write_timeout: std::time::Duration,
+    ready: Readiness,
+    limits: AdminLimits,
 ) {
-    let app = Router::new().route(
+    let app = metrics(registry)
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready();
+                async move {
+                    match ready {
+                        true => (StatusCode::OK, "ready"),
+                        false => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+                    }
+                }
+            }),
+        );
+    serve_app(listener, app, limits).await;
+}
+
+fn metrics(registry: Arc<Registry>) -> Router {
+    Router::new().route(
         "/metrics",
         get(move || {
             let registry = registry.clone();
             async move { ([(header::CONTENT_TYPE, OPENMETRICS)], registry.encode()) }
         }),
-    );
-    let limits = ConnectionLimits {
-        header_timeout,
-        write_timeout,
+    )
+}
+
+async fn serve_app(listener: TcpListener, app: Router, limits: AdminLimits) {
+    let connection = ConnectionLimits {
+        header_timeout: limits.header_timeout,
+        write_timeout: limits.write_timeout,
         max_header_bytes: MAX_HEADER_BYTES,
     };
-    let permits = Arc::new(Semaphore::new(max_connections.min(MAX_CONNECTIONS) as usize));
+    let permits = Arc::new(Semaphore::new(
+        limits.max_connections.min(MAX_CONNECTIONS) as usize
+    ));
     // It answers until aborted, through the drain, so the last scrape sees the last requests:
     // the drain never starts (the sender lives as long as this future).
     let (_never, drain) = watch::channel(false);
     let connections = drain.clone();
     http1::accept_loop(listener, permits, drain, move |tcp, peer| {
-        let (app, limits, drain) = (app.clone(), limits.clone(), connections.clone());
+        let (app, limits, drain) = (app.clone(), connection.clone(), connections.clone());
         async move { http1::serve_connection(tcp, app, &limits, drain, peer).await }
     })
     .await;

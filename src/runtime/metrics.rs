@@ -11,6 +11,7 @@ const PREFIX: &str = "lightstep_tekton";
 
 /// The component names, each a sub-registry (and the second word of its metric names).
 pub(crate) const WEBHOOK: &str = "webhook";
+pub(crate) const EXPORTER: &str = "exporter";
 
 /// Every component's metrics.
 #[derive(Debug)]

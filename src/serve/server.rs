@@ -132,9 +132,11 @@ impl Server {
             tokio::spawn(admin::serve(
                 l,
                 registry,
-                limits.max_connections,
-                limits.header_timeout,
-                limits.write_timeout,
+                admin::AdminLimits {
+                    max_connections: limits.max_connections,
+                    header_timeout: limits.header_timeout,
+                    write_timeout: limits.write_timeout,
+                },
             ))
         });
 

@@ -5,7 +5,7 @@
 //! naming the object and the field when one is missing.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::SpanError;
@@ -89,7 +89,7 @@ fn qualified(namespace: Option<&str>, name: &str) -> String {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Metadata {
     pub name: Option<String>,
@@ -115,7 +115,7 @@ impl Metadata {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PipelineRun {
     #[serde(default)]
@@ -123,7 +123,7 @@ pub struct PipelineRun {
     pub status: Option<PipelineRunStatus>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PipelineRunStatus {
     #[serde(default)]
@@ -133,9 +133,23 @@ pub struct PipelineRunStatus {
     /// Tekton's own span context for the PipelineRun when its tracing is on: propagation
     /// headers, `{"traceparent": "…"}`.
     pub span_context: Option<Labels>,
+    /// The runs Tekton created for the pipeline's tasks: the exporter waits for these TaskRuns
+    /// to finish before it exports the PipelineRun with them (the tree itself does not read it).
+    #[serde(default)]
+    pub child_references: Vec<ChildReference>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+/// One entry of a PipelineRun's `status.childReferences`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChildReference {
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskRun {
     #[serde(default)]
@@ -145,7 +159,7 @@ pub struct TaskRun {
 
 /// A TaskRun's status, which is also the shape of each earlier attempt in `retriesStatus`
 /// (Tekton's `RetriesStatus []TaskRunStatus`; an attempt's own `retriesStatus` is empty).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskRunStatus {
     #[serde(default)]
@@ -159,7 +173,7 @@ pub struct TaskRunStatus {
     pub retries_status: Vec<TaskRunStatus>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     #[serde(rename = "type")]
@@ -178,7 +192,7 @@ pub fn succeeded(conditions: &[Condition]) -> Option<&Condition> {
     conditions.iter().find(|c| c.type_ == SUCCEEDED)
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StepState {
     #[serde(default)]
@@ -190,7 +204,7 @@ pub struct StepState {
     pub termination_reason: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Terminated {
     #[serde(default)]

@@ -80,6 +80,8 @@ pub struct Expect {
     pub token_namespaces: Vec<String>,
     /// The ValidatingWebhookConfiguration for the policy ConfigMap and TracingPolicies.
     pub validating: bool,
+    /// The run-span exporter's replicas, or `None` when the install has no exporter.
+    pub exporter: Option<i32>,
 }
 
 impl Default for Expect {
@@ -93,6 +95,7 @@ impl Default for Expect {
             tls_secret: "lightstep-tekton-webhook-tls".to_string(),
             token_namespaces: Vec::new(),
             validating: true,
+            exporter: Some(2),
         }
     }
 }
@@ -185,10 +188,23 @@ pub struct Install {
     pub cert_manager: Vec<Value>,
     /// The Prometheus Operator's ServiceMonitor and PrometheusRule.
     pub monitoring: Vec<Value>,
+    /// The run-span exporter's objects (component `exporter`), kept apart so the webhook's
+    /// checks see the webhook's objects only.
+    pub exporter: Option<Box<Install>>,
 }
 
 impl Install {
     pub fn decode(objects: &[Value]) -> Install {
+        let (exporter, webhook): (Vec<Value>, Vec<Value>) = objects
+            .iter()
+            .cloned()
+            .partition(|o| o["metadata"]["labels"]["app.kubernetes.io/component"] == "exporter");
+        let mut install = Install::decode_all(&webhook);
+        install.exporter = Some(Box::new(Install::decode_all(&exporter)));
+        install
+    }
+
+    fn decode_all(objects: &[Value]) -> Install {
         let mut install = Install::default();
         for object in objects {
             let api_version = object["apiVersion"].as_str().unwrap_or_default();
@@ -531,8 +547,21 @@ pub fn check_common(install: &Install, expect: &Expect) {
         .find(|m| m.metadata.name.as_deref() == Some(policy_map_name.as_str()))
         .expect("the mounted policy ConfigMap is part of the install");
     let policy_text = &policy_map.data.as_ref().unwrap()[&policy_file];
+    // With the exporter the chart turns run spans on (`runSpans: {enabled: true}`, and nothing
+    // else); the rest is the embedded default, field for field.
+    let mut policy_doc: serde_json::Map<String, Value> =
+        serde_norway::from_str(policy_text).unwrap();
+    let run_spans = policy_doc.remove("runSpans");
+    match expect.exporter {
+        Some(_) => assert_eq!(
+            run_spans,
+            Some(serde_json::json!({"enabled": true})),
+            "the exporter's install turns run spans on in the policy, and only that"
+        ),
+        None => assert_eq!(run_spans, None, "run spans on without the exporter"),
+    }
     assert_eq!(
-        Policy::from_yaml(policy_text).unwrap(),
+        Policy::from_yaml(&serde_json::to_string(&policy_doc).unwrap()).unwrap(),
         Policy::embedded_default(),
         "the policy ConfigMap (the chart's values.yaml `policy`) drifted from src/policy/default-policy.yaml"
     );
@@ -568,6 +597,227 @@ pub fn check_common(install: &Install, expect: &Expect) {
     } else {
         assert!(install.validating_configs.is_empty());
     }
+    check_exporter(install, expect, &policy_map_name);
+}
+
+/// The run-span exporter: its Deployment runs `export` with the same hardening as the
+/// webhook's, reads the webhook's policy ConfigMap and the token Secret as mounted files, and
+/// its RBAC grants exactly what `export` asks the API server for (tests/export.rs checks each
+/// request against these rules); nothing on Secrets.
+pub fn check_exporter(install: &Install, expect: &Expect, policy_map: &str) {
+    let exporter = install
+        .exporter
+        .as_deref()
+        .expect("decoded with Install::decode");
+    let Some(replicas) = expect.exporter else {
+        let objects = exporter.service_accounts.len()
+            + exporter.deployments.len()
+            + exporter.pdbs.len()
+            + exporter.cluster_roles.len()
+            + exporter.cluster_role_bindings.len()
+            + exporter.roles.len()
+            + exporter.role_bindings.len();
+        assert_eq!(objects, 0, "exporter objects with the exporter off");
+        return;
+    };
+    assert_eq!(exporter.service_accounts.len(), 1);
+    let account = &exporter.service_accounts[0];
+    assert_eq!(account.automount_service_account_token, Some(false));
+    let deployment = exporter.deployment();
+    assert_eq!(deployment.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let spec = deployment.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(replicas));
+    let pod_labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    let selects_pods = |selector: &BTreeMap<String, String>| {
+        !selector.is_empty() && selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
+    };
+    assert!(selects_pods(spec.selector.match_labels.as_ref().unwrap()));
+    let webhook_labels = install
+        .deployment()
+        .spec
+        .as_ref()
+        .unwrap()
+        .selector
+        .match_labels
+        .clone();
+    assert_ne!(
+        spec.selector.match_labels, webhook_labels,
+        "selectors must not overlap"
+    );
+    let pod = exporter.pod_spec();
+    assert_eq!(pod.service_account_name, account.metadata.name);
+    assert_eq!(pod.automount_service_account_token, Some(true));
+    // The same hardening as the webhook's pods.
+    assert_eq!(pod.security_context, install.pod_spec().security_context);
+    let container = exporter.container();
+    assert_eq!(
+        container.security_context,
+        install.container().security_context
+    );
+    assert_eq!(container.image, install.container().image);
+    let resources = container.resources.as_ref().unwrap();
+    for key in ["cpu", "memory"] {
+        assert!(resources.requests.as_ref().unwrap().contains_key(key));
+        assert!(resources.limits.as_ref().unwrap().contains_key(key));
+    }
+    let args = container.args.as_ref().unwrap();
+    assert_eq!(args[0], "export", "the exporter runs `export`");
+    let flags: BTreeMap<String, String> = args[1..]
+        .iter()
+        .map(|arg| {
+            let (flag, value) = arg
+                .strip_prefix("--")
+                .and_then(|a| a.split_once('='))
+                .unwrap();
+            (flag.to_string(), value.to_string())
+        })
+        .collect();
+    assert_eq!(flags["watch-tracing-policies"], "true");
+    assert_eq!(flags["namespace-label"], "lightstep-tekton.io/inject");
+    let metrics_port = container
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .unwrap()
+        .container_port;
+    assert_eq!(port_of(&flags["metrics-listen"]), metrics_port);
+    for (probe, path) in [
+        (container.readiness_probe.as_ref(), "/readyz"),
+        (container.liveness_probe.as_ref(), "/healthz"),
+    ] {
+        let get = probe.and_then(|p| p.http_get.as_ref()).expect(path);
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(get.scheme.as_deref(), Some("HTTP"));
+        assert_eq!(get.port, IntOrString::String("metrics".into()));
+    }
+    // The files it reads are in whole-directory mounts: the webhook's policy ConfigMap, and the
+    // policy's token Secret (in the install's namespace).
+    let volumes = pod.volumes.as_ref().unwrap();
+    let mounts = container.volume_mounts.as_ref().unwrap();
+    let volume_of = |file: &str| {
+        let path = Path::new(file);
+        let mount = mounts
+            .iter()
+            .find(|m| path.parent() == Some(Path::new(&m.mount_path)) && m.sub_path.is_none())
+            .unwrap_or_else(|| panic!("{file} is not in a mounted directory"));
+        assert_eq!(mount.read_only, Some(true));
+        volumes
+            .iter()
+            .find(|v| v.name == mount.name)
+            .unwrap()
+            .clone()
+    };
+    let policy = volume_of(&flags["policy"]);
+    assert_eq!(policy.config_map.as_ref().unwrap().name, policy_map);
+    let token = Policy::embedded_default().token.unwrap();
+    let token_file = &flags["token-file"];
+    assert!(
+        token_file.ends_with(&format!("/{}", token.secret_key)),
+        "{token_file}"
+    );
+    let secret = volume_of(token_file).secret.unwrap();
+    assert_eq!(
+        secret.secret_name.as_deref(),
+        Some(token.secret_name.as_str())
+    );
+    let env = container.env.clone().unwrap_or_default();
+    for (name, field) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        let var = env.iter().find(|e| e.name == name).unwrap();
+        let from = var.value_from.as_ref().and_then(|v| v.field_ref.as_ref());
+        assert_eq!(from.map(|f| f.field_path.as_str()), Some(field), "{name}");
+    }
+
+    // RBAC: exactly what `export` uses.
+    let rule = |groups: &str, resources: &[&str], verbs: &[&str]| PolicyRule {
+        api_groups: Some(vec![groups.to_string()]),
+        resources: Some(resources.iter().map(|r| r.to_string()).collect()),
+        verbs: verbs.iter().map(|v| v.to_string()).collect(),
+        ..PolicyRule::default()
+    };
+    assert_eq!(exporter.cluster_roles.len(), 1);
+    let role = &exporter.cluster_roles[0];
+    assert_eq!(
+        role.rules.as_ref().unwrap(),
+        &vec![
+            rule(
+                "tekton.dev",
+                &["pipelineruns", "taskruns"],
+                &["get", "list", "watch", "patch"]
+            ),
+            rule("", &["namespaces"], &["get", "list", "watch"]),
+            rule(
+                resource::GROUP,
+                &[resource::PLURAL],
+                &["get", "list", "watch"]
+            ),
+        ],
+        "charts/lightstep-tekton-webhook/templates/exporter.yaml: the ClusterRole must grant exactly what the exporter uses"
+    );
+    let everything = serde_json::to_string(role).unwrap();
+    assert!(!everything.contains("secrets") && !everything.contains('*'));
+    assert_eq!(exporter.roles.len(), 1);
+    let lease = |names: Option<&[&str]>, verbs: &[&str]| PolicyRule {
+        resource_names: names.map(|n| n.iter().map(|s| s.to_string()).collect()),
+        ..rule("coordination.k8s.io", &["leases"], verbs)
+    };
+    assert_eq!(
+        exporter.roles[0].rules.as_ref().unwrap(),
+        &vec![
+            lease(None, &["create"]),
+            lease(Some(&[cluster::EXPORTER_LEASE]), &["get", "update"]),
+        ]
+    );
+    assert_eq!(
+        exporter.roles[0].metadata.namespace.as_deref(),
+        Some(NAMESPACE)
+    );
+    for (binding_role, subjects) in exporter
+        .cluster_role_bindings
+        .iter()
+        .map(|b| (&b.role_ref, &b.subjects))
+        .chain(
+            exporter
+                .role_bindings
+                .iter()
+                .map(|b| (&b.role_ref, &b.subjects)),
+        )
+    {
+        let names = [
+            role.metadata.name.as_ref(),
+            exporter.roles[0].metadata.name.as_ref(),
+        ];
+        assert!(names.contains(&Some(&binding_role.name)));
+        let subjects = subjects.as_ref().unwrap();
+        assert_eq!(subjects.len(), 1);
+        assert_eq!(Some(&subjects[0].name), account.metadata.name.as_ref());
+    }
+    assert_eq!(exporter.cluster_role_bindings.len(), 1);
+    assert_eq!(exporter.role_bindings.len(), 1);
+
+    // A PodDisruptionBudget keeps one replica through drains.
+    assert_eq!(exporter.pdbs.len(), 1);
+    let pdb = exporter.pdbs[0].spec.as_ref().unwrap();
+    assert!(selects_pods(
+        pdb.selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()
+    ));
+    assert_eq!(pdb.min_available, Some(IntOrString::Int(1)));
 }
 
 /// The ClusterRole grants what the watch caches and the status writer use, nothing else (above

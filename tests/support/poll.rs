@@ -63,3 +63,19 @@ pub fn eventually_blocking<R: Outcome>(
         std::thread::sleep(BLOCKING_INTERVAL);
     }
 }
+
+/// [`eventually`] with a synchronous check, printing `log()` (a child's output) on failure.
+pub async fn eventually_logged<R: Outcome>(
+    what: &str,
+    log: &dyn Fn() -> String,
+    mut check: impl FnMut() -> R,
+) -> R::Value {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().done() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "never: {what}\n{}", log());
+        tokio::time::sleep(BLOCKING_INTERVAL).await;
+    }
+}

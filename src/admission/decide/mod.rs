@@ -49,7 +49,7 @@ pub use report::{
 pub use resource::{resource_attributes, service_name};
 
 /// Annotation that opts a TaskRun (and so its pod) out: `lightstep-tekton.io/inject: "false"`.
-const OPT_OUT_ANNOTATION: &str = "lightstep-tekton.io/inject";
+pub const OPT_OUT_ANNOTATION: &str = "lightstep-tekton.io/inject";
 /// Marker annotation: which policy (name and fingerprint) produced the patch.
 pub const MARKER_ANNOTATION: &str = "lightstep-tekton.io/injected";
 

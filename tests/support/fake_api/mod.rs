@@ -7,6 +7,9 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod receiver;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 

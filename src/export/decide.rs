@@ -1,0 +1,237 @@
+//! Which runs are due for export, and what their marker says: pure, cached facts in, a verdict
+//! out, so every rule is tested without a cluster.
+//!
+//! A run is due when:
+//! - it finished: its `Succeeded` condition is `True` or `False` (its time: `completionTime`,
+//!   else the condition's `lastTransitionTime`);
+//! - it is not marked: no `lightstep-tekton.io/exported` annotation (whatever its value);
+//! - it is a PipelineRun or a standalone TaskRun: a TaskRun with a `tekton.dev/pipelineRunUID`
+//!   label is exported with its PipelineRun, never on its own;
+//! - it was not opted out: no `lightstep-tekton.io/inject: "false"` annotation (the webhook left
+//!   its pods alone too);
+//! - it finished after the exporter started, or within `--backfill` before, so a first install
+//!   on a busy cluster does not send the history of every run the cluster still keeps;
+//! - its namespace is served ([`in_scope`]).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::admission::decide::OPT_OUT_ANNOTATION;
+use crate::contract::tekton::PIPELINE_RUN_UID;
+use crate::policy::Policy;
+use crate::policy::resource::PolicyMode;
+use crate::policy::selection::Selected;
+use crate::spans::objects::{Condition, Metadata, PipelineRun, TaskRun, succeeded};
+use crate::spans::tree::RunResult;
+
+pub use crate::cluster::runs::EXPORTED_ANNOTATION;
+/// The link to the run's trace, from the policy's `runSpans.traceUrl`.
+pub const TRACE_URL_ANNOTATION: &str = "lightstep-tekton.io/trace-url";
+/// The values of the namespace label that opt a namespace in (as the webhook's
+/// `namespaceSelector`s read it).
+pub const SERVED_VALUES: [&str; 2] = ["enabled", "enforced"];
+
+/// When the exporter started and how far back it looks.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub started: Timestamp,
+    pub backfill: Duration,
+}
+
+/// Why a run is not due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotDue {
+    Running,
+    Marked,
+    /// A TaskRun of a PipelineRun: exported with it.
+    InPipeline,
+    OptedOut,
+    /// Finished longer than `--backfill` before the exporter started.
+    BeforeBackfill,
+}
+
+/// A finished run's outcome, as the tree and the metrics name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    pub at: Timestamp,
+    pub result: RunResult,
+}
+
+/// Whether a PipelineRun is due (see the module documentation; scope is [`in_scope`]).
+pub fn pipeline_run_due(run: &PipelineRun, window: Window) -> Result<Finished, NotDue> {
+    let status = run.status.as_ref().ok_or(NotDue::Running)?;
+    let finished = finished(&status.conditions, status.completion_time.as_ref())?;
+    common(&run.metadata, finished, window)
+}
+
+/// Whether a TaskRun is due on its own.
+pub fn task_run_due(run: &TaskRun, window: Window) -> Result<Finished, NotDue> {
+    if run.metadata.label(PIPELINE_RUN_UID).is_some() {
+        return Err(NotDue::InPipeline);
+    }
+    task_run_finished(run).and_then(|f| common(&run.metadata, f, window))
+}
+
+/// Whether a TaskRun finished (for a PipelineRun's children, which are never due on their own).
+pub fn task_run_finished(run: &TaskRun) -> Result<Finished, NotDue> {
+    let status = run.status.as_ref().ok_or(NotDue::Running)?;
+    finished(&status.conditions, status.completion_time.as_ref())
+}
+
+fn finished(
+    conditions: &[Condition],
+    completion: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+) -> Result<Finished, NotDue> {
+    let condition = succeeded(conditions).ok_or(NotDue::Running)?;
+    let ok = match condition.status.as_str() {
+        "True" => true,
+        "False" => false,
+        _ => return Err(NotDue::Running),
+    };
+    let at = completion
+        .or(condition.last_transition_time.as_ref())
+        .ok_or(NotDue::Running)?;
+    Ok(Finished {
+        at: at.0,
+        result: RunResult::of(ok, condition.reason.as_deref().unwrap_or("")),
+    })
+}
+
+fn common(metadata: &Metadata, finished: Finished, window: Window) -> Result<Finished, NotDue> {
+    let annotations = metadata.annotations.as_ref();
+    if annotations.is_some_and(|a| a.contains_key(EXPORTED_ANNOTATION)) {
+        return Err(NotDue::Marked);
+    }
+    if annotations
+        .and_then(|a| a.get(OPT_OUT_ANNOTATION))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"))
+    {
+        return Err(NotDue::OptedOut);
+    }
+    let backfill = SignedDuration::try_from(window.backfill).unwrap_or(SignedDuration::MAX);
+    let earliest = window
+        .started
+        .checked_sub(backfill)
+        .unwrap_or(Timestamp::MIN);
+    if finished.at < earliest {
+        return Err(NotDue::BeforeBackfill);
+    }
+    Ok(finished)
+}
+
+/// The policy a namespace's runs are exported under, or `None` when they are not exported:
+/// the namespace is unknown or not labelled `label` = `enabled`/`enforced`, the selected
+/// TracingPolicy is in `audit` mode (audit changes nothing the users see: no pod patches, so no
+/// spans either), or the policy leaves `runSpans.enabled` off (run spans are opt-in).
+pub fn in_scope<'a>(
+    labels: Option<&BTreeMap<String, String>>,
+    label: &str,
+    selected: Selected<'a>,
+) -> Option<&'a Policy> {
+    let value = labels?.get(label)?;
+    if !SERVED_VALUES.contains(&value.as_str()) {
+        return None;
+    }
+    if selected.mode == PolicyMode::Audit || !selected.policy.run_spans.enabled {
+        return None;
+    }
+    Some(selected.policy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::selection::{Fallback, Selected};
+    use crate::spans::objects::PipelineRunStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+    }
+
+    fn run(
+        status: &str,
+        reason: &str,
+        completed: i64,
+        annotations: &[(&str, &str)],
+    ) -> PipelineRun {
+        PipelineRun {
+            metadata: Metadata {
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                ),
+                ..Metadata::default()
+            },
+            status: Some(PipelineRunStatus {
+                conditions: vec![Condition {
+                    type_: "Succeeded".into(),
+                    status: status.into(),
+                    reason: Some(reason.into()),
+                    ..Condition::default()
+                }],
+                completion_time: Some(Time(at(completed))),
+                ..PipelineRunStatus::default()
+            }),
+        }
+    }
+
+    const WINDOW: Window = Window {
+        started: Timestamp::constant(1_800_000_000, 0),
+        backfill: Duration::from_secs(900),
+    };
+
+    #[test]
+    fn finished_unmarked_runs_within_the_window_are_due() {
+        let due = pipeline_run_due(&run("False", "Failed", 5, &[]), WINDOW).unwrap();
+        assert_eq!(due.result, RunResult::Failure);
+        assert!(pipeline_run_due(&run("True", "Succeeded", -900, &[]), WINDOW).is_ok());
+        assert_eq!(
+            pipeline_run_due(&run("True", "Succeeded", -901, &[]), WINDOW),
+            Err(NotDue::BeforeBackfill)
+        );
+        assert_eq!(
+            pipeline_run_due(&run("Unknown", "Running", 5, &[]), WINDOW),
+            Err(NotDue::Running)
+        );
+        assert_eq!(
+            pipeline_run_due(
+                &run("True", "Succeeded", 5, &[(EXPORTED_ANNOTATION, "x")]),
+                WINDOW
+            ),
+            Err(NotDue::Marked)
+        );
+        assert_eq!(
+            pipeline_run_due(
+                &run("True", "Succeeded", 5, &[(OPT_OUT_ANNOTATION, "false")]),
+                WINDOW
+            ),
+            Err(NotDue::OptedOut)
+        );
+    }
+
+    #[test]
+    fn only_served_namespaces_with_run_spans_on_are_in_scope() {
+        let mut on = Policy::embedded_default();
+        on.run_spans.enabled = true;
+        let off = Policy::embedded_default();
+        let label = "lightstep-tekton.io/inject";
+        let labels = |v: &str| BTreeMap::from([(label.to_owned(), v.to_owned())]);
+        let pick = |p| Selected::fallback(p, Fallback::NoMatch);
+        assert!(in_scope(Some(&labels("enabled")), label, pick(&on)).is_some());
+        assert!(in_scope(Some(&labels("enforced")), label, pick(&on)).is_some());
+        assert!(in_scope(Some(&labels("disabled")), label, pick(&on)).is_none());
+        assert!(in_scope(Some(&BTreeMap::new()), label, pick(&on)).is_none());
+        assert!(in_scope(None, label, pick(&on)).is_none());
+        assert!(in_scope(Some(&labels("enabled")), label, pick(&off)).is_none());
+        let audit = Selected {
+            mode: PolicyMode::Audit,
+            ..pick(&on)
+        };
+        assert!(in_scope(Some(&labels("enabled")), label, audit).is_none());
+    }
+}
