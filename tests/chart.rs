@@ -413,7 +413,37 @@ fn check_monitoring(install: &Install) {
         .flat_map(|g| g["rules"].as_array().unwrap())
         .map(|r| r["alert"].as_str().unwrap())
         .collect();
-    for wanted in ["Errors", "EnforceDenials", "CertificateExpiry"] {
+    // The exporter's pods are scraped by a PodMonitor on their admin port.
+    let exporter = install.exporter.as_deref().expect("decoded");
+    let pods = exporter
+        .monitoring
+        .iter()
+        .find(|o| o["kind"] == "PodMonitor")
+        .expect("a PodMonitor for the exporter");
+    let exporter = exporter.deployment();
+    let template = &exporter.spec.as_ref().unwrap().template;
+    let pod_labels = template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    let selector: std::collections::BTreeMap<String, String> =
+        serde_json::from_value(pods["spec"]["selector"]["matchLabels"].clone()).unwrap();
+    assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+    let port = pods["spec"]["podMetricsEndpoints"][0]["port"]
+        .as_str()
+        .unwrap();
+    let ports = template.spec.as_ref().unwrap().containers[0]
+        .ports
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        ports.iter().any(|p| p.name.as_deref() == Some(port)),
+        "{port}"
+    );
+    for wanted in [
+        "Errors",
+        "EnforceDenials",
+        "CertificateExpiry",
+        "ExporterLag",
+        "ExporterRunsLost",
+    ] {
         assert!(
             alerts.iter().any(|a| a.ends_with(wanted)),
             "{wanted}: {alerts:?}"

@@ -242,7 +242,10 @@ impl Install {
                     assert!(object["spec"].is_object(), "{object}");
                     install.cert_manager.push(object.clone());
                 }
-                ("monitoring.coreos.com/v1", "ServiceMonitor" | "PrometheusRule") => {
+                (
+                    "monitoring.coreos.com/v1",
+                    "ServiceMonitor" | "PodMonitor" | "PrometheusRule",
+                ) => {
                     assert!(object["metadata"]["name"].is_string(), "{object}");
                     assert_eq!(object["metadata"]["namespace"], NAMESPACE, "{object}");
                     assert!(object["spec"].is_object(), "{object}");
