@@ -95,14 +95,14 @@ deploy: $(if $(filter self-signed,$(OVERLAY)),$(CERTS_DIR)/tls.crt) ## Apply an 
 # is no reason to make a new CA. The Secret's name is fixed in that overlay's kustomization.
 # KEEP_TRACING_POLICIES=1 deletes by name everything but the CRD, whose deletion would take every
 # TracingPolicy in the cluster with it: the namespace (with all the namespaced objects of either
-# overlay), and the cluster-scoped RBAC.
+# overlay), and the cluster-scoped RBAC of the webhook and the exporter.
 TLS_SECRET := lightstep-tekton-webhook-tls
 KEEP_TRACING_POLICIES ?=
 undeploy: ## Delete what deploy applied, the TracingPolicy CRD too unless KEEP_TRACING_POLICIES=1 (OVERLAY=cert-manager|self-signed)
 	$(KUBECTL) delete --ignore-not-found mutatingwebhookconfiguration,validatingwebhookconfiguration $(SERVICE)
 ifneq ($(KEEP_TRACING_POLICIES),)
 	$(KUBECTL) delete --ignore-not-found namespace $(NAMESPACE)
-	$(KUBECTL) delete --ignore-not-found clusterrolebinding,clusterrole $(SERVICE)
+	$(KUBECTL) delete --ignore-not-found clusterrolebinding,clusterrole $(SERVICE) $(SERVICE)-exporter
 else ifeq ($(OVERLAY),self-signed)
 	$(KUBECTL) -n $(NAMESPACE) delete --ignore-not-found secret $(TLS_SECRET)
 	$(KUBECTL) delete --ignore-not-found -k manifests/base
