@@ -37,6 +37,9 @@ enum Command {
     /// Preview the spans of finished PipelineRuns/TaskRuns (JSON or YAML) without a cluster.
     Spans(spans::preview::SpansArgs),
     /// Export finished PipelineRuns/TaskRuns of opted-in namespaces as spans, once each.
+    ///
+    /// Only runs under a policy whose `runSpans.enabled` is true are exported (run spans are
+    /// opt-in in the policy; the Helm chart turns them on with the exporter).
     Export(Box<export::command::ExportArgs>),
 }
 

@@ -9,6 +9,7 @@ mod support {
     pub mod fake_api;
     pub mod http;
     pub mod poll;
+    pub mod rbac;
     pub mod tmp;
 }
 
@@ -16,11 +17,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command};
+use support::rbac::{granted, install_rules};
 
-use k8s_openapi::api::rbac::v1::PolicyRule;
 use lightstep_tekton_webhook::cluster::EXPORTER_LEASE;
 use lightstep_tekton_webhook::contract::derive_trace_id;
-use serde::Deserialize as _;
 use serde_json::{Value, json};
 use support::fake_api::cluster::{FakeCluster, Seen};
 use support::fake_api::receiver::Receiver;
@@ -524,33 +524,12 @@ async fn a_dry_run_prints_each_run_once_and_writes_nothing() {
     );
 }
 
-/// Whether rules grant (group, resource, verb), on the exporter's Lease where a rule names
-/// the objects it covers.
-fn granted(rules: &[PolicyRule], group: &str, resource: &str, verb: &str) -> bool {
-    rules.iter().any(|r| {
-        r.api_groups.iter().flatten().any(|g| g == group)
-            && r.resources.iter().flatten().any(|x| x == resource)
-            && r.verbs.iter().any(|v| v == verb)
-            && r.resource_names
-                .as_ref()
-                .is_none_or(|names| verb != "create" && names.iter().any(|n| n == EXPORTER_LEASE))
-    })
-}
-
-/// The rules of the install's exporter ClusterRole or Role (`kind`), from manifests/base.
-fn exporter_role(kind: &str) -> Vec<PolicyRule> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("manifests/base/exporter.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    serde_norway::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).unwrap())
-        .find(|v| v["kind"] == kind)
-        .map(|v| serde_json::from_value(v["rules"].clone()).unwrap())
-        .unwrap_or_else(|| panic!("a {kind} in {}", path.display()))
-}
-
 /// Every request is one the exporter's ClusterRole (or, for its Lease, its Role) grants.
 fn within_rbac(seen: &[Seen]) {
-    let (cluster_role, role) = (exporter_role("ClusterRole"), exporter_role("Role"));
+    let (cluster_role, role) = (
+        install_rules("exporter.yaml", "ClusterRole"),
+        install_rules("exporter.yaml", "Role"),
+    );
     let leases = format!("/apis/coordination.k8s.io/v1/namespaces/{INSTALL_NAMESPACE}/leases");
     let lease = format!("{leases}/{EXPORTER_LEASE}");
     for r in seen {
@@ -584,7 +563,7 @@ fn within_rbac(seen: &[Seen]) {
             other => panic!("unexpected API request {other:?}"),
         };
         assert!(
-            granted(rules, group, resource, verb),
+            granted(rules, group, resource, verb, EXPORTER_LEASE),
             "{} {}?{} needs {verb} on {group}/{resource}, which the exporter's RBAC does not grant",
             r.method,
             r.path,

@@ -11,6 +11,7 @@
 mod support {
     pub mod http;
     pub mod poll;
+    pub mod rbac;
     pub mod review;
     pub mod tmp;
 }
@@ -18,15 +19,13 @@ mod support {
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use support::rbac::{granted, install_rules};
 
-use k8s_openapi::api::rbac::v1::PolicyRule;
 use lightstep_tekton_webhook::cluster::WEBHOOK_LEASE;
-use serde::Deserialize as _;
 use serde_json::{Value, json};
 use support::http::{client_config, request};
 use support::poll::eventually_blocking as eventually;
@@ -221,32 +220,6 @@ fn namespace(name: &str, labels: &[(&str, &str)]) -> Value {
            "metadata": {"name": name, "labels": all}})
 }
 
-/// Whether rules grant a request: (API group, resource, verb), on the webhook's Lease where a
-/// rule names the objects it covers.
-fn granted(rules: &[PolicyRule], group: &str, resource: &str, verb: &str) -> bool {
-    rules.iter().any(|r| {
-        r.api_groups.iter().flatten().any(|g| g == group)
-            && r.resources.iter().flatten().any(|x| x == resource)
-            && r.verbs.iter().any(|v| v == verb)
-            && r.resource_names
-                .as_ref()
-                .is_none_or(|names| verb != "create" && names.iter().any(|n| n == WEBHOOK_LEASE))
-    })
-}
-
-/// The rules of the install's ClusterRole, or of its Role (in the install's namespace): `kind`.
-fn install_role(kind: &str) -> Vec<PolicyRule> {
-    let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("manifests/base/rbac.yaml"),
-    )
-    .unwrap();
-    serde_norway::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).unwrap())
-        .find(|v| v["kind"] == kind)
-        .map(|v| serde_json::from_value(v["rules"].clone()).unwrap())
-        .unwrap_or_else(|| panic!("a {kind} in rbac.yaml"))
-}
-
 #[test]
 fn serve_watches_decides_from_the_caches_writes_status_and_stays_within_its_rbac() {
     let api = FakeApi::start(
@@ -363,7 +336,10 @@ fn serve_watches_decides_from_the_caches_writes_status_and_stays_within_its_rbac
 
     // Every call the server made is one the ClusterRole (or, for the Lease, the Role) grants.
     let seen = api.seen();
-    let (cluster_role, role) = (install_role("ClusterRole"), install_role("Role"));
+    let (cluster_role, role) = (
+        install_rules("rbac.yaml", "ClusterRole"),
+        install_rules("rbac.yaml", "Role"),
+    );
     for r in &seen {
         let watch = r
             .query
@@ -395,7 +371,7 @@ fn serve_watches_decides_from_the_caches_writes_status_and_stays_within_its_rbac
             other => panic!("unexpected API request {other:?}"),
         };
         assert!(
-            granted(rules, group, resource, verb),
+            granted(rules, group, resource, verb, WEBHOOK_LEASE),
             "{} {}?{} needs {verb} on {group}/{resource}, which rbac.yaml does not grant",
             r.method,
             r.path,

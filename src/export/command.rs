@@ -15,6 +15,7 @@ use super::controller::{Controller, Settings};
 use super::metrics::ExportMetrics;
 use crate::cluster::runs::RunWatch;
 use crate::cluster::{self, ClusterArgs, EXPORTER_LEASE, LeaderElection};
+use crate::policy::args::PolicyArgs;
 use crate::policy::loader::{LoadError, PolicyReload, PolicyStore};
 use crate::runtime::admin::{self, BindError, Readiness};
 use crate::runtime::args::{AdminArgs, TelemetryArgs};
@@ -43,17 +44,8 @@ const ADMIN_LIMITS: admin::AdminLimits = admin::AdminLimits {
 /// Process settings of `export`.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// Policy file (YAML); the embedded default when omitted. Its `runSpans.enabled` must be
-    /// true for runs to be exported (run spans are opt-in); re-read when it changes.
-    #[arg(long, value_name = "FILE", env = "LIGHTSTEP_TEKTON_POLICY")]
-    policy: Option<PathBuf>,
-
-    /// Choose each namespace's policy among the cluster's TracingPolicies, as the webhook does;
-    /// --policy applies where none matches.
-    #[arg(long, env = "LIGHTSTEP_TEKTON_WATCH_TRACING_POLICIES", value_name = "BOOL",
-          action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false,
-          default_missing_value = "true")]
-    watch_tracing_policies: bool,
+    #[command(flatten)]
+    policy: PolicyArgs,
 
     /// The namespace label whose value `enabled` or `enforced` opts a namespace's runs in.
     #[arg(long, value_name = "KEY", default_value = "lightstep-tekton.io/inject")]
@@ -120,14 +112,14 @@ pub enum ExportError {
 pub fn run(args: ExportArgs) -> ExitCode {
     let telemetry = args.telemetry.clone();
     bootstrap::run("export", &telemetry, |shutdown| async move {
-        let policy = Arc::new(PolicyStore::load(args.policy.clone()));
+        let policy = Arc::new(PolicyStore::load(args.policy.policy.clone()));
         if let Some(reason) = policy.refused() {
             tracing::error!(%reason, "the policy file is invalid: only runs a TracingPolicy selects are exported until it is fixed");
         }
         let mut registry = Registry::new();
         let component = registry.component(EXPORTER);
         let metrics = ExportMetrics::register(component);
-        let watch = RunWatch::connect(args.watch_tracing_policies, component).await?;
+        let watch = RunWatch::connect(args.policy.watch_tracing_policies, component).await?;
         let election = match args.dry_run {
             true => None,
             false => Some(LeaderElection::new(

@@ -22,16 +22,6 @@ const RESULTS: [RunResult; 5] = [
     RunResult::Cancellation,
     RunResult::Error,
 ];
-const CAUSES: [Cause; 8] = [
-    Cause::Unavailable,
-    Cause::Throttled,
-    Cause::Rejected,
-    Cause::Unauthenticated,
-    Cause::Timeout,
-    Cause::Transport,
-    Cause::Tls,
-    Cause::Server,
-];
 
 /// Seconds from a run's completion to its export: from a healthy exporter's second or two to
 /// the hour a backend outage may last (longer lands in +Inf).
@@ -164,7 +154,7 @@ impl ExportMetrics {
             }
             metrics.lost_counter(kind);
         }
-        for cause in CAUSES {
+        for cause in Cause::ALL {
             metrics.error_counter(cause.as_str());
         }
         metrics.error_counter(CAUSE_CONFIG);

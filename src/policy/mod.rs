@@ -15,6 +15,7 @@ mod resolve;
 mod spec;
 mod template;
 
+pub mod args;
 pub mod loader;
 pub mod resource;
 pub mod run_spans;

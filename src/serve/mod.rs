@@ -18,6 +18,7 @@ use clap::Args;
 
 use crate::certs;
 use crate::cluster;
+use crate::policy::args::PolicyArgs;
 use crate::runtime::admin::BindError;
 use crate::runtime::args::{AdminArgs, TelemetryArgs, TlsArgs};
 use crate::runtime::bootstrap;
@@ -72,18 +73,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     tls: TlsArgs,
 
-    /// Policy file (YAML); the embedded default (Lightstep profile) when omitted. Re-read when it
-    /// changes; an invalid new version is refused and the previous one kept.
-    #[arg(long, value_name = "FILE", env = "LIGHTSTEP_TEKTON_POLICY")]
-    policy: Option<PathBuf>,
-
-    /// Choose each pod's policy among the cluster's TracingPolicies (watched, with the
-    /// namespaces' labels; needs the in-cluster service account or KUBECONFIG); --policy applies
-    /// where none matches. /readyz waits until both are listed.
-    #[arg(long, env = "LIGHTSTEP_TEKTON_WATCH_TRACING_POLICIES", value_name = "BOOL",
-          action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false,
-          default_missing_value = "true")]
-    watch_tracing_policies: bool,
+    #[command(flatten)]
+    policy: PolicyArgs,
 
     /// Leader election for TracingPolicy status writes (with --watch-tracing-policies).
     #[command(flatten)]
@@ -261,8 +252,8 @@ fn settings(args: &ServeArgs) -> Result<Settings, ServeError> {
         listen,
         metrics_listen: Some(metrics_listen),
         tls,
-        policy: args.policy.clone(),
-        watch_tracing_policies: args.watch_tracing_policies,
+        policy: args.policy.policy.clone(),
+        watch_tracing_policies: args.policy.watch_tracing_policies,
         cluster: args.cluster.clone(),
         limits: Limits::new(
             args.max_connections,

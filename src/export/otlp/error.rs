@@ -26,6 +26,19 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// Every cause, in label order: what metrics initialise to 0. `as_str`'s match stops
+    /// compiling when a variant is added; add it here too.
+    pub const ALL: [Cause; 8] = [
+        Cause::Unavailable,
+        Cause::Throttled,
+        Cause::Rejected,
+        Cause::Unauthenticated,
+        Cause::Timeout,
+        Cause::Transport,
+        Cause::Tls,
+        Cause::Server,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Cause::Unavailable => "unavailable",
@@ -169,17 +182,7 @@ mod tests {
 
     #[test]
     fn labels_are_stable() {
-        let all = [
-            Cause::Unavailable,
-            Cause::Throttled,
-            Cause::Rejected,
-            Cause::Unauthenticated,
-            Cause::Timeout,
-            Cause::Transport,
-            Cause::Tls,
-            Cause::Server,
-        ];
-        let labels: Vec<_> = all.iter().map(|c| c.as_str()).collect();
+        let labels: Vec<_> = Cause::ALL.iter().map(|c| c.as_str()).collect();
         assert_eq!(
             labels,
             [
