@@ -474,17 +474,7 @@ pub fn check_common(install: &Install, expect: &Expect) {
     }
 
     // PodDisruptionBudget over the same pods.
-    assert_eq!(install.pdbs.len(), 1);
-    let pdb = install.pdbs[0].spec.as_ref().unwrap();
-    assert!(selects_pods(
-        pdb.selector
-            .as_ref()
-            .unwrap()
-            .match_labels
-            .as_ref()
-            .unwrap()
-    ));
-    assert_eq!(pdb.min_available, Some(IntOrString::Int(1)));
+    check_pdb(&install.pdbs, &selects_pods);
 
     // Service: selects the pods; 443 → https (8443) and the metrics port.
     let service = install.service();
@@ -810,16 +800,24 @@ pub fn check_exporter(install: &Install, expect: &Expect, policy_map: &str) {
     assert_eq!(exporter.role_bindings.len(), 1);
 
     // A PodDisruptionBudget keeps one replica through drains.
-    assert_eq!(exporter.pdbs.len(), 1);
-    let pdb = exporter.pdbs[0].spec.as_ref().unwrap();
-    assert!(selects_pods(
-        pdb.selector
-            .as_ref()
-            .unwrap()
-            .match_labels
-            .as_ref()
-            .unwrap()
-    ));
+    check_pdb(&exporter.pdbs, &selects_pods);
+}
+
+/// One PodDisruptionBudget, over the component's pods, keeping one of them through drains.
+fn check_pdb(
+    pdbs: &[PodDisruptionBudget],
+    selects_pods: &dyn Fn(&BTreeMap<String, String>) -> bool,
+) {
+    assert_eq!(pdbs.len(), 1);
+    let pdb = pdbs[0].spec.as_ref().unwrap();
+    let selector = pdb
+        .selector
+        .as_ref()
+        .unwrap()
+        .match_labels
+        .as_ref()
+        .unwrap();
+    assert!(selects_pods(selector));
     assert_eq!(pdb.min_available, Some(IntOrString::Int(1)));
 }
 

@@ -35,14 +35,30 @@ impl<T> Outcome for Option<T> {
     }
 }
 
+/// One check against the deadline: its value, or `None` to check again (failing the test, with
+/// `log()`, once the deadline has passed).
+fn attempt<R: Outcome>(
+    what: &str,
+    log: &dyn Fn() -> String,
+    deadline: Instant,
+    outcome: R,
+) -> Option<R::Value> {
+    let value = outcome.done();
+    assert!(
+        value.is_some() || Instant::now() < deadline,
+        "never: {what}\n{}",
+        log()
+    );
+    value
+}
+
 /// Polls `check` until it holds (or returns a value) or [`DEADLINE`] passes.
 pub async fn eventually<R: Outcome>(what: &str, mut check: impl AsyncFnMut() -> R) -> R::Value {
     let deadline = Instant::now() + DEADLINE;
     loop {
-        if let Some(value) = check().await.done() {
+        if let Some(value) = attempt(what, &String::new, deadline, check().await) {
             return value;
         }
-        assert!(Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(ASYNC_INTERVAL).await;
     }
 }
@@ -56,15 +72,15 @@ pub fn eventually_blocking<R: Outcome>(
 ) -> R::Value {
     let deadline = Instant::now() + DEADLINE;
     loop {
-        if let Some(value) = check().done() {
+        if let Some(value) = attempt(what, log, deadline, check()) {
             return value;
         }
-        assert!(Instant::now() < deadline, "never: {what}\n{}", log());
         std::thread::sleep(BLOCKING_INTERVAL);
     }
 }
 
-/// [`eventually`] with a synchronous check, printing `log()` (a child's output) on failure.
+/// [`eventually_blocking`] inside a runtime: a synchronous check (reading a child's state),
+/// printing `log()` on failure.
 pub async fn eventually_logged<R: Outcome>(
     what: &str,
     log: &dyn Fn() -> String,
@@ -72,10 +88,9 @@ pub async fn eventually_logged<R: Outcome>(
 ) -> R::Value {
     let deadline = Instant::now() + DEADLINE;
     loop {
-        if let Some(value) = check().done() {
+        if let Some(value) = attempt(what, log, deadline, check()) {
             return value;
         }
-        assert!(Instant::now() < deadline, "never: {what}\n{}", log());
         tokio::time::sleep(BLOCKING_INTERVAL).await;
     }
 }
