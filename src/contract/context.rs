@@ -1,7 +1,7 @@
 //! Which trace context a TaskRun attempt's steps are given: Tekton's own, or one derived from the
 //! run's uids. The webhook applies this to a pod at admission; the exporter applies it to the
 //! TaskRun object after the run, and both get the same answer from the same
-//! [`TaskRunFacts`](super::tekton::TaskRunFacts).
+//! [`TaskRunFacts`].
 
 use super::ids::{derive_span_id, derive_step_span_id, derive_trace_id, sampled};
 use super::tekton::TaskRunFacts;

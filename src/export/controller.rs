@@ -176,7 +176,7 @@ impl Controller {
         runs.synced() && cluster.synced()
     }
 
-    /// Runs until `shutdown`; then waits (at most [`SHUTDOWN_GRACE`]) for exports in flight.
+    /// Runs until `shutdown`; then waits (at most `SHUTDOWN_GRACE`) for exports in flight.
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<RunEvent>,

@@ -4,7 +4,7 @@
 //! `serve` and the `mutate` preview both load through here, so a file the preview accepts is a
 //! file the server accepts, with the same one-line error naming the flag, the path and the field.
 //!
-//! The store re-reads its file through [`FileSet`] (paths polled, contents compared), so a
+//! The store re-reads its file through `FileSet` (paths polled, contents compared), so a
 //! ConfigMap update that swaps the mounted `..data` symlink is seen. A new version that does not
 //! validate is refused and the previous policy stays in force: an edit with a typo must not turn
 //! tracing off, nor point it somewhere nobody chose.

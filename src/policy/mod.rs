@@ -1,7 +1,7 @@
 //! What to inject: the tracing policy, its YAML schema, the embedded default and validation.
 //!
-//! A policy is written as a [`PolicySpec`] (every field optional, camelCase YAML; [`spec`]) and
-//! resolved against a *profile* into a [`Policy`] ([`resolve`]), a plain value with every field
+//! A policy is written as a [`PolicySpec`] (every field optional, camelCase YAML; `spec`) and
+//! resolved against a *profile* into a [`Policy`] (`resolve`), a plain value with every field
 //! decided. The split keeps the document short for the common cases (`profile: lightstep` with
 //! nothing else, or `profile: otlp` with an endpoint) and lets the same spec arrive as a custom
 //! resource ([`resource`]); [`selection`] chooses among those for a namespace.

@@ -18,7 +18,7 @@
 //!   first; an object that still does not decode (a CRD newer than the webhook) is kept apart as
 //!   invalid, with the decoder's message in its status, instead of failing the whole watch.
 //! - The schema carries the rules the API server can check by itself (the sampling ratio's
-//!   range, the enums, the URL and Secret patterns; see [`crate::policy::spec`]), and the
+//!   range, the enums, the URL and Secret patterns; see `crate::policy::spec`), and the
 //!   validating webhook (`/validate`, [`crate::admission::validate`]) refuses the rest at apply
 //!   time. A policy that gets past both (applied while the webhook was down, say a template
 //!   with an unknown field) is kept and never applied; its status says which field is wrong.

@@ -6,8 +6,8 @@
 //! port is bound before the command reports itself started, so a bad `--metrics-listen` fails
 //! the start instead of a scrape.
 //!
-//! It is served like the webhook's port ([`crate::runtime::http1`]), with at most
-//! [`MAX_CONNECTIONS`] connections, the same header and write timeouts, a 32 KiB request head,
+//! It is served like the webhook's port (`crate::runtime::http1`), with at most
+//! `MAX_CONNECTIONS` connections, the same header and write timeouts, a 32 KiB request head,
 //! and HTTP/1.1 only: a port that needs no certificate is the easiest one to hold open.
 
 use std::net::SocketAddr;
@@ -53,7 +53,7 @@ pub(crate) async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpList
 pub(crate) type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// How the admin port bounds its clients: at most `max_connections` connections (capped at
-/// [`MAX_CONNECTIONS`]), each within the header and write timeouts.
+/// `MAX_CONNECTIONS`), each within the header and write timeouts.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AdminLimits {
     pub(crate) max_connections: u32,

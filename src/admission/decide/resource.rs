@@ -34,7 +34,7 @@ pub(super) const ATTRIBUTE_VALUE_MAX: usize = 255;
 /// TaskRun's name. `escape` is applied to every value read off the run (the webhook escapes `$`
 /// for the env list; the run-span exporter passes values through), so the steps' telemetry and
 /// the run spans land in one service. Each value read off the run is first clipped to
-/// [`ATTRIBUTE_VALUE_MAX`] bytes.
+/// `ATTRIBUTE_VALUE_MAX` bytes.
 pub fn service_name(
     policy: &Policy,
     facts: &TaskRunFacts<'_>,
@@ -63,7 +63,7 @@ pub fn service_name(
 }
 
 /// The run's attributes ([`contract::attributes`]) then the policy's own, values encoded and
-/// clipped to [`ATTRIBUTE_VALUE_MAX`] bytes.
+/// clipped to `ATTRIBUTE_VALUE_MAX` bytes.
 pub fn resource_attributes(
     pod: &Pod,
     facts: &TaskRunFacts<'_>,
@@ -85,7 +85,7 @@ pub fn resource_attributes(
 }
 
 /// Percent-encodes the longest prefix of a value (whole characters) whose encoding fits in
-/// [`ATTRIBUTE_VALUE_MAX`] bytes. The loop stops at the bound, so a huge value costs no more than
+/// `ATTRIBUTE_VALUE_MAX` bytes. The loop stops at the bound, so a huge value costs no more than
 /// a short one.
 fn encode_attribute(value: &str) -> String {
     let mut budget = ATTRIBUTE_VALUE_MAX;

@@ -2,7 +2,7 @@
 //! Lightstep, or an [`ExportError`] with a stable [`Cause`] label and whether it may pass.
 //!
 //! - **Protocols**: gRPC (`TraceService/Export`, tonic's generated client) and HTTP/protobuf
-//!   (`POST` to the traces URL); see [`config`] for the endpoint rules. The Lightstep default,
+//!   (`POST` to the traces URL); see `config` for the endpoint rules. The Lightstep default,
 //!   `https://ingest.lightstep.com:443` over gRPC, is [`Settings::default`].
 //! - **TLS** through rustls with ring, trusting the platform's roots plus an optional CA file;
 //!   `http://` goes in the clear, for a collector in the cluster.

@@ -3,7 +3,7 @@
 //! Each answered AdmissionReview gets exactly one log line ([`record_admission`]) with uid,
 //! namespace, pod, mode, decision and duration, and each refused request one line
 //! (`record_rejection`); both count in the metrics. Every value taken from the request is
-//! clipped ([`telemetry::clipped`]) and, in text logs, escaped, so one request is one bounded
+//! clipped (`telemetry::clipped`) and, in text logs, escaped, so one request is one bounded
 //! line. Nothing secret is logged or counted: the
 //! reply's patch refers to the token Secret by name.
 //!
