@@ -348,21 +348,7 @@ pub fn port_of(addr: &str) -> i32 {
 
 /// Checks that hold for the base, whichever overlay provides the certificate.
 pub fn check_common(install: &Install, expect: &Expect) {
-    let pod_labels = install
-        .deployment()
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .labels
-        .clone()
-        .unwrap();
-    let selects_pods = |selector: &BTreeMap<String, String>| {
-        !selector.is_empty() && selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
-    };
+    let selects_pods = pod_selector(install.deployment());
 
     // Namespace and ServiceAccount.
     if expect.namespace_object {
@@ -620,17 +606,7 @@ pub fn check_exporter(install: &Install, expect: &Expect, policy_map: &str) {
     assert_eq!(deployment.metadata.namespace.as_deref(), Some(NAMESPACE));
     let spec = deployment.spec.as_ref().unwrap();
     assert_eq!(spec.replicas, Some(replicas));
-    let pod_labels = spec
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .labels
-        .clone()
-        .unwrap();
-    let selects_pods = |selector: &BTreeMap<String, String>| {
-        !selector.is_empty() && selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
-    };
+    let selects_pods = pod_selector(deployment);
     assert!(selects_pods(spec.selector.match_labels.as_ref().unwrap()));
     let webhook_labels = install
         .deployment()
@@ -801,6 +777,15 @@ pub fn check_exporter(install: &Install, expect: &Expect, policy_map: &str) {
 
     // A PodDisruptionBudget keeps one replica through drains.
     check_pdb(&exporter.pdbs, &selects_pods);
+}
+
+/// Whether a selector picks a Deployment's pods: a non-empty subset of their labels.
+fn pod_selector(deployment: &Deployment) -> impl Fn(&BTreeMap<String, String>) -> bool {
+    let template = &deployment.spec.as_ref().unwrap().template;
+    let pod_labels = template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    move |selector| {
+        !selector.is_empty() && selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
+    }
 }
 
 /// One PodDisruptionBudget, over the component's pods, keeping one of them through drains.
