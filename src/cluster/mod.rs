@@ -144,7 +144,12 @@ impl Watch {
 
 /// Watches namespaces, and TracingPolicies when `policies`, into `caches`; never returns (the
 /// streams retry forever). Without `policies` the caller has marked the policies listed.
-async fn watch_caches(client: Client, mut caches: Caches, metrics: ClusterMetrics, policies: bool) {
+pub(super) async fn watch_caches(
+    client: Client,
+    mut caches: Caches,
+    metrics: ClusterMetrics,
+    policies: bool,
+) {
     let policies = match policies {
         true => watcher::watcher(
             Api::<DynamicObject>::all_with(client.clone(), &caches::api_resource()),
