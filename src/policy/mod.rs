@@ -82,6 +82,21 @@ pub struct Token {
 }
 
 impl Policy {
+    /// Appends the policy's `resourceAttributes` whose keys `attributes` does not set yet, each
+    /// value through `value` (the webhook percent-encodes; the run spans keep it raw): the one
+    /// rule both the steps' `OTEL_RESOURCE_ATTRIBUTES` and the run spans' resource follow.
+    pub fn add_resource_attributes(
+        &self,
+        attributes: &mut Vec<(String, String)>,
+        value: impl Fn(&str) -> String,
+    ) {
+        for (key, v) in &self.resource_attributes {
+            if !attributes.iter().any(|(k, _)| k == key) {
+                attributes.push((key.clone(), value(v)));
+            }
+        }
+    }
+
     /// The embedded default policy (the Lightstep profile).
     pub fn embedded_default() -> Policy {
         // The embedded document is part of the binary and covered by tests; it cannot fail.

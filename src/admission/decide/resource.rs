@@ -76,11 +76,7 @@ pub fn resource_attributes(
             .into_iter()
             .map(|(k, v)| (k.to_owned(), encode_attribute(&v)))
             .collect();
-    for (key, value) in &policy.resource_attributes {
-        if !out.iter().any(|(k, _)| k == key) {
-            out.push((key.clone(), encode_attribute(value)));
-        }
-    }
+    policy.add_resource_attributes(&mut out, encode_attribute);
     out
 }
 

@@ -340,11 +340,7 @@ impl SpanTree {
         let mut attributes: Vec<(String, String)> = contract
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        for (key, value) in &policy.resource_attributes {
-            if !attributes.iter().any(|(k, _)| k == key) {
-                attributes.push((key.clone(), value.clone()));
-            }
-        }
+        policy.add_resource_attributes(&mut attributes, str::to_owned);
         let resource = SpanResource {
             service_name,
             attributes,
