@@ -165,7 +165,8 @@ pub fn preview(args: &MutateArgs) -> Result<Preview, PreviewError> {
         Some(dir) => Some(loader::read_policy_dir(dir)?),
         None => None,
     };
-    let (path, text) = read_input(&args.input)?;
+    let (path, text) =
+        read_input(&args.input).map_err(|(path, source)| PreviewError::Read { path, source })?;
     preview_text(&path, &text, &policy, policies.as_ref(), args)
 }
 
@@ -178,22 +179,20 @@ fn namespace_labels(args: &MutateArgs, namespace: &str) -> BTreeMap<String, Stri
     labels
 }
 
-fn read_input(input: &str) -> Result<(String, String), PreviewError> {
+/// A preview command's input, `FILE` or `-` for standard input: its name for messages, and its
+/// text (or the name and why it could not be read). Shared by `mutate` and `spans`.
+pub(crate) fn read_input(input: &str) -> Result<(String, String), (String, io::Error)> {
     if input == "-" {
+        let name = "<stdin>".to_owned();
         let mut text = String::new();
-        io::stdin()
-            .read_to_string(&mut text)
-            .map_err(|source| PreviewError::Read {
-                path: "<stdin>".into(),
-                source,
-            })?;
-        Ok(("<stdin>".into(), text))
+        match io::stdin().read_to_string(&mut text) {
+            Ok(_) => Ok((name, text)),
+            Err(e) => Err((name, e)),
+        }
     } else {
-        let text = fs::read_to_string(input).map_err(|source| PreviewError::Read {
-            path: input.into(),
-            source,
-        })?;
-        Ok((input.into(), text))
+        fs::read_to_string(input)
+            .map(|text| (input.to_owned(), text))
+            .map_err(|e| (input.to_owned(), e))
     }
 }
 
@@ -355,7 +354,7 @@ fn mode_line(reply: &admission::Reply, args: &MutateArgs) -> String {
 }
 
 /// JSON documents start with `{`; anything else was read as YAML.
-fn is_yaml(text: &str) -> bool {
+pub(crate) fn is_yaml(text: &str) -> bool {
     !text.trim_start().starts_with('{')
 }
 

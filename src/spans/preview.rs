@@ -4,7 +4,7 @@
 //! objects on: only the reading and the printing are here.
 
 use std::fmt::Write as _;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -99,7 +99,12 @@ pub fn preview(args: &SpansArgs) -> Result<String, PreviewError> {
     let mut policy = crate::policy::loader::read_policy(args.policy.as_deref())
         .map_err(|e| PreviewError::Policy(e.to_string()))?;
     override_run_spans(args, &mut policy.run_spans)?;
-    let text = read_input(&args.input)?;
+    let (_, text) = crate::admission::preview::read_input(&args.input).map_err(|(path, e)| {
+        PreviewError::Read {
+            path,
+            reason: e.kind().to_string(),
+        }
+    })?;
     let objects = objects(&text)?;
     if objects.is_empty() {
         return Err(PreviewError::Empty);
@@ -170,28 +175,10 @@ fn override_run_spans(args: &SpansArgs, options: &mut RunSpans) -> Result<(), Pr
     Ok(())
 }
 
-fn read_input(input: &str) -> Result<String, PreviewError> {
-    let mut text = String::new();
-    let read = if input == "-" {
-        io::stdin().read_to_string(&mut text).map(|_| ())
-    } else {
-        std::fs::read_to_string(input).map(|t| text = t)
-    };
-    read.map_err(|e| PreviewError::Read {
-        path: if input == "-" {
-            "standard input".to_owned()
-        } else {
-            input.to_owned()
-        },
-        reason: e.kind().to_string(),
-    })?;
-    Ok(text)
-}
-
 /// Every PipelineRun and TaskRun in the text: a JSON value, or YAML documents, each a `List` or
 /// one object.
 pub fn objects(text: &str) -> Result<Vec<Object>, PreviewError> {
-    let documents: Vec<Value> = if text.trim_start().starts_with('{') {
+    let documents: Vec<Value> = if !crate::admission::preview::is_yaml(text) {
         let value = serde_json::from_str(text).map_err(|e| PreviewError::Syntax {
             place: "input".to_owned(),
             format: "JSON",
