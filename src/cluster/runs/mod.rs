@@ -46,6 +46,10 @@ use crate::spans::objects::{Metadata, PipelineRun, PipelineRunStatus, TaskRun, T
 /// or `invalid`). A run that has it is never exported again, and the cache keeps only a stub.
 pub const EXPORTED_ANNOTATION: &str = "lightstep-tekton.io/exported";
 
+/// The finalizer the exporter holds on a run it will export, so that a delete (a pruner, Tekton
+/// Results, a user) waits until the run's spans are sent or its store deadline lapsed.
+pub const EXPORT_FINALIZER: &str = "lightstep-tekton.io/export";
+
 /// The annotation `kubectl apply` keeps a whole copy of the object in; the tree never reads it.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 

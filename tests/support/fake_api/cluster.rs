@@ -4,6 +4,14 @@
 //! kubeconfig ([`FakeCluster::kubeconfig`]) lists, watches and writes as against a real one;
 //! the test changes the cluster with [`FakeCluster::put`] and reads every request it got.
 //!
+//! Deletion follows the API server's finalizer rules: deleting an object that has
+//! `metadata.finalizers` only sets `metadata.deletionTimestamp` (a MODIFIED event); the object
+//! goes (a DELETED event) once a write leaves it with no finalizer; a write that adds a finalizer
+//! to an object being deleted is refused (422). Patches are JSON merge patches, or JSON Patches
+//! (`application/json-patch+json`, `test` operations included: a failed one is a 422); a
+//! `metadata.uid` or `metadata.resourceVersion` in a patch or replace that differs from the
+//! stored one is a 409 Conflict, as the API server treats them as preconditions.
+//!
 //! Collections are named by their plural (`pipelineruns`, `namespaces`, `leases`); paths are
 //! Kubernetes' (`/api/v1/namespaces`, `/apis/<group>/<version>[/namespaces/<ns>]/<plural>[/<name>]`).
 
@@ -16,7 +24,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::Response;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -75,10 +83,12 @@ impl FakeCluster {
             changes,
         };
         let handler = cluster.clone();
-        let app = Router::new().fallback(move |method: Method, uri: Uri, body: Bytes| {
-            let cluster = handler.clone();
-            async move { cluster.handle(method, uri, body) }
-        });
+        let app = Router::new().fallback(
+            move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+                let cluster = handler.clone();
+                async move { cluster.handle(method, uri, &headers, body) }
+            },
+        );
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         cluster
     }
@@ -134,8 +144,26 @@ impl FakeCluster {
         }
     }
 
-    /// Deletes an object; watchers hear of it.
-    pub fn delete(&self, collection: &str, namespace: &str, name: &str) {
+    /// Deletes an object as the API server does: one with finalizers is only marked with a
+    /// `deletionTimestamp` (and goes once a write removes the last finalizer); one without is
+    /// removed. Watchers hear of either. Whether the object existed.
+    pub fn delete(&self, collection: &str, namespace: &str, name: &str) -> bool {
+        let Some(mut object) = self.get(collection, namespace, name) else {
+            return false;
+        };
+        if has_finalizers(&object) {
+            if object["metadata"]["deletionTimestamp"].is_null() {
+                object["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+                self.put(collection, object);
+            }
+        } else {
+            self.remove(collection, namespace, name);
+        }
+        true
+    }
+
+    /// Removes an object whatever its finalizers say; watchers hear of it.
+    fn remove(&self, collection: &str, namespace: &str, name: &str) {
         let mut state = self.state.lock().unwrap();
         let key = (collection.to_owned(), namespace.to_owned(), name.to_owned());
         if let Some(mut object) = state.objects.remove(&key) {
@@ -148,7 +176,47 @@ impl FakeCluster {
         }
     }
 
-    fn handle(&self, method: Method, uri: Uri, body: Bytes) -> Response {
+    /// Stores a client's write of `object` over `current`, with the API server's rules for
+    /// preconditions and finalizers: a response for the client.
+    fn write(&self, collection: &str, current: &Value, mut object: Value) -> Response {
+        for field in ["uid", "resourceVersion"] {
+            let asked = &object["metadata"][field];
+            if !asked.is_null() && *asked != current["metadata"][field] {
+                return reply(409, status(409, "Conflict"));
+            }
+        }
+        // Server-set fields a client cannot change.
+        for field in ["uid", "creationTimestamp", "deletionTimestamp"] {
+            let stored = current["metadata"][field].clone();
+            match stored {
+                Value::Null => {
+                    if let Some(m) = object["metadata"].as_object_mut() {
+                        m.remove(field);
+                    }
+                }
+                stored => object["metadata"][field] = stored,
+            }
+        }
+        let deleting = !current["metadata"]["deletionTimestamp"].is_null();
+        if deleting {
+            let before = finalizers(current);
+            if finalizers(&object).iter().any(|f| !before.contains(f)) {
+                return reply(422, status(422, "Invalid"));
+            }
+        }
+        let key = key_of(collection, &object);
+        if deleting && !has_finalizers(&object) {
+            self.remove(collection, &key.1, &key.2);
+            let mut gone = object;
+            gone["metadata"]["resourceVersion"] =
+                json!(self.state.lock().unwrap().version.to_string());
+            return reply(200, gone);
+        }
+        self.put(collection, object);
+        reply(200, self.get(&key.0, &key.1, &key.2).unwrap())
+    }
+
+    fn handle(&self, method: Method, uri: Uri, headers: &HeaderMap, body: Bytes) -> Response {
         let path = uri.path().to_owned();
         let query = uri.query().unwrap_or_default().to_owned();
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -173,7 +241,19 @@ impl FakeCluster {
             },
             ("POST", None) => self.create(&target, body),
             ("PUT", Some(_)) => self.replace(&target, body),
-            ("PATCH", Some(name)) => self.patch(&target, name, &body),
+            ("PATCH", Some(name)) => {
+                let json_patch = headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with("application/json-patch+json"));
+                self.patch(&target, name, &body, json_patch)
+            }
+            ("DELETE", Some(name)) => {
+                match self.delete(&target.collection, &target.namespace, name) {
+                    true => reply(200, status(200, "Success")),
+                    false => reply(404, status(404, "NotFound")),
+                }
+            }
             _ => reply(405, status(405, "MethodNotAllowed")),
         }
     }
@@ -268,26 +348,56 @@ impl FakeCluster {
         if current["metadata"]["resourceVersion"] != object["metadata"]["resourceVersion"] {
             return reply(409, status(409, "Conflict"));
         }
-        self.put(&target.collection, object);
-        reply(
-            200,
-            self.get(&target.collection, &target.namespace, &name)
-                .unwrap(),
-        )
+        self.write(&target.collection, &current, object)
     }
 
-    fn patch(&self, target: &Target, name: &str, patch: &Value) -> Response {
-        let Some(mut object) = self.get(&target.collection, &target.namespace, name) else {
+    fn patch(&self, target: &Target, name: &str, patch: &Value, json_patch: bool) -> Response {
+        let Some(current) = self.get(&target.collection, &target.namespace, name) else {
             return reply(404, status(404, "NotFound"));
         };
-        json_patch::merge(&mut object, patch);
-        self.put(&target.collection, object);
-        reply(
-            200,
-            self.get(&target.collection, &target.namespace, name)
-                .unwrap(),
-        )
+        let mut object = current.clone();
+        if json_patch {
+            let Ok(operations) = serde_json::from_value::<json_patch::Patch>(patch.clone()) else {
+                return reply(400, status(400, "BadRequest"));
+            };
+            if json_patch::patch(&mut object, &operations).is_err() {
+                return reply(422, status(422, "Invalid"));
+            }
+            // A JSON Patch's preconditions are its `test` operations, not the fields it writes.
+            for field in ["uid", "resourceVersion"] {
+                object["metadata"][field] = current["metadata"][field].clone();
+            }
+        } else {
+            json_patch::merge(&mut object, patch);
+        }
+        self.write(&target.collection, &current, object)
     }
+}
+
+fn finalizers(object: &Value) -> Vec<String> {
+    object["metadata"]["finalizers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn has_finalizers(object: &Value) -> bool {
+    !finalizers(object).is_empty()
+}
+
+/// Now, as the API server writes timestamps (RFC 3339, seconds, UTC).
+fn now_rfc3339() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    k8s_openapi::jiff::Timestamp::from_second(now as i64)
+        .unwrap()
+        .to_string()
 }
 
 /// Where a request points.
