@@ -12,7 +12,8 @@
 //! | [`admission`] | the pod view, the decision (env, metadata, report), the review boundary, `/validate`, the `mutate` preview | a new injected variable (`decide/env.rs`) |
 //! | [`spans`] | pure: finished runs → span tree → OTLP request, the `spans` preview | a new span attribute |
 //! | [`cluster`] | the only Kubernetes client: watch caches, status writes, leader election | a new watched resource |
-//! | [`export`] | the OTLP client, and the exporter controller that feeds the span tree | the exporter's code |
+//! | [`otlp`] | the OTLP trace client: config, TLS, token, retries, errors, the SDK span exporter; shared by the exporter and the webhook's own telemetry | a new transport setting |
+//! | [`export`] | the run-span exporter: which runs are due, the queue, the controller that sends span trees and marks runs | the exporter's code |
 //! | [`runtime`] | what every long-running command shares: argument groups, bootstrap and signals, TLS and reload, HTTP/1 limits, the admin port and metrics registry, telemetry | a shared flag or limit |
 //! | [`serve`] | the webhook command: router, body limits, graceful shutdown | a new route |
 //! | [`certs`] | a CA and serving certificate for installs | |
@@ -20,7 +21,7 @@
 //! A review flows `serve` → [`admission::review`] (decode, [`policy::selection`] from the
 //! cluster caches) → [`admission::decide`] (facts and ids from [`contract`]) → one reply. A run
 //! flows `cluster` watches → [`spans::span_tree`] (the same facts and ids from [`contract`]) →
-//! [`export::otlp`].
+//! [`export::controller`] → [`otlp`]. The webhook's own spans go [`runtime`] → [`otlp`] too.
 //!
 //! The whole decision, as the server runs it for one review:
 //!
@@ -48,6 +49,7 @@ pub mod certs;
 pub mod cluster;
 pub mod contract;
 pub mod export;
+pub mod otlp;
 pub mod policy;
 pub mod runtime;
 pub mod serve;

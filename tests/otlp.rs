@@ -19,7 +19,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
-use lightstep_tekton_webhook::export::otlp::{
+use lightstep_tekton_webhook::otlp::{
     Cause, Client, Config, ExportError, RetryPolicy, Settings, SpanExporter, TokenSource,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{

@@ -11,7 +11,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::cluster::runs::RunKind;
-use crate::export::otlp::Cause;
+use crate::otlp::Cause;
 use crate::spans::tree::RunResult;
 
 const KINDS: [RunKind; 2] = [RunKind::PipelineRun, RunKind::TaskRun];

@@ -1,11 +1,10 @@
-//! Export: getting spans out of the process.
+//! Export: the run-span exporter, getting finished runs' spans out of the cluster.
 //!
-//! - [`otlp`]: the OTLP client that carries a trace request to a collector or to Lightstep.
 //! - The run-span exporter (`lightstep-tekton-webhook export`, [`command`]): finished
 //!   PipelineRuns and TaskRuns in opted-in namespaces become span trees ([`crate::spans`]) and
 //!   are sent once. [`decide`] says which runs are due (finished, unmarked, in a served
 //!   namespace whose policy has `runSpans.enabled`, within the backfill window); [`queue`] holds
-//!   them, bounded; [`controller`] sends them through one OTLP client per destination and marks
+//!   them, bounded; [`controller`] sends them through one OTLP client ([`crate::otlp`]) per destination and marks
 //!   each run with `lightstep-tekton.io/exported` once the backend accepted it; [`metrics`]
 //!   counts it all. The watches and the patch are the cluster room's
 //!   ([`crate::cluster::runs`]); the leader election is [`crate::cluster::LeaderElection`] on
@@ -21,5 +20,4 @@ pub mod command;
 pub mod controller;
 pub mod decide;
 pub mod metrics;
-pub mod otlp;
 pub mod queue;

@@ -284,7 +284,7 @@ fn env_first(vars: &[&str]) -> Option<String> {
 /// `ENDPOINT`, `PROTOCOL` (default `http/protobuf`, the SDKs' default), `CERTIFICATE` (a CA file
 /// trusted besides the platform's roots) and `TIMEOUT` (milliseconds).
 fn otlp_provider() -> Result<SdkTracerProvider, TelemetryError> {
-    use crate::export::otlp::{Client, Config, Settings, SpanExporter, traces_url};
+    use crate::otlp::{Client, Config, Settings, SpanExporter, traces_url};
     use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
     let otlp = |e: String| TelemetryError::Otlp(e);
     let protocol = env_first(&[

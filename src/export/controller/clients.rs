@@ -1,7 +1,7 @@
 //! One OTLP client per distinct destination, built the first time a policy needs it.
 
 use super::Controller;
-use crate::export::otlp::{self, Client, TokenSource};
+use crate::otlp::{self, Client, TokenSource};
 use crate::policy::{Policy, Protocol};
 
 /// One OTLP client per distinct destination.

@@ -15,8 +15,8 @@ use super::plan::Plan;
 use crate::cluster::runs::{MarkError, Marker, RunKey, RunKind};
 use crate::export::decide::Finished;
 use crate::export::metrics::{CAUSE_CONFIG, Skip};
-use crate::export::otlp::{ExportError, RetryPolicy};
 use crate::export::queue::{Item, Stage};
+use crate::otlp::{ExportError, RetryPolicy};
 
 /// Backoff between failed attempts at one run: from a second to five minutes, so an outage of
 /// the backend costs a request per run every five minutes, and a recovered backend is seen

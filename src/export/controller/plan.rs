@@ -15,7 +15,7 @@ use crate::cluster::runs::{CachedRun, RunKey};
 use crate::contract::TraceId;
 use crate::export::decide::{self, EXPORTED_ANNOTATION, Finished, TRACE_URL_ANNOTATION};
 use crate::export::metrics::Skip;
-use crate::export::otlp::Client;
+use crate::otlp::Client;
 use crate::policy::Policy;
 use crate::spans::objects::{PipelineRun, TaskRun};
 use crate::spans::tree::{Run, SpanTree, span_tree};

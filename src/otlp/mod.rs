@@ -19,7 +19,7 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! use lightstep_tekton_webhook::export::otlp::{Client, Config, Settings, TokenSource};
+//! use lightstep_tekton_webhook::otlp::{Client, Config, Settings, TokenSource};
 //! use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 //!
 //! let settings = Settings {
