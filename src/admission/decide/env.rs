@@ -1,11 +1,12 @@
-//! The per-container env plan: the variables a policy wants (computed once per pod), the group
-//! each belongs to, and the precedence rules of the [module documentation](super) applied to
-//! each step and sidecar, enforce mode included.
+//! The per-container env plan: the variables a policy wants (computed once per pod, each a
+//! [`Desired`] of its [`Group`]), and the precedence rules of the
+//! [module documentation](super) applied to each step and sidecar, enforce mode included.
 
 use json_patch::PatchOperation;
 use serde_json::Value;
 
 use super::container_env::{Edits, EnvView, same_var};
+use super::desired::{Desired, Group};
 use super::exporter::{HEADER_VARS, LS_ACCESS_TOKEN, exporter};
 use super::report::{ContainerReport, Role, VarOutcome, VarReport};
 use super::resource::{join_attributes, merge_attributes, resource_attributes, service_name};
@@ -20,34 +21,6 @@ const TRACESTATE: &str = "TRACESTATE";
 const OTEL_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
 const OTEL_RESOURCE_ATTRIBUTES: &str = "OTEL_RESOURCE_ATTRIBUTES";
 const OTEL_PROPAGATORS: &str = "OTEL_PROPAGATORS";
-/// What one kind of variable is, for the precedence rules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Group {
-    /// Per-run trace context: injected unless the container defines it.
-    TraceContext,
-    /// A setting: yields to the container and (with `envFrom: preserve`) to `envFrom`.
-    Setting,
-    /// `OTEL_RESOURCE_ATTRIBUTES`: merged with the container's value.
-    Attributes,
-    /// The exporter: yields as a group; governed in enforce mode.
-    Exporter,
-}
-
-pub(super) struct Desired {
-    pub(super) name: &'static str,
-    pub(super) value: Value,
-    pub(super) group: Group,
-}
-
-impl Desired {
-    pub(super) fn literal(name: &'static str, value: &str, group: Group) -> Desired {
-        Desired {
-            name,
-            value: literal(name, value),
-            group,
-        }
-    }
-}
 
 /// Everything computed once per pod and applied to each container.
 pub(super) struct Plan<'p> {

@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
 use serde_json::Value;
 
-use super::env::{Desired, Group};
+use super::desired::{Desired, Group};
 use super::literal;
 use crate::policy::{Policy, Protocol, Token as TokenRef};
 

@@ -22,11 +22,13 @@
 //! map, annotations map or env array before adding to it, and put every index-based operation of
 //! a container before any operation that shifts indices.
 //!
-//! The parts: `env` plans each container's variables, `exporter` the exporter group and the
+//! The parts: `env` plans each container's variables (`container_env` reads one container's env,
+//! `desired` names what a policy wants in it), `exporter` the exporter group and the
 //! token, `resource` the service name and resource attributes, `metadata` the labels and
 //! annotations, and `report` the explanation `mutate --explain` prints.
 
 mod container_env;
+mod desired;
 mod env;
 mod exporter;
 mod metadata;
