@@ -1,11 +1,33 @@
 //! The `admission.k8s.io/v1` AdmissionReview envelope, shared by the mutating review
 //! ([`super::review`]) and the validating webhook ([`super::validate`]): the request and
-//! response shapes, the envelope check, and the two ways text leaves the webhook (decoding
-//! errors without the values they quote, warnings within the API server's bound).
+//! response shapes, the envelope's constants and the [`BadRequest`] a body that is not one gets,
+//! the envelope check, and the two ways text leaves the webhook (decoding errors without the
+//! values they quote, warnings within the API server's bound).
 
 use serde::{Deserialize, Serialize};
 
-use super::review::{API_VERSION, BadRequest, KIND};
+pub const API_VERSION: &str = "admission.k8s.io/v1";
+pub const KIND: &str = "AdmissionReview";
+
+/// Why a body is not something we can answer with an AdmissionReview (HTTP 400).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BadRequest {
+    #[error("empty body: expected an admission.k8s.io/v1 AdmissionReview")]
+    Empty,
+    #[error("malformed JSON: {0}")]
+    Json(String),
+    /// The envelope's `field` is not `expected`. The value received is not kept: a caller's
+    /// string there (a token, say) must not come back in the reply or the log.
+    #[error("{field}: expected {expected}")]
+    NotAdmissionReview {
+        field: &'static str,
+        expected: &'static str,
+    },
+    #[error("AdmissionReview has no request")]
+    NoRequest,
+    #[error("AdmissionReview request has no uid")]
+    NoUid,
+}
 
 /// Warnings reach the user who created the pod; the API server asks for 120 characters at most.
 const WARNING_MAX: usize = 120;

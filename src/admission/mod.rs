@@ -8,4 +8,5 @@ mod review;
 pub mod validate;
 
 pub use decide::Mode;
+pub use envelope::{API_VERSION, BadRequest, KIND};
 pub use review::*;

@@ -33,36 +33,14 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::value::RawValue;
 
 use super::envelope::{
-    RequestIn, ResponseOut, ReviewIn, ReviewOut, StatusOut, open, warning, without_values,
+    API_VERSION, BadRequest, KIND, RequestIn, ResponseOut, ReviewIn, ReviewOut, StatusOut, open,
+    warning, without_values,
 };
 use crate::admission::decide::{self, Action, Decision, Mode, SkipReason, VarOutcome};
 use crate::admission::pod::PodView;
 use crate::policy::Policy;
 use crate::policy::resource::PolicyMode;
 use crate::policy::selection::{Fallback, Selected};
-
-pub const API_VERSION: &str = "admission.k8s.io/v1";
-pub const KIND: &str = "AdmissionReview";
-
-/// Why a body is not something we can answer with an AdmissionReview (HTTP 400).
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum BadRequest {
-    #[error("empty body: expected an admission.k8s.io/v1 AdmissionReview")]
-    Empty,
-    #[error("malformed JSON: {0}")]
-    Json(String),
-    /// The envelope's `field` is not `expected`. The value received is not kept: a caller's
-    /// string there (a token, say) must not come back in the reply or the log.
-    #[error("{field}: expected {expected}")]
-    NotAdmissionReview {
-        field: &'static str,
-        expected: &'static str,
-    },
-    #[error("AdmissionReview has no request")]
-    NoRequest,
-    #[error("AdmissionReview request has no uid")]
-    NoUid,
-}
 
 /// What happened to one review, for the log line and the metrics.
 #[derive(Debug, Clone, PartialEq)]

@@ -20,9 +20,9 @@
 use serde_json::value::RawValue;
 
 use crate::admission::envelope::{
-    RequestIn, ResponseOut, ReviewIn, ReviewOut, StatusOut, open, without_values,
+    API_VERSION, BadRequest, KIND, RequestIn, ResponseOut, ReviewIn, ReviewOut, StatusOut, open,
+    without_values,
 };
-use crate::admission::review::{API_VERSION, BadRequest, KIND};
 use crate::policy::Policy;
 use crate::policy::resource;
 
