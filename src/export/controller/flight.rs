@@ -11,10 +11,9 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
 
 use super::Controller;
-use super::plan::Plan;
-use crate::cluster::runs::{MarkError, Marker, RunKey, RunKind};
-use crate::export::decide::Finished;
-use crate::export::metrics::{CAUSE_CONFIG, Skip};
+use super::plan::{Done, Plan};
+use crate::cluster::runs::{MarkError, Marker, RunKey};
+use crate::export::metrics::CAUSE_CONFIG;
 use crate::export::queue::{Item, Stage};
 use crate::otlp::{ExportError, RetryPolicy};
 
@@ -37,13 +36,6 @@ pub(super) enum Outcome {
     /// Accepted (or skipped) but not marked yet; only the mark is retried. What it counts is
     /// counted now (the retried mark counts nothing).
     MarkFailed(Item, Done),
-}
-
-/// What to count once a run is finished with.
-pub(super) struct Done {
-    pub(super) kind: RunKind,
-    pub(super) sent: Option<(Finished, u64)>,
-    pub(super) skipped: Option<Skip>,
 }
 
 pub(super) type InFlight =

@@ -1,6 +1,6 @@
 //! Planning a queued run: from the caches and its policy, what to do with it now (drop it,
 //! wait for its TaskRuns, send its spans, mark it, or print it), and the annotations that
-//! record it.
+//! record it and what it counts ([`Done`]) once finished with.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +10,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use tokio::time::Instant;
 
 use super::Controller;
-use super::flight::Done;
-use crate::cluster::runs::{CachedRun, RunKey};
+use crate::cluster::runs::{CachedRun, RunKey, RunKind};
 use crate::contract::TraceId;
 use crate::export::decide::{self, EXPORTED_ANNOTATION, Finished, TRACE_URL_ANNOTATION};
 use crate::export::metrics::Skip;
@@ -45,6 +44,13 @@ pub(super) enum Plan {
     Mark(Vec<(String, String)>, Done),
     /// `--dry-run`: print this line.
     Print(String),
+}
+
+/// What to count once a run is finished with.
+pub(super) struct Done {
+    pub(super) kind: RunKind,
+    pub(super) sent: Option<(Finished, u64)>,
+    pub(super) skipped: Option<Skip>,
 }
 
 impl Controller {
