@@ -10,6 +10,7 @@
 //! platform team can fix a policy without reading this code. Everything here is pure but
 //! [`loader`], the one place that reads policy files (for `serve` and the `mutate` preview).
 
+mod invalid;
 mod namespace_selector;
 mod resolve;
 mod spec;

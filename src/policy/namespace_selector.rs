@@ -7,7 +7,7 @@ use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use super::resource::{Invalid, invalid};
+use super::invalid::{Invalid, invalid};
 
 /// A compiled `namespaceSelector`: Kubernetes' label selector semantics.
 #[derive(Debug, Clone, Default, PartialEq)]

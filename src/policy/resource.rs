@@ -28,6 +28,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::core::DynamicObject;
 
+use super::invalid::invalid;
+pub use super::invalid::{Invalid, InvalidKind};
 pub use super::namespace_selector::NamespaceSelector;
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
@@ -149,40 +151,6 @@ pub struct TracingPolicyStatus {
     pub matched_namespaces: Option<i64>,
 }
 
-/// Why a TracingPolicy cannot be applied. The field is a path in the object (`spec.sampling.ratio`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct Invalid {
-    pub field: String,
-    pub reason: String,
-    /// `InvalidSpec` (decodes, does not validate) or `Undecodable` (does not match the schema).
-    pub kind: InvalidKind,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InvalidKind {
-    Undecodable,
-    InvalidSpec,
-}
-
-impl InvalidKind {
-    /// The condition reason (CamelCase, as Kubernetes conventions ask).
-    pub fn reason(self) -> &'static str {
-        match self {
-            InvalidKind::Undecodable => "Undecodable",
-            InvalidKind::InvalidSpec => "InvalidSpec",
-        }
-    }
-}
-
-pub(super) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Invalid {
-    Invalid {
-        field: field.into(),
-        reason: reason.into(),
-        kind: InvalidKind::InvalidSpec,
-    }
-}
-
 /// A TracingPolicy that validated: everything admission needs, decided once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
@@ -273,13 +241,6 @@ pub fn resolve_object(object: &DynamicObject) -> Result<Resolved, Rejected> {
         error,
     })?;
     resolve(&tp)
-}
-
-impl Invalid {
-    fn within(mut self, parent: &str) -> Invalid {
-        self.field = format!("{parent}.{}", self.field);
-        self
-    }
 }
 
 /// The status the webhook wants on a TracingPolicy, given its resolution and the labels of
