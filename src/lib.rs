@@ -8,15 +8,16 @@
 //! | room | holds | a newcomer adds here |
 //! |---|---|---|
 //! | [`contract`] | pure: W3C parsing, every id derivation, sampling, Tekton facts from a pod or a run, the CICD/VCS attribute list | a new id (new versioned domain, pinned test, docs/trace-ids.md) |
+//! | `reload` | noticing that mounted files changed: paths polled, contents compared (the policy file, the serving certificate) | |
 //! | [`policy`] | the policy document, its validation, the `TracingPolicy` resource, selection, the one loader | a new policy field (`spec.rs`, `resolve.rs`; the CRD follows with `make crd`) |
 //! | [`admission`] | the pod view, the decision (env, metadata, report), the review boundary, `/validate`, the `mutate` preview | a new injected variable (`decide/env.rs`) |
 //! | [`spans`] | pure: finished runs → span tree → OTLP request, the `spans` preview | a new span attribute |
 //! | [`cluster`] | the only Kubernetes client: watch caches, status writes, leader election | a new watched resource |
 //! | [`otlp`] | the OTLP trace client: config, TLS, token, retries, errors, the SDK span exporter; shared by the exporter and the webhook's own telemetry | a new transport setting |
+//! | [`runtime`] | what every long-running command shares: argument groups, bootstrap and signals, TLS (swapped when its files change), HTTP/1 limits, the admin port and metrics registry, telemetry | a shared flag or limit |
 //! | [`export`] | the run-span exporter: which runs are due, the queue, the controller that sends span trees and marks runs | the exporter's code |
-//! | [`runtime`] | what every long-running command shares: argument groups, bootstrap and signals, TLS and reload, HTTP/1 limits, the admin port and metrics registry, telemetry | a shared flag or limit |
-//! | [`serve`] | the webhook command: router, body limits, graceful shutdown | a new route |
 //! | [`certs`] | a CA and serving certificate for installs | |
+//! | [`serve`] | the webhook command: router, body limits, graceful shutdown | a new route |
 //!
 //! A review flows `serve` → [`admission::review`] (decode, [`policy::selection`] from the
 //! cluster caches) → [`admission::decide`] (facts and ids from [`contract`]) → one reply. A run
@@ -51,6 +52,7 @@ pub mod contract;
 pub mod export;
 pub mod otlp;
 pub mod policy;
+pub(crate) mod reload;
 pub mod runtime;
 pub mod serve;
 pub mod spans;

@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 use crate::policy::Policy;
 use crate::policy::resource::{self, FIRST_GENERATION, GROUP, KIND, Rejected, Resolved, VERSION};
 use crate::policy::selection::Snapshot;
-use crate::runtime::reload::{Change, FileSet};
+use crate::reload::{Change, FileSet};
 
 /// Why a policy file or directory could not be loaded; the message names the flag and the path.
 #[derive(Debug, thiserror::Error)]

@@ -7,13 +7,12 @@
 //!   component; `admin`: the plain-HTTP port that serves it;
 //! - `http1`: HTTP/1.1 connections within limits (accept loop, connection slots, timeouts),
 //!   for every port;
-//! - [`tls`] and `reload`: the serving certificate, validated, and swapped when its files
-//!   change.
+//! - [`tls`]: the serving certificate, validated, and swapped when its files change (noticed
+//!   by the crate's `reload`).
 pub mod admin;
 pub(crate) mod args;
 pub(crate) mod bootstrap;
 pub(crate) mod http1;
 pub mod metrics;
-pub(crate) mod reload;
 pub(crate) mod telemetry;
 pub mod tls;

@@ -25,7 +25,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 
-use crate::runtime::reload::{Change, FileSet};
+use crate::reload::{Change, FileSet};
 
 /// The only application protocol offered: the API server calls webhooks over HTTP/1.1.
 const ALPN_HTTP1: &[u8] = b"http/1.1";
