@@ -133,20 +133,17 @@ pub enum AttributeValue {
 /// Why a span links to another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkKind {
-    /// Tekton's own span for the TaskRun (its id is in Tekton's context, not ours).
+    /// Tekton's own span for the TaskRun (`tekton.dev/taskrunSpanContext`), from an attempt.
     TektonTaskRun,
-    /// Our PipelineRun span, in another trace.
-    PipelineRun,
-    /// One of our attempt spans, in another trace.
-    Attempt,
+    /// Tekton's own span for the PipelineRun (`status.spanContext`), from the PipelineRun span.
+    TektonPipelineRun,
 }
 
 impl LinkKind {
     pub fn as_str(self) -> &'static str {
         match self {
             LinkKind::TektonTaskRun => "tekton.taskrun",
-            LinkKind::PipelineRun => "pipelinerun",
-            LinkKind::Attempt => "taskrun.attempt",
+            LinkKind::TektonPipelineRun => "tekton.pipelinerun",
         }
     }
 }
