@@ -1011,3 +1011,32 @@ fn with_run_spans_each_step_is_parented_under_its_own_step_span() {
     assert_eq!(parented, step_spans.len(), "every step span has its step");
     assert!(never_ran > 0, "the cancelled run's pending steps never ran");
 }
+
+/// The printed tree is what the exporter sends, which only a policy with run spans on does: a
+/// preview under a policy with them off says so, in a note, instead of silently differing from
+/// what that policy's pods got.
+#[test]
+fn the_preview_notes_a_policy_with_run_spans_off() {
+    let path = runs_dir().join("ship-run-traced.json");
+    let path = path.to_str().unwrap();
+    let (ok, off, err) = spans_cli(&[path], None);
+    assert!(ok, "{err}");
+    assert!(
+        off.contains("note: the policy has runSpans.enabled: false"),
+        "{off}"
+    );
+    let dir = std::env::temp_dir().join(format!("spans-preview-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, "runSpans:\n  enabled: true\n").unwrap();
+    let (ok, on, err) = spans_cli(&["--policy", policy.to_str().unwrap(), path], None);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(ok, "{err}");
+    assert!(!on.contains("runSpans.enabled: false"), "{on}");
+    // The same spans either way: the note is the only difference.
+    let without_note: Vec<&str> = off
+        .lines()
+        .filter(|l| !l.contains("runSpans.enabled: false"))
+        .collect();
+    assert_eq!(without_note, on.lines().collect::<Vec<_>>());
+}
