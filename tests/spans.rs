@@ -590,6 +590,27 @@ fn a_standalone_task_run_is_the_root_of_its_own_trace() {
     assert_eq!(tree.resources[lint.resource].service_name, "lint");
 }
 
+/// Tekton's tracing on a standalone TaskRun: the attempt is still the root of the derived trace,
+/// with a link to Tekton's TaskRun span.
+#[test]
+fn a_standalone_task_run_tekton_traced_stays_the_root_and_links_to_tekton() {
+    let mut list = fixture_value("lint-run");
+    let uid = uid_of(&list, "lint-run");
+    list["items"][0]["metadata"]["annotations"]["tekton.dev/taskrunSpanContext"] =
+        json!(r#"{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}"#);
+    let tree = tree_of(&list, &run_spans_on(""));
+    let lint = attempts(&tree, "lint")[0];
+    assert_eq!(lint.trace_id, derive_trace_id(&uid));
+    assert_eq!(lint.parent_id, None);
+    assert_eq!(lint.links.len(), 1);
+    assert_eq!(lint.links[0].kind, LinkKind::TektonTaskRun);
+    assert_eq!(lint.links[0].span_id.to_string(), "b7ad6b7169203331");
+    assert_eq!(
+        lint.links[0].trace_id.to_string(),
+        "0af7651916cd43dd8448eb211c80319c"
+    );
+}
+
 #[test]
 fn a_run_that_waited_gets_a_wait_span() {
     let mut list = fixture_value("ship-run-ok");
