@@ -175,8 +175,12 @@ fn injected(policy: &Policy) -> BTreeMap<String, Injected> {
                         .collect()
                 });
             if let Some(seen) = &found {
-                // Every step of one pod shares the attempt's context.
-                assert_eq!((seen.trace, seen.parent), (trace, parent), "{name}");
+                // Every step of one pod shares the attempt's trace, and with run spans off its
+                // parent too (with them on each step has its own, checked below).
+                assert_eq!(seen.trace, trace, "{name}");
+                if !policy.run_spans.enabled {
+                    assert_eq!(seen.parent, parent, "{name}");
+                }
             }
             if found.is_none() || found.as_ref().is_some_and(|f| f.service.is_none()) {
                 found = Some(Injected {
@@ -193,9 +197,15 @@ fn injected(policy: &Policy) -> BTreeMap<String, Injected> {
     out
 }
 
+/// The exporter sends spans only for a policy with run spans on, so that is the policy the pods
+/// got their context from.
+fn run_spans_on(extra: &str) -> Policy {
+    Policy::from_yaml(&format!("runSpans:\n  enabled: true\n{extra}")).unwrap()
+}
+
 #[test]
-fn every_attempt_span_has_the_context_the_webhook_gave_its_pod() {
-    let policy = Policy::from_yaml("resourceAttributes:\n  team: checkout\n").unwrap();
+fn every_attempt_span_has_the_trace_and_resource_the_webhook_gave_its_pod() {
+    let policy = run_spans_on("resourceAttributes:\n  team: checkout\n");
     let injected = injected(&policy);
     let mut matched = BTreeSet::new();
     for name in FIXTURES {
@@ -205,20 +215,8 @@ fn every_attempt_span_has_the_context_the_webhook_gave_its_pod() {
             let pod_context = injected
                 .get(pod)
                 .unwrap_or_else(|| panic!("no review for {pod}"));
+            // The steps' parents are this attempt's step spans (see the last test).
             assert_eq!(span.trace_id, pod_context.trace, "{pod}: trace");
-            // The parent the steps got is this span, or (Tekton traced) Tekton's TaskRun span,
-            // which this span is under or links to.
-            let tekton_link = span
-                .links
-                .iter()
-                .any(|l| l.kind == LinkKind::TektonTaskRun && l.span_id == pod_context.parent);
-            assert!(
-                span.span_id == pod_context.parent
-                    || span.parent_id == Some(pod_context.parent)
-                    || tekton_link,
-                "{pod}: the steps' parent {} is not this span nor its Tekton span",
-                pod_context.parent
-            );
             let resource = &tree.resources[span.resource];
             if let Some(service) = &pod_context.service {
                 assert_eq!(&resource.service_name, service, "{pod}: service.name");
@@ -235,6 +233,23 @@ fn every_attempt_span_has_the_context_the_webhook_gave_its_pod() {
         matched.len(),
         injected.len(),
         "an attempt span for every pod"
+    );
+}
+
+/// With run spans off the webhook keeps context rule v1: a pod Tekton traced gets Tekton's
+/// TaskRun span as its steps' parent, whatever the exporter would have derived.
+#[test]
+fn with_run_spans_off_the_webhook_still_follows_tekton() {
+    let injected = injected(&Policy::embedded_default());
+    let checkout = &injected["ship-run-traced-checkout-pod"];
+    assert_eq!(
+        checkout.trace.to_string(),
+        "63ae3099baa46e6d188e5fd1f6860698"
+    );
+    assert_eq!(checkout.parent.to_string(), "1c8591f1b99128b9");
+    assert_eq!(
+        injected["ship-run-traced-build-pod"].parent.to_string(),
+        "1f1d6dbb68886951"
     );
 }
 
@@ -418,61 +433,147 @@ fn a_retried_task_is_two_attempts_with_their_own_pods_and_steps() {
     );
 }
 
+/// The captured `ship-run-traced`: Tekton's tracing was on, and Tekton gave `checkout` a
+/// `taskrunSpanContext` in a trace other than the PipelineRun's. With run spans on, the run is
+/// one trace all the same, rooted at our PipelineRun span: every pod of the run, the PipelineRun
+/// span and every attempt share the trace derived from the PipelineRun's uid, and Tekton's spans
+/// are links.
 #[test]
-fn the_traced_run_joins_tekton_and_links_the_checkout_that_got_its_own_trace() {
+fn the_traced_run_is_one_trace_rooted_at_our_pipeline_run_span_with_tekton_as_links() {
     let list = fixture_value("ship-run-traced");
-    let tree = tree("ship-run-traced");
+    let policy = run_spans_on("");
+    let tree = tree_of(&list, &policy);
     let run = pipeline_span(&tree);
-    let tekton_trace = "a10dfd5fb17a3e6b72c0a2cde091368f";
-    assert_eq!(run.trace_id.to_string(), tekton_trace);
+    let uid = uid_of(&list, "ship-run-traced");
+    assert_eq!(run.trace_id, derive_trace_id(&uid));
+    assert_eq!(run.parent_id, None, "our PipelineRun span is the root");
+    assert_eq!(run.trace_state, None);
+    assert_eq!(run.span_id, derive_pipeline_run_span_id(&uid));
+    assert_eq!(run.links.len(), 1);
+    assert_eq!(run.links[0].kind, LinkKind::TektonPipelineRun);
+    assert_eq!(run.links[0].kind.as_str(), "tekton.pipelinerun");
     assert_eq!(
-        run.parent_id.map(|p| p.to_string()).as_deref(),
-        Some("f050add21070d710")
-    );
-    assert_eq!(
-        run.span_id,
-        derive_pipeline_run_span_id(&uid_of(&list, "ship-run-traced"))
+        (
+            run.links[0].trace_id.to_string(),
+            run.links[0].span_id.to_string()
+        ),
+        (
+            "a10dfd5fb17a3e6b72c0a2cde091368f".to_owned(),
+            "f050add21070d710".to_owned()
+        )
     );
     assert_eq!(text(run, "cicd.pipeline.result"), Some("cancellation"));
-    for (task, tekton_span) in [
-        ("build", "1f1d6dbb68886951"),
-        ("test", "51f72dfec1b4cd3b"),
-        ("scan", "dddf24d82297338a"),
-        ("notify", "02dab91a7e7b6af5"),
+    assert!(
+        tree.spans.iter().all(|s| s.trace_id == run.trace_id),
+        "one trace"
+    );
+    assert_eq!(
+        tree.spans.iter().filter(|s| s.parent_id.is_none()).count(),
+        1,
+        "one root"
+    );
+    for (task, tekton_trace, tekton_span) in [
+        (
+            "checkout",
+            "63ae3099baa46e6d188e5fd1f6860698",
+            "1c8591f1b99128b9",
+        ),
+        (
+            "build",
+            "a10dfd5fb17a3e6b72c0a2cde091368f",
+            "1f1d6dbb68886951",
+        ),
+        (
+            "test",
+            "a10dfd5fb17a3e6b72c0a2cde091368f",
+            "51f72dfec1b4cd3b",
+        ),
+        (
+            "scan",
+            "a10dfd5fb17a3e6b72c0a2cde091368f",
+            "dddf24d82297338a",
+        ),
+        (
+            "notify",
+            "a10dfd5fb17a3e6b72c0a2cde091368f",
+            "02dab91a7e7b6af5",
+        ),
     ] {
         let attempt = attempts(&tree, task)[0];
-        assert_eq!(attempt.trace_id.to_string(), tekton_trace, "{task}");
         assert_eq!(attempt.parent_id, Some(run.span_id), "{task}");
         assert_eq!(attempt.links.len(), 1, "{task}");
-        assert_eq!(attempt.links[0].kind, LinkKind::TektonTaskRun);
-        assert_eq!(attempt.links[0].span_id.to_string(), tekton_span);
+        let link = &attempt.links[0];
+        assert_eq!(link.kind, LinkKind::TektonTaskRun, "{task}");
+        assert_eq!(link.trace_id.to_string(), tekton_trace, "{task}");
+        assert_eq!(link.span_id.to_string(), tekton_span, "{task}");
         // Never Tekton's own span id: Tekton exports that span itself.
         assert_ne!(attempt.span_id.to_string(), tekton_span);
     }
-    let checkout = attempts(&tree, "checkout")[0];
+
+    // Every pod of the run, admitted under the same policy, got the exported trace, and each
+    // step's TRACEPARENT names exactly its exported step span.
+    let injected = injected(&policy);
+    let pods: Vec<_> = injected
+        .iter()
+        .filter(|(pod, _)| pod.starts_with("ship-run-traced-"))
+        .collect();
+    assert_eq!(pods.len(), 5);
+    for (pod, context) in pods {
+        assert_eq!(context.trace, run.trace_id, "{pod}");
+    }
+    let (mut reviewed, mut parented) = (0, 0);
+    for entry in std::fs::read_dir(runs_dir().join("reviews")).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if !file.starts_with("ship-run-traced-") {
+            continue;
+        }
+        let body = std::fs::read(&path).unwrap();
+        let review: Value = serde_json::from_slice(&body).unwrap();
+        let reply = admission::review(&body, &policy, Mode::Inject).unwrap();
+        let (_, patch) = check_reply(&reply.body, review["request"]["uid"].as_str().unwrap());
+        let pod = validated_pod(&apply(&review["request"]["object"], &patch));
+        let pod_name = pod.metadata.name.clone().unwrap();
+        reviewed += 1;
+        let attempt = tree
+            .spans
+            .iter()
+            .find(|s| s.role == Role::Attempt && text(s, "k8s.pod.name") == Some(&pod_name))
+            .unwrap_or_else(|| panic!("no attempt for {pod_name}"));
+        for container in &pod.spec.as_ref().unwrap().containers {
+            let Some(step) = container.name.strip_prefix("step-") else {
+                continue;
+            };
+            let (trace, parent, _) =
+                parse_traceparent(value(&pod, &container.name, "TRACEPARENT").unwrap()).unwrap();
+            assert_eq!(trace, run.trace_id, "{pod_name}/{step}");
+            match children(&tree, attempt)
+                .into_iter()
+                .find(|s| s.name == step)
+            {
+                Some(exported) => {
+                    assert_eq!(parent, exported.span_id, "{pod_name}/{step}");
+                    parented += 1;
+                }
+                // A step of the cancelled run that never ran: no span, its derived id all the same.
+                None => {
+                    let task_run_uid =
+                        &pod.metadata.labels.as_ref().unwrap()["tekton.dev/taskRunUID"];
+                    assert_eq!(
+                        parent,
+                        derive_step_span_id(task_run_uid, 0, step),
+                        "{pod_name}/{step}"
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(reviewed, 5);
+    let exported_steps = tree.spans.iter().filter(|s| s.role == Role::Step).count();
     assert_eq!(
-        checkout.trace_id.to_string(),
-        "63ae3099baa46e6d188e5fd1f6860698"
+        parented, exported_steps,
+        "every exported step span names its step"
     );
-    assert_eq!(
-        checkout.parent_id.map(|p| p.to_string()).as_deref(),
-        Some("1c8591f1b99128b9")
-    );
-    assert_eq!(checkout.links.len(), 1);
-    assert_eq!(checkout.links[0].kind, LinkKind::PipelineRun);
-    assert_eq!(
-        (checkout.links[0].trace_id, checkout.links[0].span_id),
-        (run.trace_id, run.span_id)
-    );
-    assert_eq!(run.links.len(), 1);
-    assert_eq!(run.links[0].kind, LinkKind::Attempt);
-    assert_eq!(
-        (run.links[0].trace_id, run.links[0].span_id),
-        (checkout.trace_id, checkout.span_id)
-    );
-    let clone = children(&tree, checkout);
-    assert_eq!(clone.len(), 1);
-    assert_eq!(clone[0].trace_id, checkout.trace_id);
 }
 
 #[test]
@@ -487,6 +588,27 @@ fn a_standalone_task_run_is_the_root_of_its_own_trace() {
     assert_eq!(lint.span_id, derive_span_id(&uid, 0));
     assert_eq!(children(&tree, lint).len(), 2);
     assert_eq!(tree.resources[lint.resource].service_name, "lint");
+}
+
+/// Tekton's tracing on a standalone TaskRun: the attempt is still the root of the derived trace,
+/// with a link to Tekton's TaskRun span.
+#[test]
+fn a_standalone_task_run_tekton_traced_stays_the_root_and_links_to_tekton() {
+    let mut list = fixture_value("lint-run");
+    let uid = uid_of(&list, "lint-run");
+    list["items"][0]["metadata"]["annotations"]["tekton.dev/taskrunSpanContext"] =
+        json!(r#"{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}"#);
+    let tree = tree_of(&list, &run_spans_on(""));
+    let lint = attempts(&tree, "lint")[0];
+    assert_eq!(lint.trace_id, derive_trace_id(&uid));
+    assert_eq!(lint.parent_id, None);
+    assert_eq!(lint.links.len(), 1);
+    assert_eq!(lint.links[0].kind, LinkKind::TektonTaskRun);
+    assert_eq!(lint.links[0].span_id.to_string(), "b7ad6b7169203331");
+    assert_eq!(
+        lint.links[0].trace_id.to_string(),
+        "0af7651916cd43dd8448eb211c80319c"
+    );
 }
 
 #[test]
@@ -680,7 +802,8 @@ fn synthetic_run(pr_tekton: bool, tasks: &[SyntheticTask]) -> (Value, BTreeSet<S
             let trace = if same {
                 PR_TRACE.to_owned()
             } else {
-                format!("{t:032x}")
+                // Never all zeros (t + 1): an all-zero trace id is not a valid context.
+                format!("{:032x}", t + 1)
             };
             let span = format!("{:016x}", t + 1);
             annotations["tekton.dev/taskrunSpanContext"] =
@@ -710,7 +833,7 @@ fn synthetic_run(pr_tekton: bool, tasks: &[SyntheticTask]) -> (Value, BTreeSet<S
 
 proptest! {
     #[test]
-    fn every_parent_is_in_the_tree_or_is_tekton(
+    fn a_pipeline_run_is_one_trace_under_its_span_with_tekton_as_links(
         pr_tekton in any::<bool>(),
         tasks in prop::collection::vec(synthetic_task(), 0..5),
     ) {
@@ -727,21 +850,27 @@ proptest! {
             .count();
         // The run, its wait (it started a second after creation), attempts and steps that ran.
         prop_assert_eq!(tree.spans.len(), 2 + attempts + steps);
+        let run = pipeline_span(&tree);
+        prop_assert_eq!(run.parent_id, None);
+        prop_assert_eq!(run.trace_id, derive_trace_id("pr-uid"));
         for span in &tree.spans {
-            let Some(parent) = span.parent_id else { continue };
-            match ids.get(&parent) {
-                Some(trace) => prop_assert_eq!(*trace, span.trace_id, "parent in another trace"),
-                None => prop_assert!(
-                    tekton_spans.contains(&parent.to_string()),
-                    "{} has a parent {} that is neither ours nor Tekton's", span.name, parent
-                ),
+            prop_assert_eq!(span.trace_id, run.trace_id, "{} in another trace", &span.name);
+            if span.role != Role::PipelineRun {
+                prop_assert!(span.parent_id.is_some_and(|p| ids.contains_key(&p)), "{} not under ours", &span.name);
+            }
+            for link in &span.links {
+                prop_assert!(tekton_spans.contains(&link.span_id.to_string()), "{} links to a span not Tekton's", &span.name);
             }
         }
-        // A PipelineRun is one trace, except for attempts Tekton put in a trace of their own,
-        // which the run links to.
-        let run = pipeline_span(&tree);
-        for span in tree.spans.iter().filter(|s| s.role == Role::Attempt && s.trace_id != run.trace_id) {
-            prop_assert!(run.links.iter().any(|l| l.span_id == span.span_id));
+        // Tekton's PipelineRun span is linked only when Tekton's tracing was really on: a TaskRun
+        // carries Tekton's context in the same trace.
+        let really_on = pr_tekton && tasks.iter().any(|t| t.tekton == Some(true));
+        prop_assert_eq!(run.links.len(), usize::from(really_on));
+        for (t, task) in tasks.iter().enumerate() {
+            for attempt in tree.spans.iter().filter(|s| s.role == Role::Attempt && s.name == format!("t{t}")) {
+                prop_assert_eq!(attempt.links.len(), usize::from(task.tekton.is_some()));
+                prop_assert!(attempt.links.iter().all(|l| l.kind == LinkKind::TektonTaskRun));
+            }
         }
     }
 }
@@ -902,4 +1031,33 @@ fn with_run_spans_each_step_is_parented_under_its_own_step_span() {
     // Every step span of every run is the parent of exactly its container's steps.
     assert_eq!(parented, step_spans.len(), "every step span has its step");
     assert!(never_ran > 0, "the cancelled run's pending steps never ran");
+}
+
+/// The printed tree is what the exporter sends, which only a policy with run spans on does: a
+/// preview under a policy with them off says so, in a note, instead of silently differing from
+/// what that policy's pods got.
+#[test]
+fn the_preview_notes_a_policy_with_run_spans_off() {
+    let path = runs_dir().join("ship-run-traced.json");
+    let path = path.to_str().unwrap();
+    let (ok, off, err) = spans_cli(&[path], None);
+    assert!(ok, "{err}");
+    assert!(
+        off.contains("note: the policy has runSpans.enabled: false"),
+        "{off}"
+    );
+    let dir = std::env::temp_dir().join(format!("spans-preview-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, "runSpans:\n  enabled: true\n").unwrap();
+    let (ok, on, err) = spans_cli(&["--policy", policy.to_str().unwrap(), path], None);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(ok, "{err}");
+    assert!(!on.contains("runSpans.enabled: false"), "{on}");
+    // The same spans either way: the note is the only difference.
+    let without_note: Vec<&str> = off
+        .lines()
+        .filter(|l| !l.contains("runSpans.enabled: false"))
+        .collect();
+    assert_eq!(without_note, on.lines().collect::<Vec<_>>());
 }

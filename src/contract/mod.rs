@@ -6,7 +6,8 @@
 //!   the sampling rule: the specification, with pinned values;
 //! - [`tekton`]: the facts of a TaskRun attempt, read alike from a pod and from the run objects,
 //!   and the rule that names a run;
-//! - [`context`]: which context an attempt's steps get (Tekton's or derived), and a step's;
+//! - [`context`]: which context an attempt's steps get (Tekton's or derived, by the versioned
+//!   [`ContextRule`] the policy's `runSpans.enabled` chooses), and a step's;
 //! - [`attributes`]: the CICD/VCS attribute list both components put on their telemetry.
 //!
 //! Pure: no I/O, no clock, no async. Anything here that changes an id changes a public contract
@@ -17,7 +18,7 @@ pub mod ids;
 pub mod tekton;
 pub mod w3c;
 
-pub use context::{TraceSource, attempt_context, step_context};
+pub use context::{ContextRule, TektonContext, TraceSource, attempt_context, step_context};
 pub use ids::{
     derive_pipeline_run_span_id, derive_pipeline_run_wait_span_id, derive_span_id,
     derive_step_span_id, derive_trace_id, sampled,

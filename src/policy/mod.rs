@@ -28,6 +28,7 @@ use std::fmt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::contract::ContextRule;
 use run_spans::RunSpans;
 
 pub use resolve::PolicyError;
@@ -95,6 +96,17 @@ impl Policy {
             if !attributes.iter().any(|(k, _)| k == key) {
                 attributes.push((key.clone(), value(v)));
             }
+        }
+    }
+
+    /// Which version of the trace-context rule pods and runs under this policy follow: with run
+    /// spans on every id is derived (context rule v2, one trace per PipelineRun, which the
+    /// exporter's spans share); with them off, Tekton's span context wins when valid (v1).
+    pub fn context_rule(&self) -> ContextRule {
+        if self.run_spans.enabled {
+            ContextRule::Derived
+        } else {
+            ContextRule::FollowTekton
         }
     }
 

@@ -19,7 +19,8 @@ pub const DEPLOY_LABEL: (&str, &str) = ("app.kubernetes.io/component", "deploy")
 #[serde(rename_all = "camelCase")]
 pub struct RunSpans {
     /// Runs in namespaces under this policy are exported as spans, and the webhook gives each
-    /// step the step's own span as parent (`contract::step_context`) instead of the attempt's.
+    /// step the step's own span as parent (`contract::step_context`) instead of the attempt's,
+    /// with every id derived from the run's uids (`ContextRule::Derived`, context rule v2).
     pub enabled: bool,
     /// A link to the run's trace in the tracing backend, written on the run as the annotation
     /// `lightstep-tekton.io/trace-url` once exported, e.g.

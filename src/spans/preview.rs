@@ -94,6 +94,9 @@ pub fn run(args: SpansArgs) -> ExitCode {
     }
 }
 
+/// The note of a preview whose policy has run spans off.
+pub const RUN_SPANS_OFF: &str = "the policy has runSpans.enabled: false, so no exporter sends these spans and its pods follow Tekton's span context where valid (context rule v1); the tree shows the ids of run spans on (v2)";
+
 /// What `spans` prints for these arguments.
 pub fn preview(args: &SpansArgs) -> Result<String, PreviewError> {
     let mut policy = crate::policy::loader::read_policy(args.policy.as_deref())
@@ -110,10 +113,17 @@ pub fn preview(args: &SpansArgs) -> Result<String, PreviewError> {
         return Err(PreviewError::Empty);
     }
     let runs = group(&objects)?;
-    let trees = runs
+    let mut trees = runs
         .iter()
         .map(|run| span_tree(run, &policy))
         .collect::<Result<Vec<_>, _>>()?;
+    if !policy.run_spans.enabled {
+        // The tree is what the exporter sends, and so always follows context rule v2; a policy
+        // with run spans off gives its pods Tekton's context where valid (v1) and exports nothing.
+        for tree in &mut trees {
+            tree.notes.insert(0, RUN_SPANS_OFF.to_owned());
+        }
+    }
     Ok(match args.output {
         SpansOutput::OtlpJson => {
             let request = export_request(&trees);

@@ -142,7 +142,8 @@ pub fn decide(pod: &Pod, request: Request<'_>, policy: &Policy) -> Decision {
         }
     }
 
-    let (context, trace_source) = contract::attempt_context(&facts, policy.sampling_ratio);
+    let rule = policy.context_rule();
+    let (context, trace_source) = contract::attempt_context(&facts, policy.sampling_ratio, rule);
     let mut meta_ops = Vec::new();
     let mut meta_warnings = Vec::new();
     let meta = metadata::Plan::new(&facts, &context, policy);
@@ -152,6 +153,7 @@ pub fn decide(pod: &Pod, request: Request<'_>, policy: &Policy) -> Decision {
     let (mut ops, containers) = bounded(&mut env, pod, budget, &mut warnings);
     ops.append(&mut meta_ops);
     warnings.append(&mut meta_warnings);
+    // Under context rule v2 Tekton's whole tracestate is left out, which the report says.
     let tracestate_dropped = match (&trace_source, facts.span_context) {
         (TraceSource::Tekton, Some(json)) => w3c::annotation_tracestate(json).dropped,
         _ => Vec::new(),
@@ -172,6 +174,7 @@ pub fn decide(pod: &Pod, request: Request<'_>, policy: &Policy) -> Decision {
             mode: request.mode,
             policy: policy.marker().to_owned(),
             context,
+            rule,
             trace_source,
             tracestate_dropped,
             step_parents: policy.run_spans.enabled,

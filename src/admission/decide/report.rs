@@ -5,9 +5,9 @@
 use std::fmt;
 
 use super::{Mode, TraceSource};
-use crate::contract::SpanContext;
 use crate::contract::tekton::TASK_RUN_SPAN_CONTEXT;
 use crate::contract::w3c::DroppedMember;
+use crate::contract::{ContextRule, SpanContext, TektonContext};
 
 /// The explanation behind a decision, printed by `mutate --explain`.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,6 +18,8 @@ pub struct Report {
     pub mode: Mode,
     pub policy: String,
     pub context: SpanContext,
+    /// The version of the context rule the policy chose (`Policy::context_rule`).
+    pub rule: ContextRule,
     pub trace_source: TraceSource,
     /// The members of Tekton's `tracestate` that the W3C grammar refused, left out of `TRACESTATE`.
     pub tracestate_dropped: Vec<DroppedMember>,
@@ -139,13 +141,34 @@ impl Report {
                 trace_uid,
                 span_uid,
                 retry,
-                malformed,
+                tekton,
             } => {
-                if let Some(why) = malformed {
+                if self.rule == ContextRule::Derived {
                     writeln!(
                         f,
-                        "  {TASK_RUN_SPAN_CONTEXT} not used: {why}; ids derived instead"
+                        "  {}: runSpans.enabled, every id derived from the run's uids (docs/trace-ids.md)",
+                        self.rule.version()
                     )?;
+                }
+                match tekton {
+                    Some(TektonContext::Malformed(why)) => writeln!(
+                        f,
+                        "  {TASK_RUN_SPAN_CONTEXT} not used: {why}; ids derived instead"
+                    )?,
+                    Some(TektonContext::NotFollowed(theirs)) => {
+                        writeln!(
+                            f,
+                            "  Tekton's span context ({TASK_RUN_SPAN_CONTEXT}) {} not followed, kept as a link by the exporter: run spans are on",
+                            theirs.traceparent()
+                        )?;
+                        if let Some(state) = &theirs.tracestate {
+                            writeln!(
+                                f,
+                                "  Tekton's tracestate {state} not passed on: the trace is the run's, not Tekton's"
+                            )?;
+                        }
+                    }
+                    None => {}
                 }
                 writeln!(
                     f,

@@ -15,7 +15,10 @@ use super::{
 };
 use crate::contract::tekton::{Labels, TaskRunFacts};
 use crate::contract::w3c::SpanContext;
-use crate::contract::{SpanId, TraceSource, attempt_context, derive_span_id, derive_step_span_id};
+use crate::contract::{
+    ContextRule, SpanId, TektonContext, TraceSource, attempt_context, derive_span_id,
+    derive_step_span_id,
+};
 use crate::policy::Policy;
 use crate::spans::SpanError;
 use crate::spans::objects::{Condition, StepState, TaskRun, TaskRunStatus, Terminated};
@@ -126,18 +129,26 @@ fn attempt_spans(
     policy: &Policy,
 ) -> Result<(), SpanError> {
     let facts = run.facts;
-    let (context, source) = attempt_context(facts, policy.sampling_ratio);
-    if let TraceSource::Derived {
-        malformed: Some(why),
-        ..
-    } = &source
-    {
-        tree.notes.push(format!(
-            "{} attempt {}: tekton.dev/taskrunSpanContext not used ({why}); the webhook derived the context too",
-            run.object, facts.retry
-        ));
-    }
-    let tekton = source == TraceSource::Tekton;
+    // The spans are what the exporter sends, which it does only with run spans on: context rule
+    // v2, the ids the webhook gave the pods under such a policy.
+    let (context, source) = attempt_context(facts, policy.sampling_ratio, ContextRule::Derived);
+    let tekton = match &source {
+        TraceSource::Derived {
+            tekton: Some(TektonContext::NotFollowed(theirs)),
+            ..
+        } => Some(theirs),
+        TraceSource::Derived {
+            tekton: Some(TektonContext::Malformed(why)),
+            ..
+        } => {
+            tree.notes.push(format!(
+                "{} attempt {}: tekton.dev/taskrunSpanContext not linked ({why})",
+                run.object, facts.retry
+            ));
+            None
+        }
+        _ => None,
+    };
     let Some(placement) = place(tree, run, &context, tekton, pipeline) else {
         return Ok(());
     };
@@ -176,60 +187,35 @@ fn attempt_spans(
 }
 
 /// The attempt span's id, parent and links, or `None` (the trace noted as unsampled) when its
-/// trace is not sampled. In the PipelineRun's trace the parent is the PipelineRun span (with a
-/// link to Tekton's TaskRun span when the context was Tekton's); in a trace of its own it is
-/// Tekton's TaskRun span or nothing, and the attempt and PipelineRun spans link to each other.
+/// trace is not sampled. The parent is the PipelineRun span (a standalone TaskRun's attempt is the
+/// root); the link, when Tekton gave the TaskRun a valid context, is to Tekton's TaskRun span.
 fn place(
     tree: &mut SpanTree,
     run: &AttemptRun<'_>,
     context: &SpanContext,
-    tekton: bool,
+    tekton: Option<&SpanContext>,
     pipeline: Option<&PipelineRunParent>,
 ) -> Option<Placement> {
-    let span_id = derive_span_id(run.uid, run.facts.retry);
-    let joined = pipeline.filter(|p| p.trace_id == context.trace_id);
-    let is_sampled = match joined {
-        Some(p) => p.sampled,
-        None => context.sampled(),
-    };
+    // Under context rule v2 an attempt of a PipelineRun is in the run's trace (both derive it
+    // from the PipelineRun's uid), so the run's sampling decision is the attempt's.
+    let is_sampled = pipeline.map_or(context.sampled(), |p| p.sampled);
     if !is_sampled {
         if !tree.unsampled.contains(&context.trace_id) {
             tree.unsampled.push(context.trace_id);
         }
         return None;
     }
-    let mut links = Vec::new();
-    let parent_id = match (joined, pipeline) {
-        (Some(p), _) => {
-            if tekton {
-                links.push(Link {
-                    trace_id: context.trace_id,
-                    span_id: context.parent_id,
-                    kind: LinkKind::TektonTaskRun,
-                });
-            }
-            Some(p.span_id)
-        }
-        (None, Some(p)) => {
-            links.push(Link {
-                trace_id: p.trace_id,
-                span_id: p.span_id,
-                kind: LinkKind::PipelineRun,
-            });
-            if let Some(index) = p.index {
-                tree.spans[index].links.push(Link {
-                    trace_id: context.trace_id,
-                    span_id,
-                    kind: LinkKind::Attempt,
-                });
-            }
-            tekton.then_some(context.parent_id)
-        }
-        (None, None) => tekton.then_some(context.parent_id),
-    };
+    let links = tekton
+        .map(|theirs| Link {
+            trace_id: theirs.trace_id,
+            span_id: theirs.parent_id,
+            kind: LinkKind::TektonTaskRun,
+        })
+        .into_iter()
+        .collect();
     Some(Placement {
-        span_id,
-        parent_id,
+        span_id: derive_span_id(run.uid, run.facts.retry),
+        parent_id: pipeline.map(|p| p.span_id),
         links,
     })
 }

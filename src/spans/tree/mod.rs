@@ -15,36 +15,30 @@
 //!
 //! - **PipelineRun**: kind SERVER, named after the pipeline (`tekton.dev/pipeline` label, else the
 //!   PipelineRun's name), from `creationTimestamp` to `completionTime`. Span id
-//!   [`derive_pipeline_run_span_id`]`(uid)`. Its trace is Tekton's when Tekton traced the run
+//!   [`derive_pipeline_run_span_id`]`(uid)`, in the trace [`derive_trace_id`]`(uid)`, always
+//!   the root of that trace (never a child of Tekton's span: Tekton exports its spans to its own
+//!   endpoint, often one our backend never sees). When Tekton traced the run
 //!   (`status.spanContext.traceparent`, valid, and at least one of its TaskRuns carries Tekton's
-//!   context, `tekton.dev/taskrunSpanContext`, in that same trace), and then its parent is
-//!   Tekton's PipelineRun span; otherwise the trace is [`derive_trace_id`]`(uid)` and the span is
-//!   the root. The TaskRun condition matters: Tekton writes `status.spanContext` on every run even
-//!   with its tracing off (every captured run has one, each TaskRun in a random trace of its
-//!   own), and those spans are never exported; only the annotation, which Tekton adds when its
-//!   tracing is on and which the webhook reads off the pods, shows that Tekton's trace is real.
+//!   context, `tekton.dev/taskrunSpanContext`, in that same trace), the span links to Tekton's
+//!   PipelineRun span ([`LinkKind::TektonPipelineRun`]). The TaskRun condition matters: Tekton
+//!   writes `status.spanContext` on every run even with its tracing off (every captured run has
+//!   one, each TaskRun in a random trace of its own), and those spans are never exported; only
+//!   the annotation, which Tekton adds when its tracing is on, shows that Tekton's trace is real.
 //! - **wait**: a child of the PipelineRun span from `creationTimestamp` to `status.startTime`,
 //!   only when that is not zero (span id [`derive_pipeline_run_wait_span_id`]).
 //! - **One span per TaskRun attempt**: each `status.retriesStatus[i]` is attempt `i`, the final
 //!   status is attempt `len(retriesStatus)`, from that attempt's `startTime` to its
 //!   `completionTime`, named after the pipeline task (else the Task, else the TaskRun). Its facts
-//!   are [`TaskRunFacts::from_task_run`] and its context is [`attempt_context`]: exactly what the
-//!   webhook injected into that attempt's pod. Span id [`derive_span_id`]`(taskRunUID, attempt)`,
-//!   never Tekton's span id (Tekton exports its own spans under those). Its trace is the attempt
-//!   context's trace:
-//!   - when that is the PipelineRun span's trace (the usual case, traced or not), the parent is
-//!     the PipelineRun span; when the context was Tekton's, the span also links to Tekton's
-//!     TaskRun span;
-//!   - when it is not (the captured `ship-run-traced`: Tekton's tracing was switched on as the run
-//!     started and `checkout` got a trace of its own, which the webhook, seeing only the pod, gave
-//!     checkout's steps), the attempt and its steps stay in the attempt's trace, under Tekton's
-//!     TaskRun span (or as the root, for a derived context), the attempt links to the PipelineRun
-//!     span and the PipelineRun span links back to the attempt.
-//!
-//!   So the steps' own telemetry always nests where the webhook pointed it, and a PipelineRun is
-//!   one trace except in that documented case, where the links join the two.
-//!   A standalone TaskRun's attempts are roots of its derived trace, or children of Tekton's
-//!   TaskRun span when Tekton traced it.
+//!   are [`TaskRunFacts::from_task_run`] and its context is [`attempt_context`] under
+//!   [`ContextRule::Derived`] (context rule v2): exactly what the webhook injected into that
+//!   attempt's pod under a policy with run spans on, the only policy whose runs are exported.
+//!   Span id [`derive_span_id`]`(taskRunUID, attempt)`, never Tekton's span id (Tekton exports
+//!   its own spans under those), in the PipelineRun's trace with the PipelineRun span as parent;
+//!   when Tekton gave the TaskRun a valid context, the span links to Tekton's TaskRun span
+//!   ([`LinkKind::TektonTaskRun`]), whatever trace Tekton put it in (the captured
+//!   `ship-run-traced`: Tekton gave `checkout` a trace of its own). So a PipelineRun is one
+//!   trace, rooted at its span, and the steps' own telemetry nests where the webhook pointed it.
+//!   A standalone TaskRun's attempts are roots of its derived trace, with the same link.
 //! - **One span per step** of each attempt that has `terminated` (`startedAt` → `finishedAt`),
 //!   span id [`derive_step_span_id`]`(taskRunUID, attempt, step)`, child of the attempt. A step
 //!   without `terminated` never ran and is not a span. A step Tekton skipped after an earlier
@@ -71,8 +65,7 @@
 //! list followed by the policy's `resourceAttributes`, raw (the pods get them percent-encoded,
 //! which SDKs decode). The PipelineRun and wait spans get the same from the PipelineRun's labels
 //! and annotations, without the per-TaskRun keys. A trace is exported only when it is sampled:
-//! for the PipelineRun's trace, Tekton's flag or [`sampled`]`(trace, policy.samplingRatio)`; for
-//! an attempt in a trace of its own, its context's flag, which is the flag its pod got.
+//! [`sampled`]`(trace, policy.samplingRatio)`, the flag every pod of the run got.
 //!
 //! [`derive_trace_id`]: crate::contract::derive_trace_id
 //! [`derive_pipeline_run_span_id`]: crate::contract::derive_pipeline_run_span_id
@@ -81,6 +74,7 @@
 //! [`derive_step_span_id`]: crate::contract::derive_step_span_id
 //! [`sampled`]: crate::contract::sampled
 //! [`attempt_context`]: crate::contract::attempt_context
+//! [`ContextRule::Derived`]: crate::contract::ContextRule::Derived
 //! [`TaskRunFacts::from_task_run`]: crate::contract::tekton::TaskRunFacts::from_task_run
 //! [`task_run_attributes`]: crate::contract::attributes::task_run_attributes
 //! [`service_name`]: crate::admission::decide::service_name
@@ -133,20 +127,17 @@ pub enum AttributeValue {
 /// Why a span links to another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkKind {
-    /// Tekton's own span for the TaskRun (its id is in Tekton's context, not ours).
+    /// Tekton's own span for the TaskRun (`tekton.dev/taskrunSpanContext`), from an attempt.
     TektonTaskRun,
-    /// Our PipelineRun span, in another trace.
-    PipelineRun,
-    /// One of our attempt spans, in another trace.
-    Attempt,
+    /// Tekton's own span for the PipelineRun (`status.spanContext`), from the PipelineRun span.
+    TektonPipelineRun,
 }
 
 impl LinkKind {
     pub fn as_str(self) -> &'static str {
         match self {
             LinkKind::TektonTaskRun => "tekton.taskrun",
-            LinkKind::PipelineRun => "pipelinerun",
-            LinkKind::Attempt => "taskrun.attempt",
+            LinkKind::TektonPipelineRun => "tekton.pipelinerun",
         }
     }
 }

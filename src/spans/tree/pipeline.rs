@@ -1,6 +1,6 @@
 //! The PipelineRun's spans: the run itself and the time it waited to start. The run's trace is
-//! Tekton's when Tekton really traced it, else derived from the uid (see the module
-//! documentation of [`super`]).
+//! always derived from its uid and the PipelineRun span is its root; when Tekton really traced the
+//! run, the span links to Tekton's PipelineRun span (see the module documentation of [`super`]).
 
 use super::attributes::{
     Attributes, contract_attributes, pipeline_run_url, set, str_value, task_run_scoped,
@@ -8,9 +8,11 @@ use super::attributes::{
 use super::result::{
     RunResult, UNFINISHED_EXPECTED, UNFINISHED_FIELD, end_of, finished, reason_of, span_status,
 };
-use super::{Identity, Kind, Role, RunSpan, SpanTree, Status, identity, input_error, nanos};
+use super::{
+    Identity, Kind, Link, LinkKind, Role, RunSpan, SpanTree, Status, identity, input_error, nanos,
+};
 use crate::contract::tekton::{Labels, TASK_RUN_SPAN_CONTEXT, TaskRunFacts};
-use crate::contract::w3c::{parse_span_context_annotation, parse_traceparent, parse_tracestate};
+use crate::contract::w3c::{parse_span_context_annotation, parse_traceparent};
 use crate::contract::{
     SpanId, TraceId, derive_pipeline_run_span_id, derive_pipeline_run_wait_span_id,
     derive_trace_id, sampled,
@@ -21,11 +23,8 @@ use crate::spans::objects::{Condition, PipelineRun, PipelineRunStatus, TaskRun};
 
 /// What the attempts need to know of the PipelineRun span.
 pub(super) struct PipelineRunParent {
-    pub(super) trace_id: TraceId,
     pub(super) span_id: SpanId,
     pub(super) sampled: bool,
-    /// Index of the PipelineRun span in the tree, when it was exported.
-    pub(super) index: Option<usize>,
 }
 
 /// A finished PipelineRun, validated: every field its spans need.
@@ -43,12 +42,11 @@ struct FinishedPipelineRun<'a> {
     end: u64,
 }
 
-/// The trace the PipelineRun span is in, and its parent there (Tekton's span, when Tekton's).
+/// The trace the PipelineRun span is the root of, and its link to Tekton's PipelineRun span.
 struct PipelineTrace {
     trace_id: TraceId,
-    parent_id: Option<SpanId>,
     flags: u8,
-    trace_state: Option<String>,
+    link: Option<Link>,
 }
 
 pub(super) fn pipeline_run_spans(
@@ -61,11 +59,9 @@ pub(super) fn pipeline_run_spans(
     let trace = pipeline_trace(tree, &run, task_runs, policy);
     let span_id = derive_pipeline_run_span_id(run.uid);
     let is_sampled = trace.flags & 1 == 1;
-    let mut parent = PipelineRunParent {
-        trace_id: trace.trace_id,
+    let parent = PipelineRunParent {
         span_id,
         sampled: is_sampled,
-        index: None,
     };
     if !is_sampled {
         tree.unsampled.push(trace.trace_id);
@@ -80,14 +76,13 @@ pub(super) fn pipeline_run_spans(
             !task_run_scoped(k)
         });
     let status = pipeline_run_status(&run, trace.trace_id, policy, &mut attributes);
-    parent.index = Some(tree.spans.len());
     tree.spans.push(RunSpan {
         role: Role::PipelineRun,
         resource,
         trace_id: trace.trace_id,
         span_id,
-        parent_id: trace.parent_id,
-        trace_state: trace.trace_state.clone(),
+        parent_id: None,
+        trace_state: None,
         flags: trace.flags,
         name: facts.pipeline_name().to_owned(),
         kind: Kind::Server,
@@ -95,7 +90,7 @@ pub(super) fn pipeline_run_spans(
         end: run.end,
         status,
         attributes,
-        links: Vec::new(),
+        links: trace.link.clone().into_iter().collect(),
     });
     if let Some(wait) = wait_span(&run, &trace, span_id, resource) {
         tree.spans.push(wait);
@@ -136,49 +131,45 @@ fn finished_pipeline_run(run: &PipelineRun) -> Result<FinishedPipelineRun<'_>, S
     })
 }
 
-/// Tekton's trace when Tekton traced the run, else the one derived from the uid, sampled by the
-/// policy's ratio.
+/// The run's derived trace, sampled by the policy's ratio, and the link to Tekton's PipelineRun
+/// span when Tekton really traced the run: Tekton records a span context on every run even when
+/// its tracing is off (random ids that no exporter sends); only when a TaskRun carries Tekton's
+/// context in the same trace did Tekton propagate, and so export, that trace.
 fn pipeline_trace(
     tree: &mut SpanTree,
     run: &FinishedPipelineRun<'_>,
     task_runs: &[&TaskRun],
     policy: &Policy,
 ) -> PipelineTrace {
-    let span_context = run.status.span_context.as_ref();
-    let tekton = span_context
+    let tekton = run
+        .status
+        .span_context
+        .as_ref()
         .and_then(|c| c.get("traceparent"))
         .map(|tp| parse_traceparent(tp));
-    // Tekton records a span context on every run even when its tracing is off (random ids that
-    // no exporter sends); only when a TaskRun carries Tekton's context in the same trace did
-    // Tekton propagate, and so export, that trace.
-    let tekton = tekton.filter(|parsed| match parsed {
-        Ok((trace, _, _)) => task_runs.iter().any(|t| tekton_trace(t) == Some(*trace)),
-        Err(_) => true,
-    });
-    match tekton {
-        Some(Ok((trace_id, span, flags))) => PipelineTrace {
-            trace_id,
-            parent_id: Some(span),
-            flags,
-            trace_state: span_context
-                .and_then(|c| c.get("tracestate"))
-                .and_then(|s| parse_tracestate(s.trim()).value),
-        },
-        other => {
-            if let Some(Err(e)) = other {
-                tree.notes.push(format!(
-                    "{}: status.spanContext.traceparent not used ({}); the trace is derived from the uid",
-                    run.object, e.0
-                ));
-            }
-            let trace_id = derive_trace_id(run.uid);
-            PipelineTrace {
+    let link = match tekton {
+        Some(Ok((trace_id, span_id, _))) => task_runs
+            .iter()
+            .any(|t| tekton_trace(t) == Some(trace_id))
+            .then_some(Link {
                 trace_id,
-                parent_id: None,
-                flags: u8::from(sampled(trace_id, policy.sampling_ratio)),
-                trace_state: None,
-            }
+                span_id,
+                kind: LinkKind::TektonPipelineRun,
+            }),
+        Some(Err(e)) => {
+            tree.notes.push(format!(
+                "{}: status.spanContext.traceparent not linked ({})",
+                run.object, e.0
+            ));
+            None
         }
+        None => None,
+    };
+    let trace_id = derive_trace_id(run.uid);
+    PipelineTrace {
+        trace_id,
+        flags: u8::from(sampled(trace_id, policy.sampling_ratio)),
+        link,
     }
 }
 
@@ -231,7 +222,7 @@ fn wait_span(
         trace_id: trace.trace_id,
         span_id: derive_pipeline_run_wait_span_id(run.uid),
         parent_id: Some(parent_id),
-        trace_state: trace.trace_state.clone(),
+        trace_state: None,
         flags: trace.flags,
         name: "wait".to_owned(),
         kind: Kind::Internal,
