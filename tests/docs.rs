@@ -2,8 +2,8 @@
 //! prints is marked with `<!-- checked: KIND ARGS -->` right before its fenced block, and is
 //! compared here with what the real binary prints today. Also: the TracingPolicy example equals
 //! its manifest, the Rust example of docs/injection.md nests under a TRACEPARENT, every relative
-//! link resolves to a file and heading, and the three descriptions
-//! of `make test` (README, docs/development.md, `make help`) name every suite in `tests/`.
+//! link resolves to a file and heading, and the three descriptions of `make test` (README,
+//! docs/development.md, `make help`) name every suite in `tests/`.
 //!
 //! The kinds of marker:
 //! - `mutate ARGS`: the block is `$ lightstep-tekton-webhook mutate ARGS [>/dev/null]` and then
