@@ -148,11 +148,9 @@ mod tests {
 
     #[test]
     fn the_lease_namespace_comes_from_the_flag_the_pod_the_kubeconfig_or_default() {
-        let dir = std::env::temp_dir().join(format!("lease-ns-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("namespace");
+        let file = std::env::temp_dir().join(format!("lease-ns-{}", std::process::id()));
         std::fs::write(&file, "tracing\n").unwrap();
-        let absent = dir.join("absent");
+        let absent = file.with_extension("absent");
         let context = || Some(kubeconfig(Some("team-ci")));
 
         // The flag wins over everything; the kubeconfig is not even read.
@@ -177,6 +175,6 @@ mod tests {
             lease_namespace(None, &absent, || None),
             ("default".to_owned(), NamespaceFrom::Default)
         );
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_file(&file).unwrap();
     }
 }
