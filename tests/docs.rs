@@ -1,8 +1,9 @@
 //! The docs cannot go stale: every example in README.md and docs/*.md that shows what the binary
 //! prints is marked with `<!-- checked: KIND ARGS -->` right before its fenced block, and is
 //! compared here with what the real binary prints today. Also: the TracingPolicy example equals
-//! its manifest, every relative link resolves to a file and heading, and the three descriptions
-//! of `make test` (README, docs/development.md, `make help`) name every suite in `tests/`.
+//! its manifest, the Rust example of docs/injection.md nests under a TRACEPARENT, every relative
+//! link resolves to a file and heading, and the three descriptions of `make test` (README,
+//! docs/development.md, `make help`) name every suite in `tests/`.
 //!
 //! The kinds of marker:
 //! - `mutate ARGS`: the block is `$ lightstep-tekton-webhook mutate ARGS [>/dev/null]` and then
@@ -21,6 +22,10 @@ mod support {
     pub mod http;
     pub mod tmp;
 }
+
+/// The Rust example docs/injection.md shows, compiled into this suite so it can be run here.
+#[path = "../examples/traceparent.rs"]
+mod traceparent;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
@@ -695,5 +700,36 @@ fn the_json_log_example_is_what_the_server_logs() {
                 assert_eq!(value, &actual[key], "{}: {key} in {line}", e.place);
             }
         }
+    }
+}
+
+/// Set in the copy of this suite that [`the_rust_example_nests_under_the_injected_traceparent`]
+/// starts, with a TRACEPARENT in its environment.
+const RUST_EXAMPLE_CHILD: &str = "LIGHTSTEP_TEKTON_DOCS_RUST_EXAMPLE";
+
+#[test]
+fn the_rust_example_nests_under_the_injected_traceparent() {
+    let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "rust_example_in_a_step", "--nocapture"])
+        .args(["--test-threads", "1"])
+        .env(RUST_EXAMPLE_CHILD, "1")
+        .env("TRACEPARENT", format!("00-{trace}-{parent}-01"))
+        .env("TRACESTATE", "tekton=1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{trace}-{parent}\n")),
+        "the example's current context is not the step's span:\n{stdout}"
+    );
+}
+
+/// Runs the example as a step would, when started by the test above.
+#[test]
+fn rust_example_in_a_step() {
+    if std::env::var_os(RUST_EXAMPLE_CHILD).is_some() {
+        traceparent::main();
     }
 }

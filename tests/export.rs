@@ -64,6 +64,12 @@ impl World {
     }
 
     fn exporter(&self, identity: &str, extra: &[&str]) -> Exporter {
+        let namespace = format!("--lease-namespace={INSTALL_NAMESPACE}");
+        self.exporter_with(identity, &[&[namespace.as_str()], extra].concat())
+    }
+
+    /// An exporter given only `extra` of the Lease's settings (none from the environment).
+    fn exporter_with(&self, identity: &str, extra: &[&str]) -> Exporter {
         let metrics = free_port();
         let log = self.dir.0.join(format!("{identity}.log"));
         let stdout = self.dir.0.join(format!("{identity}.out"));
@@ -82,10 +88,10 @@ impl World {
             .arg("--rescan-interval=2s")
             .arg("--child-grace=5s")
             .arg(format!("--metrics-listen={metrics}"))
-            .arg(format!("--lease-namespace={INSTALL_NAMESPACE}"))
             .arg(format!("--lease-identity={identity}"))
             .args(extra)
             .env("KUBECONFIG", self.dir.0.join("kubeconfig"))
+            .env_remove("POD_NAMESPACE")
             .env("RUST_LOG", "info")
             .env_remove("LIGHTSTEP_TEKTON_POLICY")
             .env_remove("LIGHTSTEP_TEKTON_TOKEN_FILE")
@@ -482,6 +488,37 @@ async fn of_two_exporters_one_exports_and_the_other_takes_over_when_it_dies() {
         .expect("the exporter's Lease");
     assert_ne!(lease["spec"]["leaseTransitions"], json!(0));
     within_rbac(&world.api.seen());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_lease_namespace_the_lease_lands_in_the_kubeconfig_context_namespace() {
+    let world = World::start("context").await;
+    world
+        .api
+        .kubeconfig_in(&world.dir.0.join("kubeconfig"), Some("team-ops"));
+    if std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount/namespace").exists() {
+        return; // Running in a pod: its service account's namespace comes first.
+    }
+    let exporter = world.exporter_with("exporter-c", &[]);
+    let log = || exporter.log();
+    eventually("leading", &log, || exporter.leading().then_some(())).await;
+    let lease = world.api.get("leases", "team-ops", EXPORTER_LEASE);
+    assert_eq!(lease.unwrap()["spec"]["holderIdentity"], "exporter-c");
+    assert_eq!(
+        world.api.get("leases", INSTALL_NAMESPACE, EXPORTER_LEASE),
+        None
+    );
+    let said = exporter.log();
+    assert!(
+        said.contains("team-ops") && said.contains("the kubeconfig's current context"),
+        "{said}"
+    );
+    let run = world.add_run("ship-run-ok.json", "team-r", "k");
+    eventually("the run", &log, || {
+        world.traces().contains_key(&run).then_some(())
+    })
+    .await;
+    // No RBAC check: the install's Role grants Leases in its own namespace, not in team-ops.
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,10 +62,6 @@ pub enum ClusterError {
     )]
     ConnectRuns(kube::Error),
     #[error(
-        "--lease-namespace: not set; set it or POD_NAMESPACE (the downward API's metadata.namespace), or run in a pod with a service account"
-    )]
-    LeaseNamespace,
-    #[error(
         "--lease-identity: no host name to use; set it or POD_NAME (the downward API's metadata.name)"
     )]
     LeaseIdentity,

@@ -95,11 +95,17 @@ impl FakeCluster {
 
     /// Writes a kubeconfig for the stand-in at `path`.
     pub fn kubeconfig(&self, path: &Path) {
+        self.kubeconfig_in(path, None);
+    }
+
+    /// Writes a kubeconfig for the stand-in at `path` whose current context names `namespace`.
+    pub fn kubeconfig_in(&self, path: &Path, namespace: Option<&str>) {
+        let namespace = namespace.map_or(String::new(), |ns| format!(", namespace: {ns}"));
         std::fs::write(
             path,
             format!(
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{}\"}}\n\
-                 users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\n\
+                 users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake{namespace}}}\n\
                  current-context: fake\n",
                 self.addr
             ),
