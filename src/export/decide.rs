@@ -20,6 +20,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::admission::decide::OPT_OUT_ANNOTATION;
 use crate::contract::tekton::PIPELINE_RUN_UID;
+use crate::contract::{derive_trace_id, ids};
 use crate::policy::Policy;
 use crate::policy::resource::PolicyMode;
 use crate::policy::selection::Selected;
@@ -74,6 +75,12 @@ pub fn task_run_due(run: &TaskRun, window: Window) -> Result<Finished, NotDue> {
     task_run_finished(run).and_then(|f| common(&run.metadata, f, window))
 }
 
+/// Whether a PipelineRun finished (whatever its mark and scope).
+pub fn pipeline_run_finished(run: &PipelineRun) -> Result<Finished, NotDue> {
+    let status = run.status.as_ref().ok_or(NotDue::Running)?;
+    finished(&status.conditions, status.completion_time.as_ref())
+}
+
 /// Whether a TaskRun finished (for a PipelineRun's children, which are never due on their own).
 pub fn task_run_finished(run: &TaskRun) -> Result<Finished, NotDue> {
     let status = run.status.as_ref().ok_or(NotDue::Running)?;
@@ -104,21 +111,94 @@ fn common(metadata: &Metadata, finished: Finished, window: Window) -> Result<Fin
     if annotations.is_some_and(|a| a.contains_key(EXPORTED_ANNOTATION)) {
         return Err(NotDue::Marked);
     }
-    if annotations
-        .and_then(|a| a.get(OPT_OUT_ANNOTATION))
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"))
-    {
+    if opted_out(metadata) {
         return Err(NotDue::OptedOut);
     }
-    let backfill = SignedDuration::try_from(window.backfill).unwrap_or(SignedDuration::MAX);
-    let earliest = window
-        .started
-        .checked_sub(backfill)
-        .unwrap_or(Timestamp::MIN);
-    if finished.at < earliest {
+    if finished.at < earliest(window) {
         return Err(NotDue::BeforeBackfill);
     }
     Ok(finished)
+}
+
+fn opted_out(metadata: &Metadata) -> bool {
+    metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(OPT_OUT_ANNOTATION))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"))
+}
+
+/// The earliest completion the window takes.
+fn earliest(window: Window) -> Timestamp {
+    let backfill = SignedDuration::try_from(window.backfill).unwrap_or(SignedDuration::MAX);
+    window
+        .started
+        .checked_sub(backfill)
+        .unwrap_or(Timestamp::MIN)
+}
+
+/// Whether the run's trace is sampled under the policy: the trace derived from its uid (with
+/// run spans on, every id of the run is derived), so the decision is known the moment the run
+/// is first seen. A run without a uid is not.
+pub fn sampled(metadata: &Metadata, policy: &Policy) -> bool {
+    metadata
+        .uid
+        .as_deref()
+        .is_some_and(|uid| ids::sampled(derive_trace_id(uid), policy.sampling_ratio))
+}
+
+/// Why the exporter does not (or no longer) hold its finalizer on a PipelineRun or standalone
+/// TaskRun.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Marked: exported, or given up on.
+    Marked,
+    /// Not the exporter's to export: the namespace is not served, the policy has run spans
+    /// off or is in audit, the run opted out, its trace is not sampled, it has no uid, or it
+    /// finished before the backfill window.
+    OutOfScope,
+    /// Finished `--store-deadline` ago and still not exported: given up on.
+    Deadline,
+    /// Deleted before it finished: it never will (Tekton does not reconcile a deleted run).
+    DeletedRunning,
+}
+
+/// Whether the exporter should hold its finalizer on the run, from first sight (running or
+/// not) until it is marked, leaves scope, or its store deadline passes. `policy` is the one its
+/// namespace is exported under ([`in_scope`]); `finished`, the run's `*_finished`.
+pub fn hold(
+    metadata: &Metadata,
+    finished: Result<Finished, NotDue>,
+    policy: Option<&Policy>,
+    window: Window,
+    store_deadline: Duration,
+    now: Timestamp,
+) -> Result<(), Release> {
+    if metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(EXPORTED_ANNOTATION))
+    {
+        return Err(Release::Marked);
+    }
+    let policy = policy.ok_or(Release::OutOfScope)?;
+    if opted_out(metadata) || !sampled(metadata, policy) {
+        return Err(Release::OutOfScope);
+    }
+    match finished {
+        Ok(finished) => {
+            if finished.at < earliest(window) {
+                return Err(Release::OutOfScope);
+            }
+            let deadline = SignedDuration::try_from(store_deadline).unwrap_or(SignedDuration::MAX);
+            match finished.at.checked_add(deadline) {
+                Ok(at) if now >= at => Err(Release::Deadline),
+                _ => Ok(()),
+            }
+        }
+        Err(_) if metadata.deletion_timestamp.is_some() => Err(Release::DeletedRunning),
+        Err(_) => Ok(()),
+    }
 }
 
 /// The policy a namespace's runs are exported under, or `None` when they are not exported:
