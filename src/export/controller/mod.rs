@@ -46,7 +46,7 @@ use super::metrics::{ExportMetrics, Lost};
 use super::otlp::Client;
 use super::queue::Queue;
 use crate::cluster::Cluster;
-use crate::cluster::runs::{CachedRun, Marker, RunEvent, RunKey, RunKind, Runs};
+use crate::cluster::runs::{CachedRun, Marker, RunEvent, RunKey, RunKind, Runs, holds_finalizer};
 use crate::policy::Policy;
 use crate::policy::loader::PolicyStore;
 use crate::policy::selection;
@@ -219,12 +219,18 @@ impl Controller {
                 let key = key_of(&run);
                 self.printed.remove(&key);
                 self.finalizers.forget(&key);
-                // A run that was due and is gone before it was marked: lost. (With our
-                // finalizer on it, it cannot go unmarked: it was deleted before the exporter
-                // saw it, or someone removed the finalizer.) A run given up on at its deadline
-                // is marked, and not counted again.
+                // A run that was due and is gone before it was marked: lost, if no finalizer
+                // of ours held it (it was deleted before the exporter saw it, or after it was
+                // released at its deadline, counted then). One our finalizer held went when a
+                // write removed it (the API server deletes the run instead of storing that
+                // write, so its last state shows neither the mark nor the removal): the mark
+                // and release, or a release, counted where they were written.
                 // Counted by the leader only: the standby would count the same run again.
-                if active && !self.settings.dry_run && self.due_run(&key, &run) {
+                if active
+                    && !self.settings.dry_run
+                    && !holds_finalizer(metadata_of(&run))
+                    && self.due_run(&key, &run)
+                {
                     tracing::warn!(run = %key, "run deleted before it was exported");
                     self.metrics.lost(key.kind, Lost::Deleted);
                     self.queue.done(&key);
@@ -286,6 +292,13 @@ impl Controller {
             None => selection::select_tracing_policy(&snapshot, labels.as_ref())?,
         };
         decide::in_scope(labels.as_ref(), &self.settings.namespace_label, selected).cloned()
+    }
+}
+
+fn metadata_of(run: &CachedRun) -> &crate::spans::objects::Metadata {
+    match run {
+        CachedRun::PipelineRun(r) => &r.metadata,
+        CachedRun::TaskRun(r) => &r.metadata,
     }
 }
 
