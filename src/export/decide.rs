@@ -12,6 +12,11 @@
 //! - it finished after the exporter started, or within `--backfill` before, so a first install
 //!   on a busy cluster does not send the history of every run the cluster still keeps;
 //! - its namespace is served ([`in_scope`]).
+//!
+//! The exporter's finalizer is held on a PipelineRun or standalone TaskRun ([`hold`]) from first
+//! sight, running or not, while it is in scope, unmarked, sampled (on the trace derived from its
+//! uid) and within the backfill window, until `--store-deadline` after it finished; a run
+//! deleted before it finished is released (it never will).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -291,6 +296,68 @@ mod tests {
                 WINDOW
             ),
             Err(NotDue::OptedOut)
+        );
+    }
+
+    #[test]
+    fn the_finalizer_is_held_from_first_sight_until_marked_out_of_scope_or_the_deadline() {
+        let mut policy = Policy::embedded_default();
+        policy.run_spans.enabled = true;
+        let deadline = Duration::from_secs(600);
+        let now = at(100);
+        let with_uid = |mut run: PipelineRun, uid: &str| {
+            run.metadata.uid = Some(uid.to_owned());
+            run
+        };
+        let verdict = |run: &PipelineRun, policy: Option<&Policy>| {
+            hold(
+                &run.metadata,
+                pipeline_run_finished(run),
+                policy,
+                WINDOW,
+                deadline,
+                now,
+            )
+        };
+        let done = with_uid(run("True", "Succeeded", 5, &[]), "u-1");
+        assert_eq!(verdict(&done, Some(&policy)), Ok(()));
+        let running = with_uid(run("Unknown", "Running", 5, &[]), "u-1");
+        assert_eq!(verdict(&running, Some(&policy)), Ok(()));
+        assert_eq!(verdict(&done, None), Err(Release::OutOfScope));
+        let marked = with_uid(
+            run("True", "Succeeded", 5, &[(EXPORTED_ANNOTATION, "x")]),
+            "u-1",
+        );
+        assert_eq!(verdict(&marked, Some(&policy)), Err(Release::Marked));
+        let opted_out = with_uid(
+            run("True", "Succeeded", 5, &[(OPT_OUT_ANNOTATION, "false")]),
+            "u-1",
+        );
+        assert_eq!(verdict(&opted_out, Some(&policy)), Err(Release::OutOfScope));
+        let old = with_uid(run("True", "Succeeded", -901, &[]), "u-1");
+        assert_eq!(verdict(&old, Some(&policy)), Err(Release::OutOfScope));
+        // Finished 600 s before now: the deadline; 599 s: still held.
+        let late = with_uid(run("True", "Succeeded", -500, &[]), "u-1");
+        assert_eq!(verdict(&late, Some(&policy)), Err(Release::Deadline));
+        let almost = with_uid(run("True", "Succeeded", -499, &[]), "u-1");
+        assert_eq!(verdict(&almost, Some(&policy)), Ok(()));
+        let mut deleted = running.clone();
+        deleted.metadata.deletion_timestamp = Some(Time(at(50)));
+        assert_eq!(
+            verdict(&deleted, Some(&policy)),
+            Err(Release::DeletedRunning)
+        );
+        // A deleted run that finished is held until it is exported.
+        let mut deleted_done = done.clone();
+        deleted_done.metadata.deletion_timestamp = Some(Time(at(50)));
+        assert_eq!(verdict(&deleted_done, Some(&policy)), Ok(()));
+        // Unsampled (decided on the trace derived from the uid), or no uid: never held.
+        policy.sampling_ratio = 0.0;
+        assert_eq!(verdict(&done, Some(&policy)), Err(Release::OutOfScope));
+        policy.sampling_ratio = 1.0;
+        assert_eq!(
+            verdict(&run("True", "Succeeded", 5, &[]), Some(&policy)),
+            Err(Release::OutOfScope)
         );
     }
 

@@ -341,4 +341,58 @@ mod tests {
         let (_, task_runs) = fixture();
         assert!(task_runs[0].clone().compact(&runs).is_none());
     }
+
+    #[test]
+    fn task_runs_our_finalizer_holds_stay_as_stubs_naming_their_pipeline_run_until_released() {
+        let (mut pipeline_run, task_runs) = fixture();
+        let runs = Runs::default();
+        for (i, mut task_run) in task_runs.into_iter().enumerate() {
+            if i < 2 {
+                task_run.metadata.finalizers = Some(vec!["other".into(), EXPORT_FINALIZER.into()]);
+            }
+            write(&runs.task_runs).insert(map_key(&task_run.metadata), Stored::new(task_run));
+        }
+        pipeline_run
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(EXPORTED_ANNOTATION.into(), "abc".into());
+        let stub = pipeline_run.clone().compact(&runs).unwrap();
+        assert_eq!(runs.len().1, 2, "the two held TaskRuns stay");
+        write(&runs.pipeline_runs).insert(map_key(&stub.metadata), Stored::new(stub));
+        for key in runs
+            .keys()
+            .into_iter()
+            .filter(|k| k.kind == RunKind::TaskRun)
+        {
+            let Some(CachedRun::TaskRun(held)) = runs.get(&key) else {
+                panic!("{key}");
+            };
+            assert!(held.status.is_none());
+            assert!(holds_finalizer(&held.metadata));
+            // The parent is found, marked: the exporter releases it.
+            let parent = runs.parent(&held).expect("names its PipelineRun");
+            assert!(marked(&parent.metadata));
+            // Released: its next event takes it out of the cache.
+            let mut released = (*held).clone();
+            released.metadata.finalizers = Some(vec!["other".into()]);
+            assert!(released.compact(&runs).is_none());
+        }
+    }
+
+    #[test]
+    fn a_task_run_owned_by_a_pipeline_run_without_its_labels_gets_them() {
+        let meta: ObjectMeta = serde_json::from_value(serde_json::json!({
+            "name": "t", "namespace": "ns", "uid": "t-1",
+            "ownerReferences": [{"apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
+                                 "name": "p", "uid": "p-1"}],
+            "finalizers": [EXPORT_FINALIZER],
+            "deletionTimestamp": "2026-01-01T00:00:00Z"
+        }))
+        .unwrap();
+        let trimmed = trim(meta);
+        assert_eq!(trimmed.label(PIPELINE_RUN), Some("p"));
+        assert_eq!(trimmed.label(PIPELINE_RUN_UID), Some("p-1"));
+        assert!(holds_finalizer(&trimmed) && trimmed.deletion_timestamp.is_some());
+    }
 }
