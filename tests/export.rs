@@ -2,8 +2,10 @@
 //! stand-in by a kubeconfig, lists and watches runs and namespaces, exports each finished run in
 //! an opted-in namespace once, marks it only after the receiver answered, survives a failing
 //! receiver and a restart without losing or repeating a run, hands over between two replicas
-//! through its Lease, and asks the API server for nothing the install's exporter RBAC does not
-//! grant. Every wait polls against a generous deadline; nothing is timed.
+//! through its Lease, holds its finalizer on the runs it will export until their mark (or their
+//! leaving scope, or `--store-deadline`), and asks the API server for nothing the install's
+//! exporter RBAC does not grant. Every wait polls against a generous deadline; nothing is timed
+//! but the store deadline itself, set well above the moment it takes the exporter to see a run.
 
 mod support {
     pub mod fake_api;
@@ -801,7 +803,7 @@ async fn a_run_that_leaves_scope_is_released_and_not_exported() {
 async fn at_the_store_deadline_a_run_is_given_up_released_and_counted_lost() {
     let world = World::start("deadline").await;
     world.receiver.fail(true);
-    let exporter = world.exporter("exporter-0", &["--store-deadline=4s"]);
+    let exporter = world.exporter("exporter-0", &["--store-deadline=6s"]);
     let log = || exporter.log();
     eventually("leading", &log, || exporter.leading().then_some(())).await;
     let uid = world.add_fresh_run("ship-run-ok.json", "team-r", "late");
