@@ -22,6 +22,7 @@ mod args;
 mod caches;
 pub mod lease;
 mod metrics;
+pub mod release;
 pub mod runs;
 mod status;
 

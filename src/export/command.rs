@@ -86,6 +86,17 @@ pub struct ExportArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     rescan_interval: Duration,
 
+    /// Remove the exporter's finalizer (lightstep-tekton.io/export) from every PipelineRun and
+    /// TaskRun that has it, print which, and exit: what an uninstall runs once the exporter is
+    /// stopped, so no run waits on it. Exit 0 when none is left holding it. Needs list and
+    /// patch on tekton.dev pipelineruns and taskruns; no Lease, policy or token.
+    #[arg(long)]
+    release_finalizers: bool,
+
+    /// With --release-finalizers: only this namespace's runs [default: all namespaces].
+    #[arg(long, value_name = "NAMESPACE", requires = "release_finalizers")]
+    namespace: Option<String>,
+
     /// Leader election: only the holder of the Lease exports.
     #[command(flatten)]
     cluster: ClusterArgs,
@@ -108,8 +119,12 @@ pub enum ExportError {
     Bind(#[from] BindError),
 }
 
-/// `export`: watch, elect, export until a signal. Exit 0 after a clean shutdown.
+/// `export`: watch, elect, export until a signal. Exit 0 after a clean shutdown. With
+/// `--release-finalizers`, the one-shot of [`super::release`] instead.
 pub fn run(args: ExportArgs) -> ExitCode {
+    if args.release_finalizers {
+        return super::release::run(args.namespace, &args.telemetry);
+    }
     let telemetry = args.telemetry.clone();
     bootstrap::run("export", &telemetry, |shutdown| async move {
         let policy = Arc::new(PolicyStore::load(args.policy.policy.clone()));

@@ -23,3 +23,4 @@ pub mod decide;
 pub mod metrics;
 pub mod otlp;
 pub mod queue;
+pub mod release;
