@@ -34,7 +34,7 @@ help: ## List the targets
 build: ## Build the release binary
 	$(CARGO) build --locked --release
 
-test: ## Run every test: unit, contract, fixtures, patches, properties, preview, server, manifests, chart, tracing_policy, cluster, lease, watch, otlp, spans, export, docs
+test: ## Run every test: unit, contract, fixtures, patches, properties, preview, server, manifests, chart, tracing_policy, cluster, lease, watch, otlp, spans, export, release, docs
 	$(CARGO) test --locked
 
 lint: ## Check formatting and run clippy with warnings as errors

@@ -88,8 +88,8 @@ pub struct ExportArgs {
 
     /// Remove the exporter's finalizer (lightstep-tekton.io/export) from every PipelineRun and
     /// TaskRun that has it, print which, and exit: what an uninstall runs once the exporter is
-    /// stopped, so no run waits on it. Exit 0 when none is left holding it. Needs list and
-    /// patch on tekton.dev pipelineruns and taskruns; no Lease, policy or token.
+    /// stopped, so no run waits on it. Exit 0 when none is left holding it. Needs list, get
+    /// and patch on tekton.dev pipelineruns and taskruns; no Lease, policy or token.
     #[arg(long)]
     release_finalizers: bool,
 
