@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::rbac::v1::PolicyRule;
+use lightstep_tekton_webhook::cluster::EXPORTER_LEASE;
 use lightstep_tekton_webhook::cluster::runs::EXPORT_FINALIZER;
 use serde::Deserialize as _;
 use serde_json::{Value, json};
@@ -26,6 +27,8 @@ use support::tmp::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lightstep-tekton-webhook");
 const OTHER: &str = "example.com/keep-me";
+/// The namespace the chart's hook runs in (manifests/uninstall's).
+const NAMESPACE: &str = "lightstep-tekton";
 
 /// The hook Job's rendering: its objects.
 fn hook_objects() -> Vec<Value> {
@@ -38,15 +41,28 @@ fn hook_objects() -> Vec<Value> {
         .collect()
 }
 
-/// The hook Job's container arguments, and its ClusterRole's rules.
-fn hook() -> (Vec<String>, Vec<PolicyRule>) {
+/// The rules of the hook's ClusterRole (on runs) and Role (on the exporter's Lease).
+struct Rules {
+    runs: Vec<PolicyRule>,
+    lease: Vec<PolicyRule>,
+}
+
+/// The hook Job's container arguments, and its RBAC.
+fn hook() -> (Vec<String>, Rules) {
     let objects = hook_objects();
     let job = objects.iter().find(|o| o["kind"] == "Job").unwrap();
     let args =
         serde_json::from_value(job["spec"]["template"]["spec"]["containers"][0]["args"].clone())
             .unwrap();
-    let role = objects.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
-    (args, serde_json::from_value(role["rules"].clone()).unwrap())
+    let rules = |kind: &str| {
+        let role = objects.iter().find(|o| o["kind"] == kind).unwrap();
+        serde_json::from_value(role["rules"].clone()).unwrap()
+    };
+    let rules = Rules {
+        runs: rules("ClusterRole"),
+        lease: rules("Role"),
+    };
+    (args, rules)
 }
 
 fn run(kind: &str, namespace: &str, name: &str, finalizers: &[&str]) -> Value {
@@ -108,9 +124,22 @@ fn untouched(mut object: Value) -> Value {
     object
 }
 
-/// Every request is one the hook's ClusterRole grants.
-fn within_rbac(seen: &[Seen], rules: &[PolicyRule]) {
+/// Every request is one the hook's ClusterRole or Role grants.
+fn within_rbac(seen: &[Seen], rules: &Rules) {
+    let lease =
+        format!("/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/{EXPORTER_LEASE}");
     for r in seen {
+        if r.path == lease {
+            assert_eq!(r.method, "GET", "{} {}", r.method, r.path);
+            assert!(granted(
+                &rules.lease,
+                "coordination.k8s.io",
+                "leases",
+                "get",
+                EXPORTER_LEASE
+            ));
+            continue;
+        }
         let resource = if r.path.contains("/pipelineruns") {
             "pipelineruns"
         } else if r.path.contains("/taskruns") {
@@ -128,7 +157,7 @@ fn within_rbac(seen: &[Seen], rules: &[PolicyRule]) {
             _ => panic!("{} {}: not a request the release makes", r.method, r.path),
         };
         assert!(
-            granted(rules, "tekton.dev", resource, verb, ""),
+            granted(&rules.runs, "tekton.dev", resource, verb, ""),
             "{} {}?{} needs {verb} on tekton.dev/{resource}, which the hook's RBAC does not grant",
             r.method,
             r.path,
@@ -219,6 +248,12 @@ async fn every_finalizer_of_ours_is_released_and_nothing_else_is_written() {
         assert_eq!(ops.len(), 3);
     }
     within_rbac(&seen, &rules);
+
+    assert!(
+        seen.iter()
+            .any(|r| r.path.ends_with(&format!("/leases/{EXPORTER_LEASE}"))),
+        "the hook looks at the exporter's Lease first"
+    );
 
     // It says what it did.
     for name in [
@@ -373,7 +408,67 @@ async fn an_unreachable_api_server_fails_with_what_it_needs() {
     let (ok, _, stderr) = release(&config, &args).await;
     assert!(!ok);
     assert!(
+        stderr.contains("reading the exporter's Lease") && stderr.contains("nothing was released"),
+        "{stderr}"
+    );
+    let by_hand: Vec<String> = ["export", "--release-finalizers"]
+        .map(String::from)
+        .to_vec();
+    let (ok, _, stderr) = release(&config, &by_hand).await;
+    assert!(!ok);
+    assert!(
         stderr.contains("listing PipelineRuns and TaskRuns failed"),
         "{stderr}"
     );
+}
+
+/// A Lease renewed just now, as a running exporter holds it.
+fn lease(holder: &str) -> Value {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+           "metadata": {"name": EXPORTER_LEASE, "namespace": NAMESPACE},
+           "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                    "acquireTime": now, "renewTime": now}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_exporter_is_waited_for_and_nothing_is_released_while_it_holds_its_lease() {
+    let api = FakeCluster::start().await;
+    let dir = TempDir::new("release-lease");
+    let config = dir.0.join("kubeconfig");
+    api.kubeconfig(&config);
+    api.put(
+        "pipelineruns",
+        run("PipelineRun", "team-a", "held", &[EXPORT_FINALIZER]),
+    );
+    api.put("leases", lease("exporter-7d9f"));
+    let (args, _) = hook();
+    let short: Vec<String> = args
+        .iter()
+        .map(|a| match a.starts_with("--wait-for-exporter=") {
+            true => "--wait-for-exporter=3s".to_owned(),
+            false => a.clone(),
+        })
+        .collect();
+    let (ok, stdout, stderr) = release(&config, &short).await;
+    assert!(!ok, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("exporter-7d9f") && stderr.contains("stop it first"),
+        "{stderr}"
+    );
+    assert!(
+        api.seen()
+            .iter()
+            .all(|r| r.method == "GET" && r.path.contains("/leases/"))
+    );
+    assert_eq!(
+        finalizers(&api.get("pipelineruns", "team-a", "held").unwrap()),
+        [EXPORT_FINALIZER]
+    );
+
+    // The exporter stops: it releases its Lease (no holder), and the release goes ahead.
+    api.put("leases", lease(""));
+    let (ok, stdout, stderr) = release(&config, &args).await;
+    assert!(ok, "{stdout}{stderr}");
+    assert!(finalizers(&api.get("pipelineruns", "team-a", "held").unwrap()).is_empty());
 }

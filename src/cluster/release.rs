@@ -11,14 +11,25 @@
 //!
 //! Trade-off: releasing while an exporter still runs is pointless (it adds the finalizer back to
 //! runs it will export), so the callers stop the exporter first (the chart's hook runs after the
-//! release's resources are deleted; `make undeploy` deletes the exporter's Deployment first).
+//! release's resources are deleted; `make undeploy` deletes the exporter's Deployment first), and
+//! [`wait_for_exporter`] waits, bounded, until no exporter holds its Lease: a stopping exporter
+//! releases it once it has stopped writing, a killed one lets it expire.
 
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 
 use super::ClusterError;
+use super::lease::{LeaseConfig, is_held};
 use super::runs::{EXPORT_FINALIZER, RunKind};
+
+/// How often the exporter's Lease is read while waiting for it to be free: a Lease lasts 15 s,
+/// so a few reads per lapse.
+const LEASE_POLL: Duration = Duration::from_secs(2);
 
 /// Runs per list page: a cluster keeping weeks of runs is listed in pages of this size, so the
 /// command's memory stays a few megabytes whatever the cluster holds.
@@ -46,6 +57,64 @@ enum ReleaseError {
     Contended,
     #[error("{0}")]
     Api(kube::Error),
+}
+
+/// Why the exporter's Lease could not be seen free.
+#[derive(Debug, thiserror::Error)]
+pub enum ExporterRunning {
+    #[error(
+        "an exporter ({holder}) still holds the Lease {namespace}/{name} after {waited_s} s: stop it first (its Deployment deleted or scaled to 0), or it puts the finalizer back"
+    )]
+    Held {
+        holder: String,
+        namespace: String,
+        name: String,
+        waited_s: u64,
+    },
+    #[error("reading the exporter's Lease {namespace}/{name} failed: {source}")]
+    Api {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+}
+
+/// Waits until no exporter holds `lease` (it is missing, names no holder, or has lapsed), for
+/// at most `limit`.
+pub async fn wait_for_exporter(
+    client: &Client,
+    lease: &LeaseConfig,
+    limit: Duration,
+) -> Result<(), ExporterRunning> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &lease.namespace);
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let found = api
+            .get_opt(&lease.name)
+            .await
+            .map_err(|source| ExporterRunning::Api {
+                namespace: lease.namespace.clone(),
+                name: lease.name.clone(),
+                source,
+            })?;
+        let holder = found
+            .and_then(|l| l.spec)
+            .filter(|spec| is_held(spec, Timestamp::now()))
+            .and_then(|spec| spec.holder_identity);
+        let Some(holder) = holder else {
+            return Ok(());
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ExporterRunning::Held {
+                holder,
+                namespace: lease.namespace.clone(),
+                name: lease.name.clone(),
+                waited_s: limit.as_secs(),
+            });
+        }
+        tracing::info!(%holder, "the exporter still holds its Lease; waiting for it to stop");
+        tokio::time::sleep(LEASE_POLL).await;
+    }
 }
 
 /// Connects (in-cluster service account, or KUBECONFIG outside a cluster).

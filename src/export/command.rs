@@ -97,6 +97,12 @@ pub struct ExportArgs {
     #[arg(long, value_name = "NAMESPACE", requires = "release_finalizers")]
     namespace: Option<String>,
 
+    /// With --release-finalizers: first wait up to this long (e.g. 60s) until no exporter holds
+    /// its Lease (in --lease-namespace), and fail if one still does. What the chart's hook Job
+    /// uses, as the exporter's pods may still be stopping.
+    #[arg(long, value_name = "DURATION", requires = "release_finalizers", value_parser = parse_duration)]
+    wait_for_exporter: Option<Duration>,
+
     /// Leader election: only the holder of the Lease exports.
     #[command(flatten)]
     cluster: ClusterArgs,
@@ -123,7 +129,10 @@ pub enum ExportError {
 /// `--release-finalizers`, the one-shot of [`super::release`] instead.
 pub fn run(args: ExportArgs) -> ExitCode {
     if args.release_finalizers {
-        return super::release::run(args.namespace, &args.telemetry);
+        let wait = args
+            .wait_for_exporter
+            .map(|limit| (args.cluster.clone(), limit));
+        return super::release::run(args.namespace, wait, &args.telemetry);
     }
     let telemetry = args.telemetry.clone();
     bootstrap::run("export", &telemetry, |shutdown| async move {

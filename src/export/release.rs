@@ -1,12 +1,14 @@
 //! `export --release-finalizers`: the one-shot that removes the exporter's finalizer from every
 //! run that still has it ([`crate::cluster::release`]), for an uninstall, for `exporter.enabled:
-//! false`, or by hand. It takes no Lease and reads no policy or token: it only lists runs and
-//! patches their finalizers. Each released run is printed on stdout (`released <Kind>
+//! false`, or by hand. It takes no Lease and reads no policy or token: it lists runs and patches
+//! their finalizers, and with `--wait-for-exporter` first reads the exporter's Lease until no
+//! exporter holds it. Each released run is printed on stdout (`released <Kind>
 //! <namespace>/<name>`), then a summary; the exit code is 0 only when none is left holding it.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
-use crate::cluster::{self, release};
+use crate::cluster::{self, ClusterArgs, EXPORTER_LEASE, release};
 use crate::runtime::args::TelemetryArgs;
 use crate::runtime::bootstrap;
 
@@ -15,6 +17,8 @@ use crate::runtime::bootstrap;
 enum ReleaseError {
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
+    #[error("{0}; nothing was released")]
+    ExporterRunning(#[from] release::ExporterRunning),
     #[error(
         "listing PipelineRuns and TaskRuns failed ({0}); nothing more was released. It needs list and patch on tekton.dev pipelineruns and taskruns"
     )]
@@ -27,10 +31,19 @@ enum ReleaseError {
     Left(Vec<String>),
 }
 
-/// Releases every finalizer in `namespace` (all namespaces when `None`).
-pub(crate) fn run(namespace: Option<String>, telemetry: &TelemetryArgs) -> ExitCode {
+/// Releases every finalizer in `namespace` (all namespaces when `None`); with `wait`, first
+/// waits (at most that long) for the exporter's Lease to be free.
+pub(crate) fn run(
+    namespace: Option<String>,
+    wait: Option<(ClusterArgs, Duration)>,
+    telemetry: &TelemetryArgs,
+) -> ExitCode {
     bootstrap::run("release finalizers", telemetry, |_shutdown| async move {
         let client = release::connect().await?;
+        if let Some((cluster, limit)) = wait {
+            let lease = cluster.lease(EXPORTER_LEASE)?;
+            release::wait_for_exporter(&client, &lease, limit).await?;
+        }
         let outcome = release::release_finalizers(&client, namespace.as_deref())
             .await
             .map_err(ReleaseError::List)?;

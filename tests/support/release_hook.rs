@@ -6,7 +6,8 @@
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ServiceAccount;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use lightstep_tekton_webhook::cluster::EXPORTER_LEASE;
 use serde_json::Value;
 
 use super::install::{Install, NAMESPACE, typed};
@@ -21,11 +22,24 @@ pub fn expected_rules() -> Vec<PolicyRule> {
     }]
 }
 
+/// The rule for waiting on the exporter's Lease: `get` on that one Lease.
+pub fn expected_lease_rules() -> Vec<PolicyRule> {
+    vec![PolicyRule {
+        api_groups: Some(vec!["coordination.k8s.io".into()]),
+        resources: Some(vec!["leases".into()]),
+        resource_names: Some(vec![EXPORTER_LEASE.into()]),
+        verbs: vec!["get".into()],
+        ..PolicyRule::default()
+    }]
+}
+
 /// The hook's objects, decoded.
 pub struct ReleaseHook {
     pub account: ServiceAccount,
     pub role: ClusterRole,
     pub binding: ClusterRoleBinding,
+    pub lease_role: Role,
+    pub lease_binding: RoleBinding,
     pub job: Job,
 }
 
@@ -40,11 +54,13 @@ impl ReleaseHook {
             );
             found[0]
         };
-        assert_eq!(objects.len(), 4, "{objects:?}");
+        assert_eq!(objects.len(), 6, "{objects:?}");
         ReleaseHook {
             account: typed(one("ServiceAccount")),
             role: typed(one("ClusterRole")),
             binding: typed(one("ClusterRoleBinding")),
+            lease_role: typed(one("Role")),
+            lease_binding: typed(one("RoleBinding")),
             job: typed(one("Job")),
         }
     }
@@ -108,6 +124,20 @@ pub fn check_release_hook(install: &Install, hooks: &str) -> ReleaseHook {
     assert_eq!(Some(&subjects[0].name), hook.account.metadata.name.as_ref());
     assert_eq!(subjects[0].namespace.as_deref(), Some(NAMESPACE));
     assert_eq!(hook.account.metadata.namespace.as_deref(), Some(NAMESPACE));
+    assert_eq!(
+        hook.lease_role.rules.as_ref().unwrap(),
+        &expected_lease_rules()
+    );
+    assert_eq!(
+        hook.lease_role.metadata.namespace.as_deref(),
+        Some(NAMESPACE)
+    );
+    assert_eq!(hook.lease_binding.role_ref.kind, "Role");
+    assert_eq!(
+        hook.lease_binding.role_ref.name,
+        hook.lease_role.metadata.name.clone().unwrap()
+    );
+    assert_eq!(hook.lease_binding.subjects, hook.binding.subjects);
     assert_eq!(hook.account.automount_service_account_token, Some(false));
 
     // The Job: the command, the install's image, the same hardening as the webhook's pods.
@@ -129,5 +159,13 @@ pub fn check_release_hook(install: &Install, hooks: &str) -> ReleaseHook {
     assert!(container.resources.as_ref().unwrap().limits.is_some());
     let args = hook.args();
     assert_eq!(args[..2], ["export", "--release-finalizers"], "{args:?}");
+    assert!(
+        args.iter().any(|a| a.starts_with("--wait-for-exporter=")),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&format!("--lease-namespace={NAMESPACE}")),
+        "{args:?}"
+    );
     hook
 }
