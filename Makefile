@@ -118,7 +118,7 @@ undeploy: ## Delete what deploy applied, the TracingPolicy CRD too unless KEEP_T
 		$(KUBECTL) delete --ignore-not-found -k manifests/uninstall >/dev/null && \
 		$(KUBECTL) apply -k manifests/uninstall && \
 		$(KUBECTL) -n $(NAMESPACE) wait --for=condition=complete --timeout=300s $(RELEASE_JOB) && \
-		$(KUBECTL) -n $(NAMESPACE) logs $(RELEASE_JOB) --tail=1 && \
+		$(KUBECTL) -n $(NAMESPACE) logs $(RELEASE_JOB) --tail=3 && \
 		$(KUBECTL) delete --ignore-not-found -k manifests/uninstall || { \
 		echo "undeploy: the finalizers were not all released; see kubectl -n $(NAMESPACE) logs $(RELEASE_JOB)" \
 		     "and docs/exporter.md, Uninstalling and stuck runs; nothing else was deleted" >&2; exit 1; }; fi

@@ -117,6 +117,13 @@ pub async fn wait_for_exporter(
     }
 }
 
+/// Listing the runs failed: nothing more was released.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "listing PipelineRuns and TaskRuns failed ({0}); nothing more was released. It needs list, get and patch on tekton.dev pipelineruns and taskruns"
+)]
+pub struct ListError(kube::Error);
+
 /// Connects (in-cluster service account, or KUBECONFIG outside a cluster).
 pub async fn connect() -> Result<Client, ClusterError> {
     Client::try_default()
@@ -130,13 +137,13 @@ pub async fn connect() -> Result<Client, ClusterError> {
 pub async fn release_finalizers(
     client: &Client,
     namespace: Option<&str>,
-) -> Result<Released, kube::Error> {
+) -> Result<Released, ListError> {
     let mut outcome = Released::default();
     for kind in [RunKind::PipelineRun, RunKind::TaskRun] {
         let api = api(client, kind, namespace);
         let mut params = ListParams::default().limit(PAGE);
         loop {
-            let page = api.list(&params).await?;
+            let page = api.list(&params).await.map_err(ListError)?;
             for run in &page.items {
                 outcome.listed += 1;
                 if finalizer_index(run).is_none() {

@@ -19,10 +19,8 @@ enum ReleaseError {
     Cluster(#[from] cluster::ClusterError),
     #[error("{0}; nothing was released")]
     ExporterRunning(#[from] release::ExporterRunning),
-    #[error(
-        "listing PipelineRuns and TaskRuns failed ({0}); nothing more was released. It needs list and patch on tekton.dev pipelineruns and taskruns"
-    )]
-    List(kube::Error),
+    #[error(transparent)]
+    List(#[from] release::ListError),
     #[error(
         "{} run(s) still hold lightstep-tekton.io/export: {}; run `export --release-finalizers` again",
         .0.len(),
@@ -44,9 +42,7 @@ pub(crate) fn run(
             let lease = cluster.lease(EXPORTER_LEASE)?;
             release::wait_for_exporter(&client, &lease, limit).await?;
         }
-        let outcome = release::release_finalizers(&client, namespace.as_deref())
-            .await
-            .map_err(ReleaseError::List)?;
+        let outcome = release::release_finalizers(&client, namespace.as_deref()).await?;
         for run in &outcome.released {
             println!("released {run}");
         }
