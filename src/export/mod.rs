@@ -9,7 +9,8 @@
 //!   each run with `lightstep-tekton.io/exported` once the backend accepted it; [`metrics`]
 //!   counts it all. The watches and the patch are the cluster room's
 //!   ([`crate::cluster::runs`]); the leader election is [`crate::cluster::LeaderElection`] on
-//!   the exporter's own Lease.
+//!   the exporter's own Lease. [`release`] is `export --release-finalizers`, the one-shot an
+//!   uninstall runs to take the exporter's finalizer off every run.
 //!
 //! Trade-offs: exactly once holds in practice, not in theory (a crash between the backend's
 //! answer and the patch sends that run again; see [`controller`]); a PipelineRun is sent as one
