@@ -34,7 +34,7 @@ help: ## List the targets
 build: ## Build the release binary
 	$(CARGO) build --locked --release
 
-test: ## Run every test: unit, contract, fixtures, patches, properties, preview, server, manifests, chart, tracing_policy, cluster, lease, watch, otlp, spans, export, docs
+test: ## Run every test: unit, contract, fixtures, patches, properties, preview, server, manifests, chart, tracing_policy, cluster, lease, watch, otlp, spans, export, release, docs
 	$(CARGO) test --locked
 
 lint: ## Check formatting and run clippy with warnings as errors
@@ -52,12 +52,17 @@ crd: ## Regenerate the chart's CRD from the Rust types, then manifests/base (tes
 	$(CARGO) run --locked --quiet -- crd > $(CHART)/crds/crd-tracingpolicy.yaml
 	$(MAKE) manifests-base
 
-# manifests/base and the cert-manager overlay's certificates.yaml are renderings of the chart
+# manifests/base, the cert-manager overlay's certificates.yaml and manifests/uninstall's Job are
+# renderings of the chart
 # (values: $(CHART)/ci/kustomize-base-values.yaml and ci/cert-manager-values.yaml), so the chart
 # is the one place the install is written. Only kustomization.yaml, namespace.yaml and the
 # example token Secret in manifests/base are kept by hand. tests/chart.rs runs this target into a
 # temporary directory and fails when the checked-in files differ.
 BASE_DIR ?= manifests/base
+# The chart's hook that releases the exporter's finalizers is no part of the install: it goes to
+# manifests/uninstall, which `undeploy` applies once the exporter is stopped.
+RELEASE_HOOK := release-finalizers.yaml
+UNINSTALL_DIR ?= manifests/uninstall
 CERT_MANAGER_DIR ?= manifests/overlays/cert-manager
 RENDER_DIR ?= target/chart-render
 RENDERED_NOTE := \# Rendered from $(CHART) by `make manifests-base`; edit the chart, not this file.
@@ -66,7 +71,10 @@ manifests-base: ## Render manifests/base and the cert-manager overlay's certific
 	$(HELM) template $(SERVICE) $(CHART) --namespace $(NAMESPACE) --include-crds --skip-tests \
 		-f $(CHART)/ci/kustomize-base-values.yaml --output-dir $(RENDER_DIR) >/dev/null
 	@for f in $(RENDER_DIR)/*/crds/*.yaml $(RENDER_DIR)/*/templates/*.yaml; do \
+		case "$$f" in */$(RELEASE_HOOK)) continue;; esac; \
 		{ echo '$(RENDERED_NOTE)'; cat "$$f"; } > $(BASE_DIR)/$$(basename "$$f"); done
+	@{ echo '$(RENDERED_NOTE)'; cat $(RENDER_DIR)/*/templates/$(RELEASE_HOOK); } \
+		> $(UNINSTALL_DIR)/$(RELEASE_HOOK)
 	@{ echo '$(RENDERED_NOTE)'; $(HELM) template $(SERVICE) $(CHART) --namespace $(NAMESPACE) \
 		-f $(CHART)/ci/cert-manager-values.yaml --show-only templates/certificates.yaml; } \
 		> $(CERT_MANAGER_DIR)/certificates.yaml
@@ -98,8 +106,22 @@ deploy: $(if $(filter self-signed,$(OVERLAY)),$(CERTS_DIR)/tls.crt) ## Apply an 
 # overlay), and the cluster-scoped RBAC of the webhook and the exporter.
 TLS_SECRET := lightstep-tekton-webhook-tls
 KEEP_TRACING_POLICIES ?=
+# Then the exporter stops (its Deployment deleted, waiting for its pods: a running exporter would
+# put its finalizer back), and the Job in manifests/uninstall removes that finalizer from every
+# run, with its own RBAC, before the exporter's RBAC and the namespace go: a finalizer nobody
+# removes blocks the run's deletion, and its namespace's, forever.
+RELEASE_JOB := job/$(SERVICE)-release-finalizers
 undeploy: ## Delete what deploy applied, the TracingPolicy CRD too unless KEEP_TRACING_POLICIES=1 (OVERLAY=cert-manager|self-signed)
 	$(KUBECTL) delete --ignore-not-found mutatingwebhookconfiguration,validatingwebhookconfiguration $(SERVICE)
+	$(KUBECTL) -n $(NAMESPACE) delete --ignore-not-found --cascade=foreground --wait deployment $(SERVICE)-exporter
+	@if $(KUBECTL) get namespace $(NAMESPACE) >/dev/null 2>&1; then \
+		$(KUBECTL) delete --ignore-not-found -k manifests/uninstall >/dev/null && \
+		$(KUBECTL) apply -k manifests/uninstall && \
+		$(KUBECTL) -n $(NAMESPACE) wait --for=condition=complete --timeout=300s $(RELEASE_JOB) && \
+		$(KUBECTL) -n $(NAMESPACE) logs $(RELEASE_JOB) --tail=3 && \
+		$(KUBECTL) delete --ignore-not-found -k manifests/uninstall || { \
+		echo "undeploy: the finalizers were not all released; see kubectl -n $(NAMESPACE) logs $(RELEASE_JOB)" \
+		     "and docs/exporter.md, Uninstalling and stuck runs; nothing else was deleted" >&2; exit 1; }; fi
 ifneq ($(KEEP_TRACING_POLICIES),)
 	$(KUBECTL) delete --ignore-not-found namespace $(NAMESPACE)
 	$(KUBECTL) delete --ignore-not-found clusterrolebinding,clusterrole $(SERVICE) $(SERVICE)-exporter

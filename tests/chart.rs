@@ -13,6 +13,7 @@ mod support {
     pub mod http;
     pub mod install;
     pub mod poll;
+    pub mod release_hook;
     pub mod tmp;
 }
 
@@ -28,6 +29,7 @@ use serde_json::Value;
 use support::http::request;
 use support::install::*;
 use support::poll::eventually_blocking;
+use support::release_hook::check_release_hook;
 use support::tmp::TempDir;
 
 fn chart_dir() -> PathBuf {
@@ -216,6 +218,14 @@ fn every_value_set_passes_the_install_checks() {
             install.monitoring.is_empty(),
             "{major}: monitoring is opt-in"
         );
+        // The finalizers are released after an uninstall, once the exporter is stopping.
+        check_release_hook(&install, "post-delete");
+        let off = render(&[
+            "--skip-tests",
+            "--set",
+            "exporter.releaseFinalizers.enabled=false",
+        ]);
+        assert!(off.release_hook.is_empty(), "{major}: the hook turns off");
 
         let install = render(&["--skip-tests", "-f", &values("cert-manager")]);
         check_common(&install, &helm_default);
@@ -269,6 +279,8 @@ fn every_value_set_passes_the_install_checks() {
             ..helm_default.clone()
         };
         check_common(&install, &expect);
+        // The upgrade that turns the exporter off releases what it held.
+        check_release_hook(&install, "post-install,post-upgrade,post-delete");
 
         let install = render(&["--skip-tests", "-f", &values("everything")]);
         let expect = Expect {
@@ -855,6 +867,8 @@ fn manifests_base_is_the_current_rendering_of_the_chart() {
     let tmp = TempDir::new("chart-base");
     let base = tmp.0.join("base");
     let cert_manager = tmp.0.join("cert-manager");
+    let uninstall = tmp.0.join("uninstall");
+    fs::create_dir_all(&uninstall).unwrap();
     fs::create_dir_all(&base).unwrap();
     fs::create_dir_all(&cert_manager).unwrap();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -865,6 +879,7 @@ fn manifests_base_is_the_current_rendering_of_the_chart() {
         .arg(format!("HELM={}", helm.display()))
         .arg(format!("BASE_DIR={}", base.display()))
         .arg(format!("CERT_MANAGER_DIR={}", cert_manager.display()))
+        .arg(format!("UNINSTALL_DIR={}", uninstall.display()))
         .arg(format!("RENDER_DIR={}", tmp.0.join("render").display()))
         .output()
         .expect("make");
@@ -899,6 +914,13 @@ fn manifests_base_is_the_current_rendering_of_the_chart() {
     assert!(
         fresh == checked_in,
         "manifests/overlays/cert-manager/certificates.yaml is not the chart's rendering; {regenerate}"
+    );
+    let fresh = fs::read_to_string(uninstall.join("release-finalizers.yaml")).unwrap();
+    let checked_in =
+        fs::read_to_string(root.join("manifests/uninstall/release-finalizers.yaml")).unwrap();
+    assert!(
+        fresh == checked_in,
+        "manifests/uninstall/release-finalizers.yaml is not the chart's rendering; {regenerate}"
     );
 
     // Nothing in manifests/base but the rendering and the files kept by hand, and the

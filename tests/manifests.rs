@@ -16,6 +16,7 @@ mod support {
     pub mod http;
     pub mod install;
     pub mod poll;
+    pub mod release_hook;
     pub mod tmp;
 }
 
@@ -35,6 +36,7 @@ use serde_json::Value;
 use support::http::{client_config, request};
 use support::install::*;
 use support::poll::eventually_blocking;
+use support::release_hook::check_release_hook;
 use support::tmp::TempDir;
 
 fn manifests_dir() -> PathBuf {
@@ -102,6 +104,44 @@ fn render_self_signed(tmp: &TempDir) -> (Vec<Value>, PathBuf) {
     let certs_dir = overlay.join("certs");
     run_certs(&certs_dir, &[]);
     (kustomize(&overlay), certs_dir)
+}
+
+/// What `make undeploy` runs once the exporter is stopped: manifests/uninstall builds, and its
+/// Job releases the finalizers with the install's image and hardening and RBAC of its own.
+#[test]
+fn the_uninstall_job_builds_and_matches_the_install() {
+    let tmp = TempDir::new("uninstall");
+    let mut install = Install::decode(&kustomize(
+        &manifests_copy(&tmp).join("overlays/cert-manager"),
+    ));
+    assert!(
+        install.release_hook.is_empty(),
+        "the release Job is no part of the install"
+    );
+    install.release_hook = kustomize(&manifests_copy(&tmp).join("uninstall"));
+    check_release_hook(&install, "post-delete");
+    let makefile = fs::read_to_string(manifests_dir().join("../Makefile")).unwrap();
+    let undeploy = &makefile[makefile.find("\nundeploy:").unwrap()..];
+    let undeploy = &undeploy[..undeploy.find("\n\n").unwrap()];
+    let order: Vec<usize> = [
+        "delete --ignore-not-found --cascade=foreground --wait deployment $(SERVICE)-exporter",
+        "apply -k manifests/uninstall",
+        "wait --for=condition=complete",
+        "delete --ignore-not-found namespace",
+        "delete --ignore-not-found -k manifests/base",
+        "delete --ignore-not-found -k manifests/overlays/$(OVERLAY)",
+    ]
+    .iter()
+    .map(|step| {
+        undeploy
+            .find(step)
+            .unwrap_or_else(|| panic!("undeploy lacks {step}"))
+    })
+    .collect();
+    assert!(
+        order[0] < order[1] && order[1] < order[2] && order[3..].iter().all(|&i| i > order[2]),
+        "undeploy stops the exporter, then releases the finalizers, then deletes the rest: {order:?}"
+    );
 }
 
 #[test]

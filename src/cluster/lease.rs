@@ -277,7 +277,7 @@ fn won(result: Result<Lease, kube::Error>) -> Result<bool, kube::Error> {
 }
 
 /// Someone holds the Lease and has renewed it within its duration.
-fn is_held(spec: &LeaseSpec, now: Timestamp) -> bool {
+pub(super) fn is_held(spec: &LeaseSpec, now: Timestamp) -> bool {
     let holder = spec.holder_identity.as_deref().unwrap_or_default();
     let (Some(renewed), Some(seconds)) = (&spec.renew_time, spec.lease_duration_seconds) else {
         return false;

@@ -1,6 +1,7 @@
 //! The one room that talks to the Kubernetes API: watch caches of TracingPolicies and
 //! Namespaces (`caches`), the TracingPolicies' `status` (`status`), leader election on a
-//! Lease ([`lease`]), and their metrics (`metrics`).
+//! Lease ([`lease`]), their metrics (`metrics`), the exporter's run caches ([`runs`]) and the
+//! release of its finalizer from every run ([`release`]).
 //!
 //! Admission never waits on the API: it reads the caches ([`Cluster::select`]). When the API
 //! server is unreachable the watchers back off and retry (kube-runtime's default backoff), each
@@ -22,6 +23,7 @@ mod args;
 mod caches;
 pub mod lease;
 mod metrics;
+pub mod release;
 pub mod runs;
 mod status;
 

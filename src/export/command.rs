@@ -95,6 +95,23 @@ pub struct ExportArgs {
           env = "LIGHTSTEP_TEKTON_STORE_DEADLINE")]
     store_deadline: Duration,
 
+    /// Remove the exporter's finalizer (lightstep-tekton.io/export) from every PipelineRun and
+    /// TaskRun that has it, print which, and exit: what an uninstall runs once the exporter is
+    /// stopped, so no run waits on it. Exit 0 when none is left holding it. Needs list, get
+    /// and patch on tekton.dev pipelineruns and taskruns; no Lease, policy or token.
+    #[arg(long)]
+    release_finalizers: bool,
+
+    /// With --release-finalizers: only this namespace's runs [default: all namespaces].
+    #[arg(long, value_name = "NAMESPACE", requires = "release_finalizers")]
+    namespace: Option<String>,
+
+    /// With --release-finalizers: first wait up to this long (e.g. 60s) until no exporter holds
+    /// its Lease (in --lease-namespace), and fail if one still does. What the chart's hook Job
+    /// uses, as the exporter's pods may still be stopping.
+    #[arg(long, value_name = "DURATION", requires = "release_finalizers", value_parser = parse_duration)]
+    wait_for_exporter: Option<Duration>,
+
     /// Leader election: only the holder of the Lease exports.
     #[command(flatten)]
     cluster: ClusterArgs,
@@ -117,8 +134,15 @@ pub enum ExportError {
     Bind(#[from] BindError),
 }
 
-/// `export`: watch, elect, export until a signal. Exit 0 after a clean shutdown.
+/// `export`: watch, elect, export until a signal. Exit 0 after a clean shutdown. With
+/// `--release-finalizers`, the one-shot of [`super::release`] instead.
 pub fn run(args: ExportArgs) -> ExitCode {
+    if args.release_finalizers {
+        let wait = args
+            .wait_for_exporter
+            .map(|limit| (args.cluster.clone(), limit));
+        return super::release::run(args.namespace, wait, &args.telemetry);
+    }
     let telemetry = args.telemetry.clone();
     bootstrap::run("export", &telemetry, |shutdown| async move {
         let policy = Arc::new(PolicyStore::load(args.policy.policy.clone()));

@@ -10,7 +10,8 @@
 //!   `--store-deadline`); [`metrics`]
 //!   counts it all. The watches and the patch are the cluster room's
 //!   ([`crate::cluster::runs`]); the leader election is [`crate::cluster::LeaderElection`] on
-//!   the exporter's own Lease.
+//!   the exporter's own Lease. [`release`] is `export --release-finalizers`, the one-shot an
+//!   uninstall runs to take the exporter's finalizer off every run.
 //!
 //! Trade-offs: exactly once holds in practice, not in theory (a crash between the backend's
 //! answer and the patch sends that run again; see [`controller`]); a PipelineRun is sent as one
@@ -23,3 +24,4 @@ pub mod controller;
 pub mod decide;
 pub mod metrics;
 pub mod queue;
+pub mod release;

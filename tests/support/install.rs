@@ -191,16 +191,24 @@ pub struct Install {
     /// The run-span exporter's objects (component `exporter`), kept apart so the webhook's
     /// checks see the webhook's objects only.
     pub exporter: Option<Box<Install>>,
+    /// The chart's hook that releases the exporter's finalizers (component
+    /// `release-finalizers`), as rendered: no part of the install, checked on its own.
+    pub release_hook: Vec<Value>,
 }
 
 impl Install {
     pub fn decode(objects: &[Value]) -> Install {
-        let (exporter, webhook): (Vec<Value>, Vec<Value>) = objects
+        let component =
+            |o: &Value, c: &str| o["metadata"]["labels"]["app.kubernetes.io/component"] == c;
+        let (release_hook, objects): (Vec<Value>, Vec<Value>) = objects
             .iter()
             .cloned()
-            .partition(|o| o["metadata"]["labels"]["app.kubernetes.io/component"] == "exporter");
+            .partition(|o| component(o, "release-finalizers"));
+        let (exporter, webhook): (Vec<Value>, Vec<Value>) =
+            objects.into_iter().partition(|o| component(o, "exporter"));
         let mut install = Install::decode_all(&webhook);
         install.exporter = Some(Box::new(Install::decode_all(&exporter)));
+        install.release_hook = release_hook;
         install
     }
 
