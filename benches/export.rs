@@ -7,8 +7,10 @@
 //! Printed: runs exported per second (from the burst to the last run received), the lag from
 //! completion to the receiver's answer (p50, p99, max; in a burst every run finished at the
 //! same moment, so the p99 is close to the time the whole burst takes), the exporter's peak RSS
-//! (VmHWM) while all N×6 runs waited in its caches, and its RSS once all were marked (the
-//! steady state of a cluster that keeps its runs: marked runs are kept as stubs).
+//! (VmHWM) while all N×6 runs waited in its caches, its RSS once all were marked (the
+//! steady state of a cluster that keeps its runs: marked runs are kept as stubs), and the API
+//! writes (PATCH requests) per run: the finalizer added, then the mark that removes it (for a
+//! TaskRun of a PipelineRun, the release once the PipelineRun is marked).
 //!
 //! Targets (issue 11): at least 500 runs/s on 2 cores; RSS under 100 MB with 50,000 TaskRuns
 //! cached (the default N, 10,000, caches 50,000 TaskRuns and 10,000 PipelineRuns).
@@ -128,10 +130,14 @@ async fn burst(runs: usize) {
     }
     let elapsed = lags.iter().max().copied().unwrap_or_default();
     let peak_burst = rss_kb(pid, "VmHWM");
-    wait_for("every run marked", || {
-        api.seen().iter().filter(|r| r.method == "PATCH").count() >= runs
+    // Every run marked and every finalizer released: as many writes that remove it as that add
+    // it (each write is one PATCH of one run).
+    wait_for("every run marked and released", || {
+        let writes = Writes::of(&api);
+        writes.marks >= runs && writes.releases >= writes.holds
     })
     .await;
+    let writes = Writes::of(&api);
     let rss_cached = rss_kb(pid, "VmRSS");
     let peak = rss_kb(pid, "VmHWM");
     let _ = child.kill();
@@ -153,6 +159,16 @@ async fn burst(runs: usize) {
         pct(0.50).as_secs_f64(),
         pct(0.99).as_secs_f64(),
         elapsed.as_secs_f64()
+    );
+    println!(
+        "  API writes: {} PATCH requests for {} runs ({runs} PipelineRuns and their {} TaskRuns): {:.2} per run ({} finalizers added, {} marks, {} TaskRuns released)",
+        writes.total,
+        runs * (TASKS + 1),
+        runs * TASKS,
+        writes.total as f64 / (runs * (TASKS + 1)) as f64,
+        writes.holds,
+        writes.marks,
+        writes.releases.saturating_sub(writes.marks),
     );
     println!(
         "  exporter RSS: {} MB idle; peak {} MB during the burst ({} TaskRuns and {runs} PipelineRuns unexported in its caches); {} MB once all were marked (peak overall {} MB)",
@@ -207,6 +223,41 @@ fn objects(runs: usize) -> (Vec<Value>, Vec<Value>, HashSet<String>) {
         prs.push(pr);
     }
     (prs, trs, traces)
+}
+
+/// The exporter's PATCH requests, by what they do.
+struct Writes {
+    total: usize,
+    /// Adding the finalizer.
+    holds: usize,
+    /// Writing the `exported` mark.
+    marks: usize,
+    /// Removing the finalizer (marks included).
+    releases: usize,
+}
+
+impl Writes {
+    fn of(api: &FakeCluster) -> Writes {
+        let mut writes = Writes {
+            total: 0,
+            holds: 0,
+            marks: 0,
+            releases: 0,
+        };
+        for request in api.seen().iter().filter(|r| r.method == "PATCH") {
+            writes.total += 1;
+            let ops = request.body.as_array().cloned().unwrap_or_default();
+            let has = |op: &str, path: &str| {
+                ops.iter().any(|o| {
+                    o["op"] == op && o["path"].as_str().is_some_and(|p| p.starts_with(path))
+                })
+            };
+            writes.holds += usize::from(has("add", "/metadata/finalizers"));
+            writes.marks += usize::from(has("add", "/metadata/annotations"));
+            writes.releases += usize::from(has("remove", "/metadata/finalizers"));
+        }
+        writes
+    }
 }
 
 fn rss_kb(pid: u32, field: &str) -> u64 {

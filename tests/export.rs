@@ -2,8 +2,10 @@
 //! stand-in by a kubeconfig, lists and watches runs and namespaces, exports each finished run in
 //! an opted-in namespace once, marks it only after the receiver answered, survives a failing
 //! receiver and a restart without losing or repeating a run, hands over between two replicas
-//! through its Lease, and asks the API server for nothing the install's exporter RBAC does not
-//! grant. Every wait polls against a generous deadline; nothing is timed.
+//! through its Lease, holds its finalizer on the runs it will export until their mark (or their
+//! leaving scope, or `--store-deadline`), and asks the API server for nothing the install's
+//! exporter RBAC does not grant. Every wait polls against a generous deadline; nothing is timed
+//! but the store deadline itself, set well above the moment it takes the exporter to see a run.
 
 mod support {
     pub mod fake_api;
@@ -32,7 +34,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_lightstep-tekton-webhook");
 const INSTALL_NAMESPACE: &str = "lightstep-tekton";
 const TOKEN: &str = "test-token-value";
 const EXPORTED: &str = "lightstep-tekton.io/exported";
-const TRACE_URL: &str = "lightstep-tekton.io/trace-url";
+const FINALIZER: &str = "lightstep-tekton.io/export";
 
 /// The stand-in, the receiver, and the files an exporter is started with.
 struct World {
@@ -43,6 +45,11 @@ struct World {
 
 impl World {
     async fn start(tag: &str) -> World {
+        World::start_with(tag, "").await
+    }
+
+    /// With `policy` appended to the test policy (more top-level fields).
+    async fn start_with(tag: &str, policy: &str) -> World {
         let api = FakeCluster::start().await;
         let receiver = Receiver::start().await;
         let dir = TempDir::new(&format!("export-{tag}"));
@@ -53,7 +60,7 @@ impl World {
             format!(
                 "name: test\nprofile: otlp\nexporter: {{endpoint: \"{}\", protocol: http/protobuf}}\n\
                  token: {{secretName: lightstep-access-token, secretKey: access-token, header: lightstep-access-token}}\n\
-                 runSpans:\n  enabled: true\n  traceUrl: \"https://traces.example/trace?id={{traceId}}\"\n",
+                 runSpans:\n  enabled: true\n  traceUrl: \"https://traces.example/trace?id={{traceId}}\"\n{policy}",
                 receiver.endpoint()
             ),
         )
@@ -133,6 +140,61 @@ impl World {
         }
         derive_trace_id(&root_uid).to_string()
     }
+
+    /// Adds a fixture's runs as `add_run` does, finished now (so within --store-deadline);
+    /// returns the root run's uid.
+    fn add_fresh_run(&self, fixture: &str, namespace: &str, suffix: &str) -> String {
+        let (objects, root_uid) = copy_run(fixture, namespace, suffix);
+        for object in objects.iter().filter(|o| o["kind"] == "TaskRun") {
+            self.api.put("taskruns", fresh(object.clone()));
+        }
+        for object in objects.iter().filter(|o| o["kind"] == "PipelineRun") {
+            self.api.put("pipelineruns", fresh(object.clone()));
+        }
+        root_uid
+    }
+
+    /// The run's finalizers as the stand-in holds it; `None` once it is gone.
+    fn finalizers(&self, plural: &str, name: &str) -> Option<Vec<String>> {
+        let object = self.api.get(plural, "team-r", name)?;
+        Some(
+            object["metadata"]["finalizers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f.as_str().map(str::to_owned))
+                .collect(),
+        )
+    }
+
+    fn holds(&self, plural: &str, name: &str) -> bool {
+        self.finalizers(plural, name)
+            .is_some_and(|f| f.iter().any(|f| f == FINALIZER))
+    }
+}
+
+/// The run finished now: its completion and its condition's transition time.
+fn fresh(mut object: Value) -> Value {
+    let now = json!(k8s_openapi::jiff::Timestamp::now().to_string());
+    object["status"]["completionTime"] = now.clone();
+    for condition in object["status"]["conditions"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        condition["lastTransitionTime"] = now.clone();
+    }
+    object
+}
+
+/// The names of a fixture's TaskRuns, as `copy_run` renames them.
+fn task_run_names(fixture: &str, suffix: &str) -> Vec<String> {
+    copy_run(fixture, "team-r", suffix)
+        .0
+        .iter()
+        .filter(|o| o["kind"] == "TaskRun")
+        .map(|o| o["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 struct Exporter {
@@ -242,12 +304,28 @@ fn copy_run(fixture: &str, namespace: &str, suffix: &str) -> (Vec<Value>, String
     (items, root)
 }
 
-/// The PATCH that marked a run, if any.
-fn mark_of<'a>(patches: &'a [Seen], plural: &str, name: &str) -> Vec<&'a Seen> {
+/// Every PATCH of a run.
+fn writes_to<'a>(patches: &'a [Seen], plural: &str, name: &str) -> Vec<&'a Seen> {
     patches
         .iter()
         .filter(|p| p.path.ends_with(&format!("/{plural}/{name}")))
         .collect()
+}
+
+/// The PATCHes that marked a run (those that write the `exported` annotation).
+fn mark_of<'a>(patches: &'a [Seen], plural: &str, name: &str) -> Vec<&'a Seen> {
+    writes_to(patches, plural, name)
+        .into_iter()
+        .filter(|p| is_mark(p))
+        .collect()
+}
+
+fn is_mark(patch: &Seen) -> bool {
+    patch.body.as_array().into_iter().flatten().any(|op| {
+        op["op"] == "add"
+            && (op["path"] == "/metadata/annotations/lightstep-tekton.io~1exported"
+                || (op["path"] == "/metadata/annotations" && !op["value"][EXPORTED].is_null()))
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,6 +382,9 @@ async fn finished_runs_are_exported_once_and_marked_after_the_receiver_answered(
             .then_some(patches)
     })
     .await;
+    // The fixtures finished days ago, past --store-deadline: no finalizer was added, and the
+    // mark is the only write.
+    assert_eq!(writes_to(&patches, "taskruns", "lint-run-a").len(), 1);
     for (plural, name, trace) in [
         ("pipelineruns", "ship-run-ok-a", &ok),
         ("taskruns", "lint-run-a", &lint),
@@ -320,13 +401,16 @@ async fn finished_runs_are_exported_once_and_marked_after_the_receiver_answered(
             patch.at > answered,
             "{name} was marked before the receiver answered"
         );
-        // A merge patch of the two annotations, nothing else.
+        // A JSON Patch of the two annotations, conditional on the uid, nothing else.
+        let uid = world.api.get(plural, "team-r", name).unwrap()["metadata"]["uid"].clone();
         assert_eq!(
             patch.body,
-            json!({"metadata": {"annotations": {
-                EXPORTED: trace,
-                TRACE_URL: format!("https://traces.example/trace?id={trace}"),
-            }}}),
+            json!([
+                {"op": "test", "path": "/metadata/uid", "value": uid},
+                {"op": "add", "path": "/metadata/annotations/lightstep-tekton.io~1exported", "value": trace},
+                {"op": "add", "path": "/metadata/annotations/lightstep-tekton.io~1trace-url",
+                 "value": format!("https://traces.example/trace?id={trace}")},
+            ]),
             "{name}"
         );
         let ns = "team-r";
@@ -351,7 +435,7 @@ async fn finished_runs_are_exported_once_and_marked_after_the_receiver_answered(
         !traces.contains_key(&outside),
         "a run outside opted-in namespaces was exported"
     );
-    assert!(mark_of(&world.patches(), "pipelineruns", "ship-run-fail-x").is_empty());
+    assert!(writes_to(&world.patches(), "pipelineruns", "ship-run-fail-x").is_empty());
     let exported = exporter
         .metric(
             r#"lightstep_tekton_exporter_runs_exported_total{kind="pipelinerun",result="success"}"#,
@@ -384,7 +468,7 @@ async fn a_failing_receiver_gets_everything_once_it_recovers_and_a_restart_repea
     })
     .await;
     assert!(
-        world.patches().is_empty(),
+        !world.patches().iter().any(is_mark),
         "marked while the receiver refused"
     );
     // The client's own retries gave up and the controller counted it (and will try again).
@@ -395,12 +479,12 @@ async fn a_failing_receiver_gets_everything_once_it_recovers_and_a_restart_repea
     })
     .await;
     assert!(
-        world.patches().is_empty(),
+        !world.patches().iter().any(is_mark),
         "marked while the receiver refused"
     );
     world.receiver.fail(false);
     eventually("all marked", &log, || {
-        (world.patches().len() == 3).then_some(())
+        (world.patches().iter().filter(|p| is_mark(p)).count() == 3).then_some(())
     })
     .await;
     let received = world.traces();
@@ -522,6 +606,314 @@ async fn a_dry_run_prints_each_run_once_and_writes_nothing() {
         writes.is_empty(),
         "a dry run wrote or took a Lease: {writes:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_finalizer_holds_a_run_from_first_sight_and_goes_with_its_mark() {
+    let world = World::start("finalizer").await;
+    let exporter = world.exporter("exporter-0", &[]);
+    let log = || exporter.log();
+    eventually("leading", &log, || exporter.leading().then_some(())).await;
+
+    // A PipelineRun seen running, and its TaskRuns: each gets the finalizer.
+    let (objects, uid) = copy_run("ship-run-ok.json", "team-r", "f");
+    let trace = derive_trace_id(&uid).to_string();
+    let pipeline_run = fresh(
+        objects
+            .iter()
+            .find(|o| o["kind"] == "PipelineRun")
+            .unwrap()
+            .clone(),
+    );
+    let mut running = pipeline_run.clone();
+    running["status"]["conditions"] =
+        json!([{"type": "Succeeded", "status": "Unknown", "reason": "Running"}]);
+    running["status"]["completionTime"] = Value::Null;
+    world.api.put("pipelineruns", running);
+    let children = task_run_names("ship-run-ok.json", "f");
+    for tr in objects.iter().filter(|o| o["kind"] == "TaskRun") {
+        world.api.put("taskruns", fresh(tr.clone()));
+    }
+    eventually(
+        "the finalizer on the PipelineRun and its TaskRuns",
+        &log,
+        || {
+            (world.holds("pipelineruns", "ship-run-ok-f")
+                && children.iter().all(|c| world.holds("taskruns", c)))
+            .then_some(())
+        },
+    )
+    .await;
+    // Added next to what other controllers hold, never over it.
+    let mut other = world.api.get("taskruns", "team-r", &children[0]).unwrap();
+    assert_eq!(other["metadata"]["finalizers"], json!([FINALIZER]));
+    other["metadata"]["finalizers"] = json!([FINALIZER, "chains.tekton.dev"]);
+    world.api.put("taskruns", other);
+
+    // A user deletes a TaskRun (a foreground cascade would too): it waits.
+    assert!(world.api.delete("taskruns", "team-r", &children[1]));
+    let deleting = world.api.get("taskruns", "team-r", &children[1]).unwrap();
+    assert!(!deleting["metadata"]["deletionTimestamp"].is_null());
+    assert!(
+        world.traces().is_empty(),
+        "a running PipelineRun was exported"
+    );
+
+    // It finishes (Tekton writes the status, the metadata stays): exported whole, and marked
+    // and released in one patch.
+    let mut finished = world
+        .api
+        .get("pipelineruns", "team-r", "ship-run-ok-f")
+        .unwrap();
+    finished["status"] = pipeline_run["status"].clone();
+    world.api.put("pipelineruns", finished);
+    eventually("the PipelineRun marked", &log, || {
+        (!mark_of(&world.patches(), "pipelineruns", "ship-run-ok-f").is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(world.traces().get(&trace), Some(&1));
+    let patches = world.patches();
+    let mark = mark_of(&patches, "pipelineruns", "ship-run-ok-f")[0];
+    assert!(
+        mark.body
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|op| op["op"] == "remove" && op["path"] == "/metadata/finalizers/0"),
+        "{}",
+        mark.body
+    );
+    assert_eq!(
+        world.finalizers("pipelineruns", "ship-run-ok-f"),
+        Some(vec![])
+    );
+    // Its TaskRuns are released once it is marked; the deleted one is then really gone, and
+    // the other controller's finalizer stays.
+    eventually("the TaskRuns released", &log, || {
+        children
+            .iter()
+            .all(|c| !world.holds("taskruns", c))
+            .then_some(())
+    })
+    .await;
+    assert!(world.api.get("taskruns", "team-r", &children[1]).is_none());
+    assert_eq!(
+        world.finalizers("taskruns", &children[0]),
+        Some(vec!["chains.tekton.dev".to_owned()])
+    );
+    // Two writes per run at most: hold, then mark (or, for a TaskRun, release).
+    let patches = world.patches();
+    assert_eq!(
+        writes_to(&patches, "pipelineruns", "ship-run-ok-f").len(),
+        2
+    );
+    for child in &children {
+        assert_eq!(writes_to(&patches, "taskruns", child).len(), 2, "{child}");
+    }
+    // Each was conditional on the run's uid.
+    for patch in &patches {
+        assert_eq!(patch.body[0]["op"], "test", "{}", patch.body);
+        assert_eq!(patch.body[0]["path"], "/metadata/uid", "{}", patch.body);
+    }
+    within_rbac(&world.api.seen());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_deleted_while_the_receiver_refuses_is_exported_once_it_recovers_then_goes() {
+    let world = World::start("deleted").await;
+    world.receiver.fail(true);
+    let exporter = world.exporter("exporter-0", &[]);
+    let log = || exporter.log();
+    eventually("leading", &log, || exporter.leading().then_some(())).await;
+    let uid = world.add_fresh_run("lint-run.json", "team-r", "gone");
+    let trace = derive_trace_id(&uid).to_string();
+    eventually("held", &log, || {
+        world.holds("taskruns", "lint-run-gone").then_some(())
+    })
+    .await;
+    eventually("a refusal", &log, || {
+        (world.receiver.refused() >= 1).then_some(())
+    })
+    .await;
+    // Deleted (by a pruner, say) while the backend refuses: it stays.
+    assert!(world.api.delete("taskruns", "team-r", "lint-run-gone"));
+    assert!(
+        world
+            .api
+            .get("taskruns", "team-r", "lint-run-gone")
+            .is_some()
+    );
+    world.receiver.fail(false);
+    eventually("exported, then gone", &log, || {
+        (world.traces().contains_key(&trace)
+            && world
+                .api
+                .get("taskruns", "team-r", "lint-run-gone")
+                .is_none())
+        .then_some(())
+    })
+    .await;
+    assert_eq!(world.traces().get(&trace), Some(&1));
+    let lost = r#"lightstep_tekton_exporter_runs_lost_total{kind="taskrun",reason="deleted"}"#;
+    assert_eq!(exporter.metric(lost), Some(0.0));
+    assert_eq!(
+        writes_to(&world.patches(), "taskruns", "lint-run-gone").len(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_leaves_scope_is_released_and_not_exported() {
+    let world = World::start("scope").await;
+    world.receiver.fail(true);
+    let exporter = world.exporter("exporter-0", &[]);
+    let log = || exporter.log();
+    eventually("leading", &log, || exporter.leading().then_some(())).await;
+    world.add_fresh_run("ship-run-ok.json", "team-r", "s");
+    let children = task_run_names("ship-run-ok.json", "s");
+    eventually("held", &log, || {
+        (world.holds("pipelineruns", "ship-run-ok-s")
+            && children.iter().all(|c| world.holds("taskruns", c)))
+        .then_some(())
+    })
+    .await;
+    // The namespace's label is removed: everything is released (at the next rescan), unmarked.
+    world.api.put("namespaces", namespace("team-r", None));
+    eventually("released", &log, || {
+        (!world.holds("pipelineruns", "ship-run-ok-s")
+            && children.iter().all(|c| !world.holds("taskruns", c)))
+        .then_some(())
+    })
+    .await;
+    world.receiver.fail(false);
+    let patches = world.patches();
+    assert!(
+        !patches.iter().any(is_mark),
+        "a run out of scope was marked"
+    );
+    assert_eq!(
+        writes_to(&patches, "pipelineruns", "ship-run-ok-s").len(),
+        2
+    );
+    let lost = r#"lightstep_tekton_exporter_runs_lost_total{kind="pipelinerun",reason="deadline"}"#;
+    assert_eq!(exporter.metric(lost), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_store_deadline_a_run_is_given_up_released_and_counted_lost() {
+    let world = World::start("deadline").await;
+    world.receiver.fail(true);
+    let exporter = world.exporter("exporter-0", &["--store-deadline=6s"]);
+    let log = || exporter.log();
+    eventually("leading", &log, || exporter.leading().then_some(())).await;
+    let uid = world.add_fresh_run("ship-run-ok.json", "team-r", "late");
+    let trace = derive_trace_id(&uid).to_string();
+    let children = task_run_names("ship-run-ok.json", "late");
+    eventually("held", &log, || {
+        world
+            .holds("pipelineruns", "ship-run-ok-late")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        world
+            .api
+            .delete("pipelineruns", "team-r", "ship-run-ok-late")
+    );
+    let lost = r#"lightstep_tekton_exporter_runs_lost_total{kind="pipelinerun",reason="deadline"}"#;
+    eventually("given up", &log, || {
+        (exporter.metric(lost) == Some(1.0)).then_some(())
+    })
+    .await;
+    // Marked `deadline` and released in one patch: the pending delete went through.
+    let patches = world.patches();
+    let marks = mark_of(&patches, "pipelineruns", "ship-run-ok-late");
+    assert_eq!(marks.len(), 1);
+    assert!(
+        marks[0].body.to_string().contains(r#""value":"deadline""#),
+        "{}",
+        marks[0].body
+    );
+    assert!(
+        marks[0]
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|op| op["op"] == "remove")
+    );
+    assert!(
+        world
+            .api
+            .get("pipelineruns", "team-r", "ship-run-ok-late")
+            .is_none()
+    );
+    assert!(
+        exporter.log().contains("ship-run-ok-late"),
+        "the log names the run"
+    );
+    eventually("its TaskRuns released", &log, || {
+        children
+            .iter()
+            .all(|c| !world.holds("taskruns", c))
+            .then_some(())
+    })
+    .await;
+    // Once, not again when it was deleted; and never sent once the receiver is back.
+    let deleted =
+        r#"lightstep_tekton_exporter_runs_lost_total{kind="pipelinerun",reason="deleted"}"#;
+    assert_eq!(exporter.metric(deleted), Some(0.0));
+    world.receiver.fail(false);
+    let lint = world.add_run("lint-run.json", "team-r", "after");
+    eventually("a later run", &log, || {
+        world.traces().contains_key(&lint).then_some(())
+    })
+    .await;
+    assert!(!world.traces().contains_key(&trace));
+    assert_eq!(exporter.metric(lost), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_outside_scope_and_unsampled_runs_get_no_write() {
+    let world = World::start_with("noscope", "sampling: {ratio: 0.5}\n").await;
+    let exporter = world.exporter("exporter-0", &[]);
+    let log = || exporter.log();
+    eventually("leading", &log, || exporter.leading().then_some(())).await;
+    // A suffix whose PipelineRun's derived trace is sampled at 0.5, and one whose is not.
+    let sampled = |suffix: &str| {
+        let (_, uid) = copy_run("ship-run-ok.json", "team-r", suffix);
+        lightstep_tekton_webhook::contract::sampled(derive_trace_id(&uid), 0.5)
+    };
+    let suffixes: Vec<String> = (0..64).map(|i| format!("u{i}")).collect();
+    let out = suffixes.iter().find(|s| !sampled(s)).unwrap();
+    let kept = suffixes.iter().find(|s| sampled(s)).unwrap();
+    world.add_fresh_run("ship-run-ok.json", "outside", "x");
+    world.add_fresh_run("ship-run-ok.json", "team-r", out);
+    let uid = world.add_fresh_run("ship-run-ok.json", "team-r", kept);
+    let trace = derive_trace_id(&uid).to_string();
+    eventually("the sampled run exported", &log, || {
+        world.traces().contains_key(&trace).then_some(())
+    })
+    .await;
+    let patches = world.patches();
+    assert!(!writes_to(&patches, "pipelineruns", &format!("ship-run-ok-{kept}")).is_empty());
+    for (suffix, what) in [
+        ("x", "outside the opted-in namespaces"),
+        (out.as_str(), "unsampled"),
+    ] {
+        let name = format!("ship-run-ok-{suffix}");
+        assert!(
+            writes_to(&patches, "pipelineruns", &name).is_empty(),
+            "{what}: a write"
+        );
+        for child in task_run_names("ship-run-ok.json", suffix) {
+            assert!(
+                writes_to(&patches, "taskruns", &child).is_empty(),
+                "{what}: a write"
+            );
+        }
+    }
+    assert_eq!(world.traces().len(), 1);
 }
 
 /// Every request is one the exporter's ClusterRole (or, for its Lease, its Role) grants.

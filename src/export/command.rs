@@ -82,9 +82,18 @@ pub struct ExportArgs {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     child_grace: Duration,
 
-    /// How often the caches are rescanned for due runs that did not fit in the queue.
+    /// How often the caches are rescanned for due runs that did not fit in the queue (and for
+    /// finalizers to release: a namespace or policy that left scope, a store deadline).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     rescan_interval: Duration,
+
+    /// How long after a run finished the exporter's finalizer may hold its deletion while its
+    /// export fails; then the run is marked `deadline`, released and counted lost. Size it
+    /// above the longest backend outage to ride out, and know that a deleted run stays until
+    /// then.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration,
+          env = "LIGHTSTEP_TEKTON_STORE_DEADLINE")]
+    store_deadline: Duration,
 
     /// Leader election: only the holder of the Lease exports.
     #[command(flatten)]
@@ -137,6 +146,7 @@ pub fn run(args: ExportArgs) -> ExitCode {
             queue_capacity: args.queue_capacity as usize,
             concurrency: args.concurrency as usize,
             rescan_interval: args.rescan_interval,
+            store_deadline: args.store_deadline,
             token_file: args.token_file.clone(),
             dry_run: args.dry_run,
         };

@@ -12,6 +12,11 @@
 //! - it finished after the exporter started, or within `--backfill` before, so a first install
 //!   on a busy cluster does not send the history of every run the cluster still keeps;
 //! - its namespace is served ([`in_scope`]).
+//!
+//! The exporter's finalizer is held on a PipelineRun or standalone TaskRun ([`hold`]) from first
+//! sight, running or not, while it is in scope, unmarked, sampled (on the trace derived from its
+//! uid) and within the backfill window, until `--store-deadline` after it finished; a run
+//! deleted before it finished is released (it never will).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -20,6 +25,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::admission::decide::OPT_OUT_ANNOTATION;
 use crate::contract::tekton::PIPELINE_RUN_UID;
+use crate::contract::{derive_trace_id, ids};
 use crate::policy::Policy;
 use crate::policy::resource::PolicyMode;
 use crate::policy::selection::Selected;
@@ -74,6 +80,12 @@ pub fn task_run_due(run: &TaskRun, window: Window) -> Result<Finished, NotDue> {
     task_run_finished(run).and_then(|f| common(&run.metadata, f, window))
 }
 
+/// Whether a PipelineRun finished (whatever its mark and scope).
+pub fn pipeline_run_finished(run: &PipelineRun) -> Result<Finished, NotDue> {
+    let status = run.status.as_ref().ok_or(NotDue::Running)?;
+    finished(&status.conditions, status.completion_time.as_ref())
+}
+
 /// Whether a TaskRun finished (for a PipelineRun's children, which are never due on their own).
 pub fn task_run_finished(run: &TaskRun) -> Result<Finished, NotDue> {
     let status = run.status.as_ref().ok_or(NotDue::Running)?;
@@ -104,21 +116,94 @@ fn common(metadata: &Metadata, finished: Finished, window: Window) -> Result<Fin
     if annotations.is_some_and(|a| a.contains_key(EXPORTED_ANNOTATION)) {
         return Err(NotDue::Marked);
     }
-    if annotations
-        .and_then(|a| a.get(OPT_OUT_ANNOTATION))
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"))
-    {
+    if opted_out(metadata) {
         return Err(NotDue::OptedOut);
     }
-    let backfill = SignedDuration::try_from(window.backfill).unwrap_or(SignedDuration::MAX);
-    let earliest = window
-        .started
-        .checked_sub(backfill)
-        .unwrap_or(Timestamp::MIN);
-    if finished.at < earliest {
+    if finished.at < earliest(window) {
         return Err(NotDue::BeforeBackfill);
     }
     Ok(finished)
+}
+
+fn opted_out(metadata: &Metadata) -> bool {
+    metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(OPT_OUT_ANNOTATION))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"))
+}
+
+/// The earliest completion the window takes.
+fn earliest(window: Window) -> Timestamp {
+    let backfill = SignedDuration::try_from(window.backfill).unwrap_or(SignedDuration::MAX);
+    window
+        .started
+        .checked_sub(backfill)
+        .unwrap_or(Timestamp::MIN)
+}
+
+/// Whether the run's trace is sampled under the policy: the trace derived from its uid (with
+/// run spans on, every id of the run is derived), so the decision is known the moment the run
+/// is first seen. A run without a uid is not.
+pub fn sampled(metadata: &Metadata, policy: &Policy) -> bool {
+    metadata
+        .uid
+        .as_deref()
+        .is_some_and(|uid| ids::sampled(derive_trace_id(uid), policy.sampling_ratio))
+}
+
+/// Why the exporter does not (or no longer) hold its finalizer on a PipelineRun or standalone
+/// TaskRun.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Marked: exported, or given up on.
+    Marked,
+    /// Not the exporter's to export: the namespace is not served, the policy has run spans
+    /// off or is in audit, the run opted out, its trace is not sampled, it has no uid, or it
+    /// finished before the backfill window.
+    OutOfScope,
+    /// Finished `--store-deadline` ago and still not exported: given up on.
+    Deadline,
+    /// Deleted before it finished: it never will (Tekton does not reconcile a deleted run).
+    DeletedRunning,
+}
+
+/// Whether the exporter should hold its finalizer on the run, from first sight (running or
+/// not) until it is marked, leaves scope, or its store deadline passes. `policy` is the one its
+/// namespace is exported under ([`in_scope`]); `finished`, the run's `*_finished`.
+pub fn hold(
+    metadata: &Metadata,
+    finished: Result<Finished, NotDue>,
+    policy: Option<&Policy>,
+    window: Window,
+    store_deadline: Duration,
+    now: Timestamp,
+) -> Result<(), Release> {
+    if metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(EXPORTED_ANNOTATION))
+    {
+        return Err(Release::Marked);
+    }
+    let policy = policy.ok_or(Release::OutOfScope)?;
+    if opted_out(metadata) || !sampled(metadata, policy) {
+        return Err(Release::OutOfScope);
+    }
+    match finished {
+        Ok(finished) => {
+            if finished.at < earliest(window) {
+                return Err(Release::OutOfScope);
+            }
+            let deadline = SignedDuration::try_from(store_deadline).unwrap_or(SignedDuration::MAX);
+            match finished.at.checked_add(deadline) {
+                Ok(at) if now >= at => Err(Release::Deadline),
+                _ => Ok(()),
+            }
+        }
+        Err(_) if metadata.deletion_timestamp.is_some() => Err(Release::DeletedRunning),
+        Err(_) => Ok(()),
+    }
 }
 
 /// The policy a namespace's runs are exported under, or `None` when they are not exported:
@@ -211,6 +296,68 @@ mod tests {
                 WINDOW
             ),
             Err(NotDue::OptedOut)
+        );
+    }
+
+    #[test]
+    fn the_finalizer_is_held_from_first_sight_until_marked_out_of_scope_or_the_deadline() {
+        let mut policy = Policy::embedded_default();
+        policy.run_spans.enabled = true;
+        let deadline = Duration::from_secs(600);
+        let now = at(100);
+        let with_uid = |mut run: PipelineRun, uid: &str| {
+            run.metadata.uid = Some(uid.to_owned());
+            run
+        };
+        let verdict = |run: &PipelineRun, policy: Option<&Policy>| {
+            hold(
+                &run.metadata,
+                pipeline_run_finished(run),
+                policy,
+                WINDOW,
+                deadline,
+                now,
+            )
+        };
+        let done = with_uid(run("True", "Succeeded", 5, &[]), "u-1");
+        assert_eq!(verdict(&done, Some(&policy)), Ok(()));
+        let running = with_uid(run("Unknown", "Running", 5, &[]), "u-1");
+        assert_eq!(verdict(&running, Some(&policy)), Ok(()));
+        assert_eq!(verdict(&done, None), Err(Release::OutOfScope));
+        let marked = with_uid(
+            run("True", "Succeeded", 5, &[(EXPORTED_ANNOTATION, "x")]),
+            "u-1",
+        );
+        assert_eq!(verdict(&marked, Some(&policy)), Err(Release::Marked));
+        let opted_out = with_uid(
+            run("True", "Succeeded", 5, &[(OPT_OUT_ANNOTATION, "false")]),
+            "u-1",
+        );
+        assert_eq!(verdict(&opted_out, Some(&policy)), Err(Release::OutOfScope));
+        let old = with_uid(run("True", "Succeeded", -901, &[]), "u-1");
+        assert_eq!(verdict(&old, Some(&policy)), Err(Release::OutOfScope));
+        // Finished 600 s before now: the deadline; 599 s: still held.
+        let late = with_uid(run("True", "Succeeded", -500, &[]), "u-1");
+        assert_eq!(verdict(&late, Some(&policy)), Err(Release::Deadline));
+        let almost = with_uid(run("True", "Succeeded", -499, &[]), "u-1");
+        assert_eq!(verdict(&almost, Some(&policy)), Ok(()));
+        let mut deleted = running.clone();
+        deleted.metadata.deletion_timestamp = Some(Time(at(50)));
+        assert_eq!(
+            verdict(&deleted, Some(&policy)),
+            Err(Release::DeletedRunning)
+        );
+        // A deleted run that finished is held until it is exported.
+        let mut deleted_done = done.clone();
+        deleted_done.metadata.deletion_timestamp = Some(Time(at(50)));
+        assert_eq!(verdict(&deleted_done, Some(&policy)), Ok(()));
+        // Unsampled (decided on the trace derived from the uid), or no uid: never held.
+        policy.sampling_ratio = 0.0;
+        assert_eq!(verdict(&done, Some(&policy)), Err(Release::OutOfScope));
+        policy.sampling_ratio = 1.0;
+        assert_eq!(
+            verdict(&run("True", "Succeeded", 5, &[]), Some(&policy)),
+            Err(Release::OutOfScope)
         );
     }
 

@@ -47,6 +47,25 @@ impl Skip {
     }
 }
 
+/// Why a run that was due was never exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lost {
+    /// Deleted while no finalizer of ours held it (before the exporter saw it, say, or after
+    /// someone removed the finalizer by hand).
+    Deleted,
+    /// `--store-deadline` passed after it finished: given up on and released.
+    Deadline,
+}
+
+impl Lost {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lost::Deleted => "deleted",
+            Lost::Deadline => "deadline",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RunLabels {
     kind: &'static str,
@@ -57,11 +76,6 @@ struct RunLabels {
 struct SkipLabels {
     kind: &'static str,
     reason: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct KindLabel {
-    kind: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -79,7 +93,7 @@ pub struct ExportMetrics {
     mark_errors: Counter,
     lag: Histogram,
     queue_depth: Gauge,
-    lost: Family<KindLabel, Counter>,
+    lost: Family<SkipLabels, Counter>,
     missing_task_runs: Counter,
 }
 
@@ -137,7 +151,7 @@ impl ExportMetrics {
         );
         registry.register(
             "runs_lost",
-            "Runs deleted after they completed and before they were exported, by kind",
+            "Runs that completed and were never exported, by kind and reason (deleted: deleted while no finalizer of ours held them; deadline: --store-deadline passed)",
             metrics.lost.clone(),
         );
         registry.register(
@@ -152,7 +166,9 @@ impl ExportMetrics {
             for skip in [Skip::Unsampled, Skip::Invalid] {
                 metrics.skip_counter(kind, skip);
             }
-            metrics.lost_counter(kind);
+            for lost in [Lost::Deleted, Lost::Deadline] {
+                metrics.lost_counter(kind, lost);
+            }
         }
         for cause in Cause::ALL {
             metrics.error_counter(cause.as_str());
@@ -179,8 +195,8 @@ impl ExportMetrics {
         self.mark_errors.inc();
     }
 
-    pub fn lost(&self, kind: RunKind) {
-        self.lost_counter(kind).inc();
+    pub fn lost(&self, kind: RunKind, lost: Lost) {
+        self.lost_counter(kind, lost).inc();
     }
 
     pub fn missing_task_runs(&self, count: u64) {
@@ -208,10 +224,11 @@ impl ExportMetrics {
         self.skipped.get_or_create(&labels).clone()
     }
 
-    fn lost_counter(&self, kind: RunKind) -> Counter {
+    fn lost_counter(&self, kind: RunKind, lost: Lost) -> Counter {
         self.lost
-            .get_or_create(&KindLabel {
+            .get_or_create(&SkipLabels {
                 kind: kind.as_str(),
+                reason: lost.as_str(),
             })
             .clone()
     }

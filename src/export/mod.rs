@@ -4,8 +4,10 @@
 //!   PipelineRuns and TaskRuns in opted-in namespaces become span trees ([`crate::spans`]) and
 //!   are sent once. [`decide`] says which runs are due (finished, unmarked, in a served
 //!   namespace whose policy has `runSpans.enabled`, within the backfill window); [`queue`] holds
-//!   them, bounded; [`controller`] sends them through one OTLP client ([`crate::otlp`]) per destination and marks
-//!   each run with `lightstep-tekton.io/exported` once the backend accepted it; [`metrics`]
+//!   them, bounded; [`controller`] sends them through one OTLP client ([`crate::otlp`]) per
+//!   destination and marks each run with `lightstep-tekton.io/exported` once the backend
+//!   accepted it, holding the finalizer `lightstep-tekton.io/export` on it until then (or its
+//!   `--store-deadline`); [`metrics`]
 //!   counts it all. The watches and the patch are the cluster room's
 //!   ([`crate::cluster::runs`]); the leader election is [`crate::cluster::LeaderElection`] on
 //!   the exporter's own Lease.

@@ -77,6 +77,21 @@ impl Queue {
         self.items.contains_key(key)
     }
 
+    /// Whether `key` is in flight.
+    pub fn in_flight(&self, key: &RunKey) -> bool {
+        matches!(self.items.get(key), Some(None))
+    }
+
+    /// Whether the backend has `key`'s spans or may have them now: in flight, or accepted and
+    /// waiting for its mark.
+    pub fn exporting(&self, key: &RunKey) -> bool {
+        match self.items.get(key) {
+            Some(None) => true,
+            Some(Some(item)) => matches!(item.stage, Stage::Mark(_)),
+            None => false,
+        }
+    }
+
     /// The next run whose time has come, now in flight; finish it with [`Queue::done`] or
     /// [`Queue::retry_at`].
     pub fn pop(&mut self, now: Instant) -> Option<(RunKey, Item)> {

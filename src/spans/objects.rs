@@ -98,6 +98,13 @@ pub struct Metadata {
     pub creation_timestamp: Option<Time>,
     pub labels: Option<Labels>,
     pub annotations: Option<Labels>,
+    /// Set once a delete was asked for and finalizers hold the object (the exporter's cache
+    /// reads it; the tree does not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_timestamp: Option<Time>,
+    /// What holds the object's deletion (the exporter's cache reads it; the tree does not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finalizers: Option<Vec<String>>,
 }
 
 impl Metadata {

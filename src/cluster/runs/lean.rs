@@ -49,19 +49,40 @@ impl<S: RunStatus> kube::Resource for Watched<S> {
     }
 }
 
-/// What the tree reads of the metadata.
+/// What the tree and the exporter read of the metadata. A TaskRun that names a PipelineRun as
+/// its owner but lacks Tekton's `tekton.dev/pipelineRun`/`pipelineRunUID` labels (an object
+/// created by hand or by an older tool) gets them from the ownerReference, so every rule that
+/// finds a PipelineRun's TaskRuns (exported with it, its finalizer held with its parent's)
+/// reads one place.
 pub(super) fn trim(meta: ObjectMeta) -> Metadata {
     let mut annotations = meta.annotations;
     if let Some(a) = annotations.as_mut() {
         a.remove(LAST_APPLIED);
+    }
+    let mut labels = meta.labels;
+    let owner = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.kind == "PipelineRun" && o.api_version.starts_with("tekton.dev/"));
+    if let Some(owner) = owner
+        && labels
+            .as_ref()
+            .is_none_or(|l| !l.contains_key(PIPELINE_RUN_UID))
+    {
+        let labels = labels.get_or_insert_default();
+        labels.insert(PIPELINE_RUN.to_owned(), owner.name.clone());
+        labels.insert(PIPELINE_RUN_UID.to_owned(), owner.uid.clone());
     }
     Metadata {
         name: meta.name,
         namespace: meta.namespace,
         uid: meta.uid,
         creation_timestamp: meta.creation_timestamp,
-        labels: meta.labels,
+        labels,
         annotations,
+        deletion_timestamp: meta.deletion_timestamp,
+        finalizers: meta.finalizers.filter(|f| !f.is_empty()),
     }
 }
 
@@ -74,8 +95,11 @@ pub(super) trait Lean: Sized {
     fn synced(runs: &Runs) -> &AtomicBool;
     fn cached(run: Arc<Self>) -> CachedRun;
     /// What the cache keeps of a run: the run, a stub once it is marked, or nothing for a
-    /// TaskRun whose PipelineRun is marked (the exporter never needs it again).
+    /// TaskRun whose PipelineRun is marked (the exporter never needs it again, once our
+    /// finalizer on it is released).
     fn compact(self, runs: &Runs) -> Option<Self>;
+    /// The names of its TaskRuns (a PipelineRun's `status.childReferences`).
+    fn children(&self) -> Vec<String>;
 }
 
 impl Lean for PipelineRun {
@@ -102,17 +126,39 @@ impl Lean for PipelineRun {
         if !marked(&self.metadata) {
             return Some(self);
         }
-        // Its TaskRuns went with it: drop them from the cache.
+        // Its TaskRuns went with it: drop them from the cache, but for those our finalizer
+        // still holds, kept as stubs until it is released.
         let namespace = self.metadata.namespace.clone().unwrap_or_default();
         let mut task_runs = write(&runs.task_runs);
         for child in self.status.iter().flat_map(|s| &s.child_references) {
-            task_runs.remove(&(namespace.clone(), child.name.clone()));
+            let key = (namespace.clone(), child.name.clone());
+            let held = task_runs
+                .get(&key)
+                .and_then(Stored::load)
+                .filter(|tr| holds_finalizer(&tr.metadata));
+            match held {
+                Some(tr) => {
+                    let stub = TaskRun::stub(tr.metadata.clone());
+                    task_runs.insert(key, Stored::new(stub));
+                }
+                None => {
+                    task_runs.remove(&key);
+                }
+            }
         }
         drop(task_runs);
         Some(PipelineRun {
             metadata: stub(self.metadata),
             status: None,
         })
+    }
+    fn children(&self) -> Vec<String> {
+        self.status
+            .iter()
+            .flat_map(|s| &s.child_references)
+            .filter(|c| c.kind == "TaskRun")
+            .map(|c| c.name.clone())
+            .collect()
     }
 }
 
@@ -144,8 +190,32 @@ impl Lean for TaskRun {
             });
         }
         match runs.parent_marked(&self) {
+            true if holds_finalizer(&self.metadata) => Some(TaskRun::stub(self.metadata)),
             true => None,
             false => Some(self),
+        }
+    }
+    fn children(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+impl TaskRun {
+    /// A TaskRun of a marked PipelineRun that our finalizer still holds: its stub keeps the
+    /// labels that name its PipelineRun, so the exporter sees the parent is marked and releases
+    /// it.
+    pub(super) fn stub(metadata: Metadata) -> TaskRun {
+        let parent = metadata.labels.as_ref().map(|l| {
+            l.iter()
+                .filter(|(k, _)| *k == PIPELINE_RUN || *k == PIPELINE_RUN_UID)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        });
+        let mut metadata = stub(metadata);
+        metadata.labels = parent;
+        TaskRun {
+            metadata,
+            status: None,
         }
     }
 }
@@ -158,8 +228,17 @@ pub(super) fn marked(metadata: &Metadata) -> bool {
         .is_some_and(|a| a.contains_key(EXPORTED_ANNOTATION))
 }
 
-/// A marked run as the cache keeps it: its name, uid and the mark (a few hundred bytes, where
-/// the run was kilobytes), enough to know it is done.
+/// Whether the exporter's finalizer is on the run.
+pub fn holds_finalizer(metadata: &Metadata) -> bool {
+    metadata
+        .finalizers
+        .as_ref()
+        .is_some_and(|f| f.iter().any(|f| f == EXPORT_FINALIZER))
+}
+
+/// A marked run as the cache keeps it: its name, uid, the mark and, while our finalizer is
+/// among them, its finalizers (a few hundred bytes, where the run was kilobytes): enough to know
+/// it is done and to release it.
 pub(super) fn stub(metadata: Metadata) -> Metadata {
     let annotations = metadata.annotations.and_then(|mut a| {
         let mark = a.remove(EXPORTED_ANNOTATION)?;
@@ -175,6 +254,10 @@ pub(super) fn stub(metadata: Metadata) -> Metadata {
         creation_timestamp: None,
         labels: None,
         annotations,
+        deletion_timestamp: None,
+        finalizers: metadata
+            .finalizers
+            .filter(|f| f.iter().any(|f| f == EXPORT_FINALIZER)),
     }
 }
 

@@ -1,5 +1,6 @@
-//! Watch caches of `tekton.dev/v1` PipelineRuns and TaskRuns for the exporter, and the one write
-//! it makes on them: the merge patch of its annotations.
+//! Watch caches of `tekton.dev/v1` PipelineRuns and TaskRuns for the exporter, and the writes it
+//! makes on them: JSON Patches of its finalizer and its mark, each conditional on the run's uid
+//! and on the part of the object it changes ([`patch`]).
 //!
 //! Runs are decoded by the watcher into a wrapper of the span tree's lean status types
 //! ([`crate::spans::objects`]), so a run's spec, the resolved pipeline and task specs Tekton
@@ -10,12 +11,14 @@
 //! `ObjectMeta` of every object, which on a cluster with 50,000 TaskRuns is most of the memory.
 //!
 //! A run that carries the exporter's mark is kept as a stub (name, uid, the mark), and the
-//! TaskRuns of a marked PipelineRun are not kept at all: on a cluster that keeps weeks of runs,
-//! nearly all of them are done with, and the cache holds kilobytes only for runs still to send.
+//! TaskRuns of a marked PipelineRun are not kept at all once the exporter's finalizer is off
+//! them (until then, as stubs that name their PipelineRun): on a cluster that keeps weeks of
+//! runs, nearly all of them are done with, and the cache holds kilobytes only for runs still to
+//! send.
 //!
 //! Files: this one holds the cache and its queries; `lean` turns a watched object into the
-//! lean run (and a marked one into a stub), `stored` keeps it compressed, and `watch` is the
-//! watch loop and the one write.
+//! lean run (and a marked one into a stub), `stored` keeps it compressed, `watch` is the watch
+//! loop and the writer, `patch` builds the writes.
 //!
 //! The watch loop ([`RunWatch::run`]) also keeps the namespace and TracingPolicy caches of
 //! [`super::Caches`] current, and tells the exporter what changed through a bounded channel
@@ -196,20 +199,41 @@ impl Runs {
             .is_some_and(|pr| pr.metadata.uid.as_deref() == Some(uid) && marked(&pr.metadata))
     }
 
+    /// The TaskRun's PipelineRun, by its `tekton.dev/pipelineRun` label, if the cache holds it
+    /// with the uid its `tekton.dev/pipelineRunUID` label names.
+    pub fn parent(&self, task_run: &TaskRun) -> Option<Arc<PipelineRun>> {
+        let name = task_run.metadata.label(PIPELINE_RUN)?;
+        let uid = task_run.metadata.label(PIPELINE_RUN_UID)?;
+        let namespace = task_run.metadata.namespace.as_deref().unwrap_or_default();
+        self.pipeline_run(namespace, name)
+            .filter(|pr| pr.metadata.uid.as_deref() == Some(uid))
+    }
+
     /// Drops the TaskRuns whose PipelineRun is marked (those that arrived before it did, say in
-    /// a relist); what is left in the cache is what may still be exported.
+    /// a relist), or makes stubs of them while our finalizer holds them; what is left in the
+    /// cache is what may still be exported or released.
     pub fn prune(&self) {
-        let stale: Vec<(String, String)> = read(&self.task_runs)
+        let stale: Vec<((String, String), Option<TaskRun>)> = read(&self.task_runs)
             .iter()
-            .filter(|(_, stored)| stored.load().is_some_and(|run| self.parent_marked(&run)))
-            .map(|(key, _)| key.clone())
+            .filter_map(|(key, stored)| {
+                let run = stored.load()?;
+                if run.status.is_none() || !self.parent_marked(&run) {
+                    return None;
+                }
+                let stub =
+                    holds_finalizer(&run.metadata).then(|| TaskRun::stub(run.metadata.clone()));
+                Some((key.clone(), stub))
+            })
             .collect();
         if stale.is_empty() {
             return;
         }
         let mut task_runs = write(&self.task_runs);
-        for key in stale {
-            task_runs.remove(&key);
+        for (key, stub) in stale {
+            match stub {
+                Some(stub) => task_runs.insert(key, Stored::new(stub)),
+                None => task_runs.remove(&key),
+            };
         }
     }
 
@@ -236,11 +260,13 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 mod lean;
+mod patch;
 mod stored;
 mod watch;
 
 use lean::*;
-pub use lean::{RunStatus, Watched};
+pub use lean::{RunStatus, Watched, holds_finalizer};
+pub use patch::{RunWrite, run_patch};
 use stored::*;
 pub use watch::{MarkError, Marker, RunWatch};
 
@@ -314,5 +340,59 @@ mod tests {
         write(&runs.pipeline_runs).insert(map_key(&stub.metadata), Stored::new(stub));
         let (_, task_runs) = fixture();
         assert!(task_runs[0].clone().compact(&runs).is_none());
+    }
+
+    #[test]
+    fn task_runs_our_finalizer_holds_stay_as_stubs_naming_their_pipeline_run_until_released() {
+        let (mut pipeline_run, task_runs) = fixture();
+        let runs = Runs::default();
+        for (i, mut task_run) in task_runs.into_iter().enumerate() {
+            if i < 2 {
+                task_run.metadata.finalizers = Some(vec!["other".into(), EXPORT_FINALIZER.into()]);
+            }
+            write(&runs.task_runs).insert(map_key(&task_run.metadata), Stored::new(task_run));
+        }
+        pipeline_run
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(EXPORTED_ANNOTATION.into(), "abc".into());
+        let stub = pipeline_run.clone().compact(&runs).unwrap();
+        assert_eq!(runs.len().1, 2, "the two held TaskRuns stay");
+        write(&runs.pipeline_runs).insert(map_key(&stub.metadata), Stored::new(stub));
+        for key in runs
+            .keys()
+            .into_iter()
+            .filter(|k| k.kind == RunKind::TaskRun)
+        {
+            let Some(CachedRun::TaskRun(held)) = runs.get(&key) else {
+                panic!("{key}");
+            };
+            assert!(held.status.is_none());
+            assert!(holds_finalizer(&held.metadata));
+            // The parent is found, marked: the exporter releases it.
+            let parent = runs.parent(&held).expect("names its PipelineRun");
+            assert!(marked(&parent.metadata));
+            // Released: its next event takes it out of the cache.
+            let mut released = (*held).clone();
+            released.metadata.finalizers = Some(vec!["other".into()]);
+            assert!(released.compact(&runs).is_none());
+        }
+    }
+
+    #[test]
+    fn a_task_run_owned_by_a_pipeline_run_without_its_labels_gets_them() {
+        let meta: ObjectMeta = serde_json::from_value(serde_json::json!({
+            "name": "t", "namespace": "ns", "uid": "t-1",
+            "ownerReferences": [{"apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
+                                 "name": "p", "uid": "p-1"}],
+            "finalizers": [EXPORT_FINALIZER],
+            "deletionTimestamp": "2026-01-01T00:00:00Z"
+        }))
+        .unwrap();
+        let trimmed = trim(meta);
+        assert_eq!(trimmed.label(PIPELINE_RUN), Some("p"));
+        assert_eq!(trimmed.label(PIPELINE_RUN_UID), Some("p-1"));
+        assert!(holds_finalizer(&trimmed) && trimmed.deletion_timestamp.is_some());
     }
 }

@@ -1,5 +1,5 @@
 //! The watch loop that fills the run caches (and the namespace and TracingPolicy caches), and
-//! the exporter's one write: the merge patch of a run's annotations.
+//! the exporter's writer: the JSON Patches of [`super::patch`].
 
 use super::*;
 
@@ -14,13 +14,14 @@ impl<L: Lean + Serialize + DeserializeOwned> Writer<L> {
         Writer { buffer: None }
     }
 
-    /// Applies one event; what the exporter should hear of it.
-    fn apply(&mut self, runs: &Runs, event: Event<Watched<L::Status>>) -> Option<RunEvent> {
+    /// Applies one event; what the exporter should hear of it. A PipelineRun that became
+    /// marked made stubs of its TaskRuns our finalizer holds: those changed too.
+    fn apply(&mut self, runs: &Runs, event: Event<Watched<L::Status>>) -> Vec<RunEvent> {
         let kind = L::Status::KIND;
         match event {
             Event::Init => {
                 self.buffer = Some(HashMap::new());
-                None
+                Vec::new()
             }
             Event::InitApply(w) => {
                 if let Some(run) = L::from_watched(w).compact(runs) {
@@ -28,30 +29,44 @@ impl<L: Lean + Serialize + DeserializeOwned> Writer<L> {
                         .get_or_insert_with(HashMap::new)
                         .insert(map_key(run.metadata()), Stored::new(run));
                 }
-                None
+                Vec::new()
             }
             Event::InitDone => {
                 let listed = self.buffer.take().unwrap_or_default();
                 *write(L::map(runs)) = listed;
                 L::synced(runs).store(true, Ordering::SeqCst);
-                Some(RunEvent::Relisted(kind))
+                vec![RunEvent::Relisted(kind)]
             }
             Event::Apply(w) => {
                 let run = L::from_watched(w);
                 let key = map_key(run.metadata());
+                let children = run.children();
                 let Some(run) = run.compact(runs) else {
                     write(L::map(runs)).remove(&key);
-                    return None;
+                    return Vec::new();
                 };
+                let is_marked = marked(run.metadata());
                 write(L::map(runs)).insert(key.clone(), Stored::new(run));
-                Some(RunEvent::Changed(run_key(kind, key)))
+                let mut events = vec![RunEvent::Changed(run_key(kind, key.clone()))];
+                if is_marked {
+                    let task_runs = read(&runs.task_runs);
+                    events.extend(
+                        children
+                            .into_iter()
+                            .map(|name| (key.0.clone(), name))
+                            .filter(|k| task_runs.contains_key(k))
+                            .map(|k| RunEvent::Changed(run_key(RunKind::TaskRun, k))),
+                    );
+                }
+                events
             }
             Event::Delete(w) => {
+                // The event's object is the run's last state: the write that removed the last
+                // finalizer (our mark, say) may have reached the cache only through it.
                 let run = L::from_watched(w);
                 let key = map_key(run.metadata());
-                let last = write(L::map(runs)).remove(&key).and_then(|s| s.load());
-                let last = last.unwrap_or_else(|| Arc::new(run));
-                Some(RunEvent::Deleted(L::cached(last)))
+                write(L::map(runs)).remove(&key);
+                vec![RunEvent::Deleted(L::cached(Arc::new(run)))]
             }
         }
     }
@@ -154,7 +169,7 @@ impl RunWatch {
                     Err(e) => {
                         metrics.watch_error(WatchedResource::PipelineRuns);
                         tracing::warn!(error = %e, "watching PipelineRuns failed; retrying with backoff");
-                        None
+                        Vec::new()
                     }
                 },
                 Some(event) = task_runs.next() => match event {
@@ -162,56 +177,60 @@ impl RunWatch {
                     Err(e) => {
                         metrics.watch_error(WatchedResource::TaskRuns);
                         tracing::warn!(error = %e, "watching TaskRuns failed; retrying with backoff");
-                        None
+                        Vec::new()
                     }
                 },
                 else => break,
             };
-            if let Some(event) = event
-                && events.send(event).await.is_err()
-            {
-                break;
+            for event in event {
+                if events.send(event).await.is_err() {
+                    return;
+                }
             }
         }
     }
 }
 
-/// Why an annotation could not be written.
+/// Why a write on a run did not land.
 #[derive(Debug, thiserror::Error)]
 pub enum MarkError {
     /// The run is gone.
     #[error("{0}: not found")]
     Gone(RunKey),
-    #[error("{key}: patching its annotations failed: {source}")]
+    /// A precondition failed (the run changed since the cache saw it, or is another run under
+    /// the same name): read the cache again and try later.
+    #[error("{0}: changed since it was cached")]
+    Changed(RunKey),
+    #[error("{key}: patching it failed: {source}")]
     Api { key: RunKey, source: kube::Error },
 }
 
-/// Writes annotations on runs: a JSON merge patch of `metadata.annotations`, nothing else.
+/// Writes on runs: the JSON Patches of [`super::patch`], nothing else.
 #[derive(Clone)]
 pub struct Marker {
     client: Client,
 }
 
 impl Marker {
-    /// Sets `annotations` on the run (other annotations untouched).
-    pub async fn mark(&self, key: &RunKey, annotations: &[(&str, &str)]) -> Result<(), MarkError> {
+    /// Sends `operations` as one JSON Patch of the run.
+    pub async fn write(
+        &self,
+        key: &RunKey,
+        operations: Vec<json_patch::PatchOperation>,
+    ) -> Result<(), MarkError> {
         let resource = ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk("tekton.dev", "v1", key.kind.kind()),
             key.kind.plural(),
         );
         let api: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), &key.namespace, &resource);
-        let values: serde_json::Map<String, serde_json::Value> = annotations
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
-            .collect();
-        let patch = serde_json::json!({"metadata": {"annotations": values}});
-        match api
-            .patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
+        let patch: Patch<()> = Patch::Json(json_patch::Patch(operations));
+        match api.patch(&key.name, &PatchParams::default(), &patch).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(e)) if e.code == 404 => Err(MarkError::Gone(key.clone())),
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 422 => {
+                Err(MarkError::Changed(key.clone()))
+            }
             Err(source) => Err(MarkError::Api {
                 key: key.clone(),
                 source,

@@ -11,9 +11,17 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
 
 use super::Controller;
+<<<<<<< HEAD
 use super::plan::{Done, Plan};
 use crate::cluster::runs::{MarkError, Marker, RunKey};
 use crate::export::metrics::CAUSE_CONFIG;
+=======
+use super::plan::Plan;
+use crate::cluster::runs::{CachedRun, MarkError, Marker, RunKey, RunKind, RunWrite, run_patch};
+use crate::export::decide::Finished;
+use crate::export::metrics::{CAUSE_CONFIG, Lost, Skip};
+use crate::export::otlp::{ExportError, RetryPolicy};
+>>>>>>> wt-finalizer
 use crate::export::queue::{Item, Stage};
 use crate::otlp::{ExportError, RetryPolicy};
 
@@ -64,7 +72,7 @@ impl Controller {
                 Plan::Drop => self.queue.done(&key),
                 Plan::Lost => {
                     tracing::warn!(run = %key, "run deleted before it was exported");
-                    self.metrics.lost(key.kind);
+                    self.metrics.lost(key.kind, Lost::Deleted);
                     self.queue.done(&key);
                 }
                 Plan::Wait(at) => self.queue.retry_at(key, item, at),
@@ -77,8 +85,9 @@ impl Controller {
                 }
                 Plan::Mark(annotations, done) => {
                     let marker = self.marker.clone();
+                    let patch = self.mark_patch(&key, &annotations);
                     in_flight.push(Box::pin(async move {
-                        let outcome = mark(marker, &key, item, annotations, done).await;
+                        let outcome = mark(marker, &key, item, annotations, patch, done).await;
                         (key, outcome)
                     }));
                 }
@@ -94,9 +103,10 @@ impl Controller {
                         continue;
                     };
                     let marker = self.marker.clone();
+                    let patch = self.mark_patch(&key, &annotations);
                     in_flight.push(Box::pin(async move {
                         let outcome = match client.export(request).await {
-                            Ok(_) => mark(marker, &key, item, annotations, done).await,
+                            Ok(_) => mark(marker, &key, item, annotations, patch, done).await,
                             Err(e) => Outcome::ExportFailed(item, e),
                         };
                         (key, outcome)
@@ -137,6 +147,20 @@ impl Controller {
         }
     }
 
+    /// The patch that marks the run as the cache holds it now, removing our finalizer if it
+    /// is on it; `None` once the run is gone (nothing to mark).
+    fn mark_patch(
+        &self,
+        key: &RunKey,
+        annotations: &[(String, String)],
+    ) -> Option<Vec<json_patch::PatchOperation>> {
+        let metadata = match self.runs.get(key)? {
+            CachedRun::PipelineRun(r) => r.metadata.clone(),
+            CachedRun::TaskRun(r) => r.metadata.clone(),
+        };
+        run_patch(&metadata, &RunWrite::Mark(annotations.to_vec()))
+    }
+
     pub(super) fn retry(&mut self, key: RunKey, mut item: Item) {
         item.failures = item.failures.saturating_add(1);
         let delay = RUN_RETRY.delay(item.failures, None, fastrand::f64());
@@ -144,22 +168,20 @@ impl Controller {
     }
 }
 
-/// Writes the annotations; the outcome keeps what is left to do if it fails.
+/// Writes the mark (`patch`, built from the cache when the run was started); the outcome keeps
+/// what is left to do if it fails (the retry builds the patch again, from the cache then).
 async fn mark(
     marker: Option<Marker>,
     key: &RunKey,
     item: Item,
     annotations: Vec<(String, String)>,
+    patch: Option<Vec<json_patch::PatchOperation>>,
     done: Done,
 ) -> Outcome {
-    let Some(marker) = marker else {
+    let (Some(marker), Some(patch)) = (marker, patch) else {
         return Outcome::Done(done);
     };
-    let pairs: Vec<(&str, &str)> = annotations
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    match marker.mark(key, &pairs).await {
+    match marker.write(key, patch).await {
         // Gone: nothing left to mark, and the spans (if any) are in.
         Ok(()) | Err(MarkError::Gone(_)) => Outcome::Done(done),
         Err(e) => {

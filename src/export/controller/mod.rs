@@ -7,18 +7,21 @@
 //! watches. Only the leader queues and sends; a standby keeps its caches current (the watch
 //! runs regardless) and rescans when it becomes the leader.
 //!
-//! Exactly once, in practice: the annotation `lightstep-tekton.io/exported` is written (a merge
-//! patch of that annotation, and the trace link, only) after the backend accepted the spans, and
-//! a run that has it is never due again, for this replica, a restart or the other replica. If
+//! Exactly once, in practice: the annotation `lightstep-tekton.io/exported` is written (a JSON
+//! Patch of that annotation and the trace link, removing the exporter's finalizer, conditional
+//! on the run's uid) after the backend accepted the spans, and a run that has it is never due
+//! again, for this replica, a restart or the other replica. The finalizer (`finalizer`) keeps a
+//! deleted run in the cluster until then, or until its store deadline. If
 //! the process dies between the backend's answer and the patch, or the patch keeps failing
 //! until the leadership moves, the next leader sends that run again: a backend sees a duplicate
 //! (the same span ids), never a gap. A failed patch is retried on its own, never by resending.
 //!
 //! Here: the loop, and which runs are due and in scope. `plan` says what to do with a queued
-//! run; `flight` starts it and settles its outcome; `clients` holds one OTLP client per
-//! destination.
+//! run; `flight` starts it and settles its outcome; `finalizer` holds and releases the
+//! exporter's finalizer; `clients` holds one OTLP client per destination.
 
 mod clients;
+mod finalizer;
 mod flight;
 mod plan;
 
@@ -36,13 +39,22 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
 use self::clients::ClientKey;
+use self::finalizer::{Finalizers, Writes};
 use self::flight::InFlight;
 use super::decide::{self, Window};
+<<<<<<< HEAD
 use super::metrics::ExportMetrics;
 use super::queue::Queue;
 use crate::cluster::Cluster;
 use crate::cluster::runs::{CachedRun, Marker, RunEvent, RunKey, RunKind, Runs};
 use crate::otlp::Client;
+=======
+use super::metrics::{ExportMetrics, Lost};
+use super::otlp::Client;
+use super::queue::Queue;
+use crate::cluster::Cluster;
+use crate::cluster::runs::{CachedRun, Marker, RunEvent, RunKey, RunKind, Runs, holds_finalizer};
+>>>>>>> wt-finalizer
 use crate::policy::Policy;
 use crate::policy::loader::PolicyStore;
 use crate::policy::selection;
@@ -63,6 +75,9 @@ pub struct Settings {
     pub queue_capacity: usize,
     pub concurrency: usize,
     pub rescan_interval: Duration,
+    /// How long after a run finished the exporter's finalizer may hold it unexported; then the
+    /// run is given up on and released.
+    pub store_deadline: Duration,
     /// The token's file (the mounted Secret key); the header name is the policy's.
     pub token_file: Option<PathBuf>,
     /// Print each run's OTLP/JSON request on stdout, one line per run; send and mark nothing.
@@ -83,6 +98,7 @@ pub struct Controller {
     queue: Queue,
     /// Runs printed by a dry run (nothing marks them); forgotten when they are deleted.
     printed: HashSet<RunKey>,
+    finalizers: Finalizers,
 }
 
 impl Controller {
@@ -108,6 +124,7 @@ impl Controller {
             clients: HashMap::new(),
             metrics,
             printed: HashSet::new(),
+            finalizers: Finalizers::default(),
         }
     }
 
@@ -125,6 +142,7 @@ impl Controller {
     ) {
         let mut shutdown = pin!(shutdown);
         let mut in_flight: InFlight = FuturesUnordered::new();
+        let mut writes: Writes = FuturesUnordered::new();
         let mut rescan = tokio::time::interval(self.settings.rescan_interval);
         let mut leader = *leading.borrow_and_update();
         let mut election_alive = true;
@@ -139,6 +157,7 @@ impl Controller {
                 }
             }
             if leader && synced {
+                self.start_writes(&mut writes);
                 self.start(&mut in_flight);
             }
             self.metrics.queue_depth(self.queue.depth());
@@ -147,6 +166,7 @@ impl Controller {
                 biased;
                 () = &mut shutdown => break,
                 Some((key, outcome)) = in_flight.next() => self.finish(key, outcome),
+                Some((key, intent, result)) = writes.next() => self.written(key, intent, result),
                 event = events.recv() => match event {
                     Some(event) => self.on_event(event, leader && synced),
                     // The watch ended: nothing more will change; keep exporting what is queued.
@@ -161,12 +181,14 @@ impl Controller {
                             }
                         } else {
                             self.queue.clear();
+                            self.finalizers.clear();
                         }
                     }
                     Err(_) => {
                         election_alive = false;
                         leader = false;
                         self.queue.clear();
+                        self.finalizers.clear();
                     }
                 },
                 _ = rescan.tick() => if leader && synced { self.rescan() },
@@ -188,8 +210,11 @@ impl Controller {
     fn on_event(&mut self, event: RunEvent, active: bool) {
         match event {
             RunEvent::Changed(key) => {
-                if active && self.due(&key) {
-                    self.push(key);
+                if active {
+                    self.upkeep(&key, true);
+                    if self.due(&key) {
+                        self.push(key);
+                    }
                 }
             }
             RunEvent::Relisted(_) => {
@@ -201,19 +226,21 @@ impl Controller {
             RunEvent::Deleted(run) => {
                 let key = key_of(&run);
                 self.printed.remove(&key);
-                // A run that was due and is gone before it was marked: lost.
-                let due = match &run {
-                    CachedRun::PipelineRun(r) => decide::pipeline_run_due(r, self.window).is_ok(),
-                    CachedRun::TaskRun(r) => decide::task_run_due(r, self.window).is_ok(),
-                };
+                self.finalizers.forget(&key);
+                // A run that was due and is gone before it was marked: lost, if no finalizer
+                // of ours held it (it was deleted before the exporter saw it, or after it was
+                // released at its deadline, counted then). One our finalizer held went when a
+                // write removed it (the API server deletes the run instead of storing that
+                // write, so its last state shows neither the mark nor the removal): the mark
+                // and release, or a release, counted where they were written.
                 // Counted by the leader only: the standby would count the same run again.
                 if active
-                    && due
                     && !self.settings.dry_run
-                    && self.policy_for(&key.namespace).is_some()
+                    && !holds_finalizer(metadata_of(&run))
+                    && self.due_run(&key, &run)
                 {
                     tracing::warn!(run = %key, "run deleted before it was exported");
-                    self.metrics.lost(key.kind);
+                    self.metrics.lost(key.kind, Lost::Deleted);
                     self.queue.done(&key);
                 }
             }
@@ -224,9 +251,11 @@ impl Controller {
     /// next rescan).
     fn rescan(&mut self) {
         self.runs.prune();
+        let mut room = true;
         for key in self.runs.keys() {
-            if !self.queue.contains(&key) && self.due(&key) && !self.push(key) {
-                break;
+            self.upkeep(&key, false);
+            if room && !self.queue.contains(&key) && self.due(&key) {
+                room = self.push(key);
             }
         }
     }
@@ -240,12 +269,23 @@ impl Controller {
 
     /// Due by itself and in scope (the PipelineRun's TaskRuns are waited for later).
     fn due(&self, key: &RunKey) -> bool {
-        let due = match self.runs.get(key) {
-            Some(CachedRun::PipelineRun(r)) => decide::pipeline_run_due(&r, self.window).is_ok(),
-            Some(CachedRun::TaskRun(r)) => decide::task_run_due(&r, self.window).is_ok(),
-            None => false,
+        self.runs
+            .get(key)
+            .is_some_and(|run| self.due_run(key, &run))
+    }
+
+    /// Due by itself, in scope, and sampled: a run whose trace is not sampled gets no write.
+    fn due_run(&self, key: &RunKey, run: &CachedRun) -> bool {
+        let (due, metadata) = match run {
+            CachedRun::PipelineRun(r) => (
+                decide::pipeline_run_due(r, self.window).is_ok(),
+                &r.metadata,
+            ),
+            CachedRun::TaskRun(r) => (decide::task_run_due(r, self.window).is_ok(), &r.metadata),
         };
-        due && self.policy_for(&key.namespace).is_some()
+        due && self
+            .policy_for(&key.namespace)
+            .is_some_and(|policy| decide::sampled(metadata, &policy))
     }
 
     /// The policy the namespace's runs are exported under, if they are. Without a file policy
@@ -260,6 +300,13 @@ impl Controller {
             None => selection::select_tracing_policy(&snapshot, labels.as_ref())?,
         };
         decide::in_scope(labels.as_ref(), &self.settings.namespace_label, selected).cloned()
+    }
+}
+
+fn metadata_of(run: &CachedRun) -> &crate::spans::objects::Metadata {
+    match run {
+        CachedRun::PipelineRun(r) => &r.metadata,
+        CachedRun::TaskRun(r) => &r.metadata,
     }
 }
 

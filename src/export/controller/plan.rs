@@ -25,6 +25,10 @@ use crate::spans::{SpanError, otlp::export_request};
 /// usually a watch event behind, a second at most.
 const CHILD_RECHECK: Duration = Duration::from_secs(1);
 
+/// How often a run whose finalizer write is pending (or not in the cache yet) is looked at
+/// again: a write and its watch event take milliseconds.
+const FINALIZER_RECHECK: Duration = Duration::from_millis(100);
+
 /// What the loop should do with a queued run.
 pub(super) enum Plan {
     /// No longer due (marked elsewhere, not finished after all, out of scope).
@@ -33,14 +37,14 @@ pub(super) enum Plan {
     Lost,
     /// Look again at this time (its TaskRuns are not all finished yet).
     Wait(Instant),
-    /// Send this request, then write these annotations.
+    /// Send this request, then write these annotations (and release the finalizer).
     Send {
         request: ExportTraceServiceRequest,
         client: Result<Client, ()>,
         annotations: Vec<(String, String)>,
         done: Done,
     },
-    /// Write these annotations only.
+    /// Write these annotations (and release the finalizer) only.
     Mark(Vec<(String, String)>, Done),
     /// `--dry-run`: print this line.
     Print(String),
@@ -59,6 +63,10 @@ impl Controller {
         let Some(run) = self.runs.get(key) else {
             return Plan::Lost;
         };
+        // Its mark must see the finalizer being added, to remove it in the same patch.
+        if self.finalizers.busy(key) {
+            return Plan::Wait(Instant::now() + FINALIZER_RECHECK);
+        }
         let Some(policy) = self.policy_for(&key.namespace) else {
             return Plan::Drop;
         };

@@ -8,7 +8,8 @@
 //! `metadata.finalizers` only sets `metadata.deletionTimestamp` (a MODIFIED event); the object
 //! goes (a DELETED event) once a write leaves it with no finalizer; a write that adds a finalizer
 //! to an object being deleted is refused (422). Patches are JSON merge patches, or JSON Patches
-//! (`application/json-patch+json`, `test` operations included: a failed one is a 422); a
+//! (`application/json-patch+json`, `test` operations included: a failed one is a 422, and a
+//! `test` of `null` passes on a missing member, as the API server's does); a
 //! `metadata.uid` or `metadata.resourceVersion` in a patch or replace that differs from the
 //! stored one is a 409 Conflict, as the API server treats them as preconditions.
 //!
@@ -357,9 +358,18 @@ impl FakeCluster {
         };
         let mut object = current.clone();
         if json_patch {
-            let Ok(operations) = serde_json::from_value::<json_patch::Patch>(patch.clone()) else {
+            let Ok(mut operations) = serde_json::from_value::<json_patch::Patch>(patch.clone())
+            else {
                 return reply(400, status(400, "BadRequest"));
             };
+            // The API server's JSON Patch passes a `test` of `null` on a missing member (how a
+            // client says "none yet"); the crate's wants the member present.
+            operations.0.retain(|op| match op {
+                json_patch::PatchOperation::Test(t) if t.value.is_null() => {
+                    !object.pointer(t.path.as_str()).is_none_or(Value::is_null)
+                }
+                _ => true,
+            });
             if json_patch::patch(&mut object, &operations).is_err() {
                 return reply(422, status(422, "Invalid"));
             }
