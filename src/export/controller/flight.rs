@@ -20,7 +20,7 @@ use super::plan::Plan;
 use crate::cluster::runs::{CachedRun, MarkError, Marker, RunKey, RunKind, RunWrite, run_patch};
 use crate::export::decide::Finished;
 use crate::export::metrics::{CAUSE_CONFIG, Lost, Skip};
-use crate::export::otlp::{ExportError, RetryPolicy};
+use crate::otlp::{ExportError, RetryPolicy};
 >>>>>>> wt-finalizer
 use crate::export::queue::{Item, Stage};
 use crate::otlp::{ExportError, RetryPolicy};
