@@ -11,17 +11,9 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
 
 use super::Controller;
-<<<<<<< HEAD
 use super::plan::{Done, Plan};
-use crate::cluster::runs::{MarkError, Marker, RunKey};
-use crate::export::metrics::CAUSE_CONFIG;
-=======
-use super::plan::Plan;
-use crate::cluster::runs::{CachedRun, MarkError, Marker, RunKey, RunKind, RunWrite, run_patch};
-use crate::export::decide::Finished;
-use crate::export::metrics::{CAUSE_CONFIG, Lost, Skip};
-use crate::otlp::{ExportError, RetryPolicy};
->>>>>>> wt-finalizer
+use crate::cluster::runs::{CachedRun, MarkError, Marker, RunKey, RunWrite, run_patch};
+use crate::export::metrics::{CAUSE_CONFIG, Lost};
 use crate::export::queue::{Item, Stage};
 use crate::otlp::{ExportError, RetryPolicy};
 

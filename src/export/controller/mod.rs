@@ -42,19 +42,11 @@ use self::clients::ClientKey;
 use self::finalizer::{Finalizers, Writes};
 use self::flight::InFlight;
 use super::decide::{self, Window};
-<<<<<<< HEAD
-use super::metrics::ExportMetrics;
-use super::queue::Queue;
-use crate::cluster::Cluster;
-use crate::cluster::runs::{CachedRun, Marker, RunEvent, RunKey, RunKind, Runs};
-use crate::otlp::Client;
-=======
 use super::metrics::{ExportMetrics, Lost};
-use super::otlp::Client;
 use super::queue::Queue;
 use crate::cluster::Cluster;
 use crate::cluster::runs::{CachedRun, Marker, RunEvent, RunKey, RunKind, Runs, holds_finalizer};
->>>>>>> wt-finalizer
+use crate::otlp::Client;
 use crate::policy::Policy;
 use crate::policy::loader::PolicyStore;
 use crate::policy::selection;
