@@ -963,3 +963,57 @@ fn within_rbac(seen: &[Seen]) {
         );
     }
 }
+
+/// The process's user and system CPU time so far, in clock ticks (`/proc/<pid>/stat` fields
+/// 14 and 15, counted after the parenthesised command name, which may hold spaces).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    // Fields 14 and 15 of the line; the first after the name is field 3.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_backend_with_every_slot_busy_costs_no_cpu() {
+    let world = World::start("spin").await;
+    world.receiver.fail(true);
+    world.add_run("lint-run.json", "team-r", "a");
+    world.add_run("lint-run.json", "team-r", "b");
+    let exporter = world.exporter("exporter-0", &["--concurrency=1"]);
+    let log = || exporter.log();
+    // Refused first, so runs back off in the queue; then the receiver hangs: the next run to
+    // go takes the only slot and hangs there, while the other's retry time comes.
+    eventually("an export failed", &log, || {
+        let errors = exporter
+            .metric(r#"lightstep_tekton_exporter_export_errors_total{cause="unavailable"}"#)?;
+        (errors >= 1.0).then_some(())
+    })
+    .await;
+    world.receiver.stall(true);
+    world.receiver.fail(false);
+    eventually("a request held", &log, || {
+        (world.receiver.stalled() >= 1).then_some(())
+    })
+    .await;
+    // Past both runs' retry times (the first retries wait at most 2 s), well inside the held
+    // attempt's timeout (10 s).
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let pid = exporter.child.id();
+    let before = cpu_ticks(pid);
+    let window = std::time::Duration::from_secs(3);
+    tokio::time::sleep(window).await;
+    let spent = cpu_ticks(pid) - before;
+    assert_eq!(
+        world.receiver.stalled(),
+        1,
+        "the second run waited for the slot"
+    );
+    // Clock ticks are 100 a second on Linux: a loop spinning on a due timer burns most of the
+    // window's 300; an idle one a few.
+    assert!(
+        spent < 30,
+        "{spent} CPU ticks in a {window:?} window with nothing to do"
+    );
+    world.receiver.stall(false);
+}

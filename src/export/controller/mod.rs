@@ -153,7 +153,11 @@ impl Controller {
                 self.start(&mut in_flight);
             }
             self.metrics.queue_depth(self.queue.depth());
-            let wake = self.queue.next_due();
+            // The timer is armed only when a run whose time has come could start: with every
+            // slot busy the next finished export wakes the loop, and a standby has nothing to
+            // start. A due time in the past would otherwise fire at once, every turn.
+            let can_start = leader && synced && in_flight.len() < self.settings.concurrency;
+            let wake = self.queue.next_due().filter(|_| can_start);
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,

@@ -1,6 +1,6 @@
 //! An OTLP/HTTP trace receiver for tests of the exporter: records each request it accepted
-//! (decoded with the OpenTelemetry proto types) and when it answered, and answers 503 while
-//! told to fail.
+//! (decoded with the OpenTelemetry proto types) and when it answered, answers 503 while told
+//! to fail, and holds each request unanswered while told to stall.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -81,6 +81,8 @@ pub struct Receiver {
     received: Arc<Mutex<Vec<Received>>>,
     failing: Arc<AtomicBool>,
     refused: Arc<AtomicUsize>,
+    stalling: Arc<AtomicBool>,
+    stalled: Arc<AtomicUsize>,
 }
 
 impl Receiver {
@@ -97,6 +99,12 @@ impl Receiver {
             post(move |headers: HeaderMap, body: Bytes| {
                 let r = r.clone();
                 async move {
+                    if r.stalling.load(Ordering::SeqCst) {
+                        r.stalled.fetch_add(1, Ordering::SeqCst);
+                        while r.stalling.load(Ordering::SeqCst) {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                    }
                     if r.failing.load(Ordering::SeqCst) {
                         r.refused.fetch_add(1, Ordering::SeqCst);
                         return (StatusCode::SERVICE_UNAVAILABLE, Vec::new());
@@ -151,6 +159,16 @@ impl Receiver {
     /// Answer 503 to everything while `failing`.
     pub fn fail(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Hold every request unanswered while `stalling` (a backend that hangs).
+    pub fn stall(&self, stalling: bool) {
+        self.stalling.store(stalling, Ordering::SeqCst);
+    }
+
+    /// Requests that were held by [`Receiver::stall`].
+    pub fn stalled(&self) -> usize {
+        self.stalled.load(Ordering::SeqCst)
     }
 
     /// Requests answered 503.
