@@ -1017,3 +1017,91 @@ async fn a_stalled_backend_with_every_slot_busy_costs_no_cpu() {
     );
     world.receiver.stall(false);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_the_backend_refuses_for_good_is_marked_rejected_and_released() {
+    let world = World::start("rejected").await;
+    world.receiver.answer(400);
+    let uid = world.add_fresh_run("lint-run.json", "team-r", "a");
+    let trace = derive_trace_id(&uid).to_string();
+    let exporter = world.exporter("exporter-0", &["--max-rejections=2"]);
+    let log = || exporter.log();
+    let rejected = json!(format!("rejected:{trace}"));
+    eventually("marked rejected", &log, || {
+        let run = world.api.get("taskruns", "team-r", "lint-run-a")?;
+        (run["metadata"]["annotations"][EXPORTED] == rejected).then_some(())
+    })
+    .await;
+    assert!(
+        !world.holds("taskruns", "lint-run-a"),
+        "released with the mark"
+    );
+    // One attempt per try (the client does not retry a 400 in the slot), two tries.
+    assert_eq!(world.receiver.refused(), 2);
+    assert_eq!(
+        mark_of(&world.patches(), "taskruns", "lint-run-a").len(),
+        1,
+        "one mark-and-release patch"
+    );
+    let skipped =
+        r#"lightstep_tekton_exporter_runs_skipped_total{kind="taskrun",reason="rejected"}"#;
+    eventually("counted", &log, || {
+        (exporter.metric(skipped) == Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        exporter.metric(r#"lightstep_tekton_exporter_export_errors_total{cause="rejected"}"#),
+        Some(2.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_destination_does_not_starve_another_namespace() {
+    let world = World::start("isolation").await;
+    // A TracingPolicy's endpoint that hangs (a black-holed address), for namespace team-x.
+    let broken = Receiver::start().await;
+    broken.stall(true);
+    world.api.put(
+        "namespaces",
+        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+               "metadata": {"name": "team-x", "labels": {
+                   "kubernetes.io/metadata.name": "team-x",
+                   "lightstep-tekton.io/inject": "enabled", "team": "broken"}}}),
+    );
+    world.api.put(
+        "tracingpolicies",
+        json!({"apiVersion": "lightstep-tekton.io/v1alpha1", "kind": "TracingPolicy",
+               "metadata": {"name": "broken", "generation": 1, "uid": "tp-broken"},
+               "spec": {"namespaceSelector": {"matchLabels": {"team": "broken"}},
+                        "priority": 10, "profile": "otlp", "token": null,
+                        "exporter": {"endpoint": broken.endpoint(), "protocol": "http/protobuf"},
+                        "runSpans": {"enabled": true}}}),
+    );
+    for i in 0..3 {
+        world.add_run("lint-run.json", "team-x", &format!("x{i}"));
+    }
+    let exporter = world.exporter(
+        "exporter-0",
+        &["--concurrency=2", "--watch-tracing-policies"],
+    );
+    let log = || exporter.log();
+    eventually("the broken destination probed", &log, || {
+        (broken.stalled() >= 1).then_some(())
+    })
+    .await;
+    let good: Vec<String> = (0..3)
+        .map(|i| world.add_run("lint-run.json", "team-r", &format!("r{i}")))
+        .collect();
+    eventually("the good namespace's runs exported", &log, || {
+        let traces = world.traces();
+        good.iter().all(|t| traces.contains_key(t)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        broken.stalled(),
+        1,
+        "one probe of the broken destination at a time"
+    );
+    assert!(broken.received().is_empty());
+    broken.stall(false);
+}

@@ -95,6 +95,19 @@ pub struct ExportArgs {
           env = "LIGHTSTEP_TEKTON_STORE_DEADLINE")]
     store_deadline: Duration,
 
+    /// Permanent failures of a run's export (the backend refused the request itself: HTTP 400
+    /// or 413, gRPC INVALID_ARGUMENT or RESOURCE_EXHAUSTED without RetryInfo; or the policy's
+    /// exporter cannot be built) after which it is marked `rejected:<trace id>` and released.
+    #[arg(long, value_name = "N", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    max_rejections: u32,
+
+    /// A run's OTLP request larger than this many bytes is sent in several requests, split by
+    /// span; the default is the Collector's gRPC limit (4 MiB) less 64 KiB of headroom.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024 - 64 * 1024,
+          value_parser = clap::value_parser!(u64).range(65_536..=268_435_456))]
+    max_request_bytes: u64,
+
     /// Leader election: only the holder of the Lease exports.
     #[command(flatten)]
     cluster: ClusterArgs,
@@ -147,6 +160,8 @@ pub fn run(args: ExportArgs) -> ExitCode {
             concurrency: args.concurrency as usize,
             rescan_interval: args.rescan_interval,
             store_deadline: args.store_deadline,
+            max_rejections: args.max_rejections,
+            max_request_bytes: usize::try_from(args.max_request_bytes).unwrap_or(usize::MAX),
             token_file: args.token_file.clone(),
             dry_run: args.dry_run,
         };

@@ -38,7 +38,7 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
-use self::clients::ClientKey;
+use self::clients::{Backoffs, ClientKey};
 use self::finalizer::{Finalizers, Writes};
 use self::flight::InFlight;
 use super::decide::{self, Window};
@@ -70,6 +70,11 @@ pub struct Settings {
     /// How long after a run finished the exporter's finalizer may hold it unexported; then the
     /// run is given up on and released.
     pub store_deadline: Duration,
+    /// Permanent failures (the backend refused the request itself; no client for the policy's
+    /// exporter) after which a run is given up on and marked `rejected:<trace id>`.
+    pub max_rejections: u32,
+    /// A run's request larger than this many encoded bytes is sent in several parts.
+    pub max_request_bytes: usize,
     /// The token's file (the mounted Secret key); the header name is the policy's.
     pub token_file: Option<PathBuf>,
     /// Print each run's OTLP/JSON request on stdout, one line per run; send and mark nothing.
@@ -85,6 +90,7 @@ pub struct Controller {
     /// `None` with `--dry-run`.
     marker: Option<Marker>,
     clients: HashMap<ClientKey, Client>,
+    backoffs: Backoffs,
     metrics: ExportMetrics,
     window: Window,
     queue: Queue,
@@ -114,6 +120,7 @@ impl Controller {
             policy,
             marker,
             clients: HashMap::new(),
+            backoffs: Backoffs::default(),
             metrics,
             printed: HashSet::new(),
             finalizers: Finalizers::default(),

@@ -10,6 +10,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use tokio::time::Instant;
 
 use super::Controller;
+use super::clients::ClientKey;
 use crate::cluster::runs::{CachedRun, RunKey, RunKind};
 use crate::contract::TraceId;
 use crate::export::decide::{self, EXPORTED_ANNOTATION, Finished, TRACE_URL_ANNOTATION};
@@ -40,6 +41,7 @@ pub(super) enum Plan {
     /// Send this request, then write these annotations (and release the finalizer).
     Send {
         request: ExportTraceServiceRequest,
+        destination: ClientKey,
         client: Result<Client, ()>,
         annotations: Vec<(String, String)>,
         done: Done,
@@ -55,6 +57,10 @@ pub(super) struct Done {
     pub(super) kind: RunKind,
     pub(super) sent: Option<(Finished, u64)>,
     pub(super) skipped: Option<Skip>,
+    /// Spans the backend dropped from accepted requests (OTLP partial success).
+    pub(super) rejected_spans: u64,
+    /// Where its spans went (its destination's backoff ends with this success).
+    pub(super) destination: Option<ClientKey>,
 }
 
 impl Controller {
@@ -70,6 +76,13 @@ impl Controller {
         let Some(policy) = self.policy_for(&key.namespace) else {
             return Plan::Drop;
         };
+        // Its destination is failing or being probed: wait, before building anything.
+        let (destination, client) = self.client(&policy);
+        if !self.settings.dry_run
+            && let Some(at) = self.backoffs.blocked(&destination, Instant::now())
+        {
+            return Plan::Wait(at);
+        }
         let (finished, task_runs) = match self.finished(key, &run) {
             Ok(finished) => finished,
             Err(plan) => return plan,
@@ -88,6 +101,8 @@ impl Controller {
             kind: key.kind,
             sent,
             skipped,
+            rejected_spans: 0,
+            destination: None,
         };
         let tree = match tree {
             Ok(tree) => tree,
@@ -121,7 +136,8 @@ impl Controller {
         }
         Plan::Send {
             request,
-            client: self.client(&policy),
+            destination,
+            client,
             annotations,
             done: done(Some((finished, tree.spans.len() as u64)), None),
         }
