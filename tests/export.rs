@@ -1105,3 +1105,22 @@ async fn a_broken_destination_does_not_starve_another_namespace() {
     assert!(broken.received().is_empty());
     broken.stall(false);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_a_backend_drops_from_an_accepted_request_are_counted() {
+    let world = World::start("partial").await;
+    world.receiver.drop_spans(2);
+    let trace = world.add_run("lint-run.json", "team-r", "a");
+    let exporter = world.exporter("exporter-0", &[]);
+    let log = || exporter.log();
+    eventually("exported", &log, || {
+        world.traces().contains_key(&trace).then_some(())
+    })
+    .await;
+    eventually("counted", &log, || {
+        (exporter.metric("lightstep_tekton_exporter_spans_rejected_total") == Some(2.0))
+            .then_some(())
+    })
+    .await;
+    assert!(exporter.log().contains("partial success"));
+}
