@@ -15,6 +15,7 @@ pub mod attributes;
 pub mod context;
 pub mod ids;
 pub mod tekton;
+pub mod url;
 pub mod w3c;
 
 pub use context::{TraceSource, attempt_context, step_context};
