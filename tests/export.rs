@@ -1124,3 +1124,22 @@ async fn spans_a_backend_drops_from_an_accepted_request_are_counted() {
     .await;
     assert!(exporter.log().contains("partial success"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_otlp_ca_file_stops_the_start_naming_the_flag() {
+    let world = World::start("ca").await;
+    let missing = world.dir.0.join("no-such-ca.pem");
+    let mut exporter = world.exporter(
+        "exporter-0",
+        &[&format!("--otlp-ca-file={}", missing.display())],
+    );
+    let path = exporter.log.clone();
+    let log = move || std::fs::read_to_string(&path).unwrap_or_default();
+    let status = eventually("exited", &log, || exporter.child.try_wait().unwrap()).await;
+    assert!(!status.success());
+    assert!(
+        exporter.log().contains("--otlp-ca-file"),
+        "{}",
+        exporter.log()
+    );
+}

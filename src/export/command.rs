@@ -108,6 +108,11 @@ pub struct ExportArgs {
           value_parser = clap::value_parser!(u64).range(65_536..=268_435_456))]
     max_request_bytes: u64,
 
+    /// A PEM file of CA certificates the OTLP client trusts besides the platform's roots (a
+    /// private collector's CA), for every policy's destination.
+    #[arg(long, value_name = "FILE", env = "LIGHTSTEP_TEKTON_OTLP_CA_FILE")]
+    otlp_ca_file: Option<PathBuf>,
+
     /// Leader election: only the holder of the Lease exports.
     #[command(flatten)]
     cluster: ClusterArgs,
@@ -128,12 +133,23 @@ pub enum ExportError {
     Cluster(#[from] cluster::ClusterError),
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error("--otlp-ca-file: cannot read {path}: {reason}")]
+    CaFile { path: String, reason: String },
 }
 
 /// `export`: watch, elect, export until a signal. Exit 0 after a clean shutdown.
 pub fn run(args: ExportArgs) -> ExitCode {
     let telemetry = args.telemetry.clone();
     bootstrap::run("export", &telemetry, |shutdown| async move {
+        if let Some(path) = &args.otlp_ca_file
+            && let Err(e) = std::fs::read(path)
+        {
+            return Err(ExportError::CaFile {
+                path: path.display().to_string(),
+                reason: e.kind().to_string(),
+            }
+            .into());
+        }
         let policy = Arc::new(PolicyStore::load(args.policy.policy.clone()));
         if let Some(reason) = policy.refused() {
             tracing::error!(%reason, "the policy file is invalid: only runs a TracingPolicy selects are exported until it is fixed");
@@ -163,6 +179,7 @@ pub fn run(args: ExportArgs) -> ExitCode {
             max_rejections: args.max_rejections,
             max_request_bytes: usize::try_from(args.max_request_bytes).unwrap_or(usize::MAX),
             token_file: args.token_file.clone(),
+            ca_file: args.otlp_ca_file.clone(),
             dry_run: args.dry_run,
         };
         let (runs, cluster) = (watch.runs(), watch.cluster());

@@ -130,6 +130,7 @@ impl Controller {
                 .as_ref()
                 .and(self.settings.token_file.clone())
                 .map(TokenSource::File),
+            ca_file: self.settings.ca_file.clone(),
             // One attempt per call: the controller's queue does the retrying.
             retry: RetryPolicy {
                 max_attempts: 1,

@@ -77,6 +77,8 @@ pub struct Settings {
     pub max_request_bytes: usize,
     /// The token's file (the mounted Secret key); the header name is the policy's.
     pub token_file: Option<PathBuf>,
+    /// CA certificates the OTLP clients trust besides the platform's (`--otlp-ca-file`).
+    pub ca_file: Option<PathBuf>,
     /// Print each run's OTLP/JSON request on stdout, one line per run; send and mark nothing.
     pub dry_run: bool,
 }
