@@ -194,10 +194,13 @@ pub fn run(args: ExportArgs) -> ExitCode {
         );
         // A standby is ready too: it has its caches and takes over without a restart.
         let ready: Readiness = Arc::new(move || Controller::synced(&runs, &cluster));
+        let heartbeat = controller.heartbeat();
+        let live: Readiness = Arc::new(move || heartbeat.alive());
         let admin = tokio::spawn(admin::serve_with_probes(
             listener,
             Arc::new(registry),
             ready,
+            live,
             ADMIN_LIMITS,
         ));
         // A dry run leads from the start, alone; the sender lives as long as the command.

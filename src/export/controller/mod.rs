@@ -23,7 +23,10 @@
 mod clients;
 mod finalizer;
 mod flight;
+mod heartbeat;
 mod plan;
+
+pub use self::heartbeat::Heartbeat;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -99,6 +102,7 @@ pub struct Controller {
     /// Runs printed by a dry run (nothing marks them); forgotten when they are deleted.
     printed: HashSet<RunKey>,
     finalizers: Finalizers,
+    heartbeat: Heartbeat,
 }
 
 impl Controller {
@@ -110,6 +114,7 @@ impl Controller {
         marker: Option<Marker>,
         metrics: ExportMetrics,
     ) -> Controller {
+        let settings_rescan = settings.rescan_interval;
         Controller {
             window: Window {
                 started: Timestamp::now(),
@@ -125,8 +130,14 @@ impl Controller {
             backoffs: Backoffs::default(),
             metrics,
             printed: HashSet::new(),
+            heartbeat: Heartbeat::new(settings_rescan),
             finalizers: Finalizers::default(),
         }
+    }
+
+    /// The loop's heartbeat (for `/healthz`).
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
     }
 
     /// Both the run caches and the namespace (and policy) caches have been listed.
@@ -149,6 +160,7 @@ impl Controller {
         let mut election_alive = true;
         let mut synced = false;
         loop {
+            self.heartbeat.beat();
             if !synced && Controller::synced(&self.runs, &self.cluster) {
                 synced = true;
                 let (prs, trs) = self.runs.len();
