@@ -708,7 +708,9 @@ async fn the_finalizer_holds_a_run_from_first_sight_and_goes_with_its_mark() {
         2
     );
     for child in &children {
-        assert_eq!(writes_to(&patches, "taskruns", child).len(), 2, "{child}");
+        let writes = writes_to(&patches, "taskruns", child);
+        let bodies: Vec<&Value> = writes.iter().map(|w| &w.body).collect();
+        assert_eq!(writes.len(), 2, "{child}: {bodies:?}");
     }
     // Each was conditional on the run's uid.
     for patch in &patches {

@@ -57,6 +57,8 @@ enum Pending {
     Writing,
     /// Added at this time; not in the cache yet.
     Held(Instant),
+    /// Removed at this time; still in the cache (a second removal would be refused).
+    Released(Instant),
 }
 
 pub(super) type Writes =
@@ -74,7 +76,7 @@ impl Finalizers {
     /// the cache).
     pub(super) fn busy(&mut self, key: &RunKey) -> bool {
         match self.pending.get(key) {
-            Some(Pending::Held(at)) if at.elapsed() >= HELD_GRACE => {
+            Some(Pending::Held(at) | Pending::Released(at)) if at.elapsed() >= HELD_GRACE => {
                 self.pending.remove(key);
                 false
             }
@@ -119,11 +121,29 @@ impl Controller {
         }
     }
 
+    /// A PipelineRun was deleted: its TaskRuns our finalizer holds are released now (a write
+    /// that removed its last finalizer, our mark say, deleted it without storing the mark, so
+    /// no marked stub will tell them).
+    pub(super) fn upkeep_orphans(&mut self, pr: &PipelineRun) {
+        if !self.writes_finalizers() {
+            return;
+        }
+        for child in self.task_run_keys(pr) {
+            if let Some(tr) = self.runs.get(&child) {
+                self.look_at(&child, &tr);
+            }
+        }
+    }
+
     fn look_at(&mut self, key: &RunKey, run: &CachedRun) {
-        let metadata = metadata(run);
-        if holds_finalizer(metadata)
-            && let Some(Pending::Held(_)) = self.finalizers.pending.get(key)
-        {
+        let holds = holds_finalizer(metadata(run));
+        // Our last write reached the cache (or took too long to: the cache is the truth).
+        let settled = match self.finalizers.pending.get(key) {
+            Some(Pending::Held(at)) => holds || at.elapsed() >= HELD_GRACE,
+            Some(Pending::Released(at)) => !holds || at.elapsed() >= HELD_GRACE,
+            _ => false,
+        };
+        if settled {
             self.finalizers.pending.remove(key);
         }
         if self.finalizers.pending.contains_key(key) || self.intent(key, run).is_none() {
@@ -283,11 +303,15 @@ impl Controller {
                         .insert(key, Pending::Held(Instant::now()));
                 }
                 Intent::Release(release) => {
-                    self.finalizers.pending.remove(&key);
+                    self.finalizers
+                        .pending
+                        .insert(key.clone(), Pending::Released(Instant::now()));
                     tracing::debug!(run = %key, reason = ?release, "finalizer released");
                 }
                 Intent::GiveUp => {
-                    self.finalizers.pending.remove(&key);
+                    self.finalizers
+                        .pending
+                        .insert(key.clone(), Pending::Released(Instant::now()));
                     let deadline = self.settings.store_deadline.as_secs();
                     tracing::warn!(run = %key, store_deadline_s = deadline, "the run was not exported within --store-deadline of its completion; marked it given up and released it");
                     self.metrics.lost(key.kind, Lost::Deadline);

@@ -229,7 +229,9 @@ impl Controller {
             RunEvent::Changed(key) => {
                 if active {
                     self.upkeep(&key, true);
-                    if self.due(&key) {
+                    // A run whose finalizer write is pending is queued once it settles (its
+                    // next event), so the mark's patch sees the finalizer it removes.
+                    if !self.finalizers.busy(&key) && self.due(&key) {
                         self.push(key);
                     }
                 }
@@ -244,6 +246,9 @@ impl Controller {
                 let key = key_of(&run);
                 self.printed.remove(&key);
                 self.finalizers.forget(&key);
+                if let (true, CachedRun::PipelineRun(pr)) = (active, &run) {
+                    self.upkeep_orphans(pr);
+                }
                 // A run that was due and is gone before it was marked: lost, if no finalizer
                 // of ours held it (it was deleted before the exporter saw it, or after it was
                 // released at its deadline, counted then). One our finalizer held went when a
@@ -271,7 +276,7 @@ impl Controller {
         let mut room = true;
         for key in self.runs.keys() {
             self.upkeep(&key, false);
-            if room && !self.queue.contains(&key) && self.due(&key) {
+            if room && !self.queue.contains(&key) && !self.finalizers.busy(&key) && self.due(&key) {
                 room = self.push(key);
             }
         }

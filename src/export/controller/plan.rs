@@ -28,7 +28,7 @@ const CHILD_RECHECK: Duration = Duration::from_secs(1);
 
 /// How often a run whose finalizer write is pending (or not in the cache yet) is looked at
 /// again: a write and its watch event take milliseconds.
-const FINALIZER_RECHECK: Duration = Duration::from_millis(100);
+const FINALIZER_RECHECK: Duration = Duration::from_millis(500);
 
 /// What the loop should do with a queued run.
 pub(super) enum Plan {
@@ -66,13 +66,14 @@ pub(super) struct Done {
 impl Controller {
     /// What to do with a queued run now, from the caches.
     pub(super) fn plan(&mut self, key: &RunKey) -> Plan {
-        let Some(run) = self.runs.get(key) else {
-            return Plan::Lost;
-        };
-        // Its mark must see the finalizer being added, to remove it in the same patch.
+        // Its mark must see the finalizer being added, to remove it in the same patch (a run is
+        // queued after that settles; this is for one whose write started since).
         if self.finalizers.busy(key) {
             return Plan::Wait(Instant::now() + FINALIZER_RECHECK);
         }
+        let Some(run) = self.runs.get(key) else {
+            return Plan::Lost;
+        };
         let Some(policy) = self.policy_for(&key.namespace) else {
             return Plan::Drop;
         };
