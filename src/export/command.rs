@@ -147,8 +147,7 @@ pub fn run(args: ExportArgs) -> ExitCode {
             return Err(ExportError::CaFile {
                 path: path.display().to_string(),
                 reason: e.kind().to_string(),
-            }
-            .into());
+            });
         }
         let policy = Arc::new(PolicyStore::load(args.policy.policy.clone()));
         if let Some(reason) = policy.refused() {

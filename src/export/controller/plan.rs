@@ -86,7 +86,8 @@ impl Controller {
         }
         let (finished, task_runs) = match self.finished(key, &run) {
             Ok(finished) => finished,
-            Err(plan) => return plan,
+            Err(Some(at)) => return Plan::Wait(at),
+            Err(None) => return Plan::Drop,
         };
         let tree = match &run {
             CachedRun::PipelineRun(pr) => span_tree(
@@ -145,16 +146,17 @@ impl Controller {
     }
 
     /// When the run finished and, for a PipelineRun, its finished TaskRuns (waited for until
-    /// `child_grace` has passed); or what to do instead while it is not ready to send.
+    /// `child_grace` has passed); or, while it is not ready to send, when to look again (`None`:
+    /// not due after all, drop it).
     fn finished(
         &self,
         key: &RunKey,
         run: &CachedRun,
-    ) -> Result<(Finished, Vec<Arc<TaskRun>>), Plan> {
+    ) -> Result<(Finished, Vec<Arc<TaskRun>>), Option<Instant>> {
         match run {
             CachedRun::PipelineRun(pr) => {
                 let Ok(finished) = decide::pipeline_run_due(pr, self.window) else {
-                    return Err(Plan::Drop);
+                    return Err(None);
                 };
                 let (task_runs, missing) = self.children(pr);
                 if missing > 0 {
@@ -162,7 +164,7 @@ impl Controller {
                         + k8s_openapi::jiff::SignedDuration::try_from(self.settings.child_grace)
                             .unwrap_or_default();
                     if Timestamp::now() < grace_end {
-                        return Err(Plan::Wait(Instant::now() + CHILD_RECHECK));
+                        return Err(Some(Instant::now() + CHILD_RECHECK));
                     }
                     tracing::warn!(run = %key, missing, "exporting a PipelineRun without TaskRuns that did not finish in time");
                     self.metrics.missing_task_runs(missing as u64);
@@ -171,7 +173,7 @@ impl Controller {
             }
             CachedRun::TaskRun(tr) => match decide::task_run_due(tr, self.window) {
                 Ok(finished) => Ok((finished, Vec::new())),
-                Err(_) => Err(Plan::Drop),
+                Err(_) => Err(None),
             },
         }
     }
