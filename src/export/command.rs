@@ -108,6 +108,12 @@ pub struct ExportArgs {
           value_parser = clap::value_parser!(u64).range(65_536..=268_435_456))]
     max_request_bytes: u64,
 
+    /// Most writes on runs (marks, finalizer holds and releases) a second, across the
+    /// exporter; 0 for no limit. A 429 from the API server pauses every write for a second.
+    #[arg(long, value_name = "QPS", default_value_t = 20.0,
+          value_parser = parse_qps)]
+    mark_qps: f64,
+
     /// A PEM file of CA certificates the OTLP client trusts besides the platform's roots (a
     /// private collector's CA), for every policy's destination.
     #[arg(long, value_name = "FILE", env = "LIGHTSTEP_TEKTON_OTLP_CA_FILE")]
@@ -182,7 +188,7 @@ pub fn run(args: ExportArgs) -> ExitCode {
             dry_run: args.dry_run,
         };
         let (runs, cluster) = (watch.runs(), watch.cluster());
-        let marker = (!args.dry_run).then(|| watch.marker());
+        let marker = (!args.dry_run).then(|| watch.marker(args.mark_qps));
         let controller = Controller::new(
             settings,
             runs.clone(),
@@ -251,6 +257,14 @@ async fn reload_policy(policy: Arc<PolicyStore>) {
 }
 
 /// `90`, `90s`, `15m`, `2h`: a whole number of seconds, minutes or hours.
+/// A rate: a finite number, 0 or more.
+fn parse_qps(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(qps) if qps.is_finite() && qps >= 0.0 => Ok(qps),
+        _ => Err("expected a number of writes a second, 0 or more (0: no limit)".to_owned()),
+    }
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {

@@ -786,6 +786,7 @@ pub fn check_exporter(install: &Install, expect: &Expect, policy_map: &str) {
         "--rescan-interval=",
         "--max-rejections=",
         "--max-request-bytes=",
+        "--mark-qps=",
         "--store-deadline=",
     ] {
         assert!(
