@@ -1002,3 +1002,183 @@ fn within_rbac(seen: &[Seen]) {
         );
     }
 }
+
+/// The process's user and system CPU time so far, in clock ticks (`/proc/<pid>/stat` fields
+/// 14 and 15, counted after the parenthesised command name, which may hold spaces).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    // Fields 14 and 15 of the line; the first after the name is field 3.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_backend_with_every_slot_busy_costs_no_cpu() {
+    let world = World::start("spin").await;
+    world.receiver.fail(true);
+    world.add_run("lint-run.json", "team-r", "a");
+    world.add_run("lint-run.json", "team-r", "b");
+    let exporter = world.exporter("exporter-0", &["--concurrency=1"]);
+    let log = || exporter.log();
+    // Refused first, so runs back off in the queue; then the receiver hangs: the next run to
+    // go takes the only slot and hangs there, while the other's retry time comes.
+    eventually("an export failed", &log, || {
+        let errors = exporter
+            .metric(r#"lightstep_tekton_exporter_export_errors_total{cause="unavailable"}"#)?;
+        (errors >= 1.0).then_some(())
+    })
+    .await;
+    world.receiver.stall(true);
+    world.receiver.fail(false);
+    eventually("a request held", &log, || {
+        (world.receiver.stalled() >= 1).then_some(())
+    })
+    .await;
+    // Past both runs' retry times (the first retries wait at most 2 s), well inside the held
+    // attempt's timeout (10 s).
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let pid = exporter.child.id();
+    let before = cpu_ticks(pid);
+    let window = std::time::Duration::from_secs(3);
+    tokio::time::sleep(window).await;
+    let spent = cpu_ticks(pid) - before;
+    assert_eq!(
+        world.receiver.stalled(),
+        1,
+        "the second run waited for the slot"
+    );
+    // Clock ticks are 100 a second on Linux: a loop spinning on a due timer burns most of the
+    // window's 300; an idle one a few.
+    assert!(
+        spent < 30,
+        "{spent} CPU ticks in a {window:?} window with nothing to do"
+    );
+    world.receiver.stall(false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_the_backend_refuses_for_good_is_marked_rejected_and_released() {
+    let world = World::start("rejected").await;
+    world.receiver.answer(400);
+    let uid = world.add_fresh_run("lint-run.json", "team-r", "a");
+    let trace = derive_trace_id(&uid).to_string();
+    let exporter = world.exporter("exporter-0", &["--max-rejections=2"]);
+    let log = || exporter.log();
+    let rejected = json!(format!("rejected:{trace}"));
+    eventually("marked rejected", &log, || {
+        let run = world.api.get("taskruns", "team-r", "lint-run-a")?;
+        (run["metadata"]["annotations"][EXPORTED] == rejected).then_some(())
+    })
+    .await;
+    assert!(
+        !world.holds("taskruns", "lint-run-a"),
+        "released with the mark"
+    );
+    // One attempt per try (the client does not retry a 400 in the slot), two tries.
+    assert_eq!(world.receiver.refused(), 2);
+    assert_eq!(
+        mark_of(&world.patches(), "taskruns", "lint-run-a").len(),
+        1,
+        "one mark-and-release patch"
+    );
+    let skipped =
+        r#"lightstep_tekton_exporter_runs_skipped_total{kind="taskrun",reason="rejected"}"#;
+    eventually("counted", &log, || {
+        (exporter.metric(skipped) == Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        exporter.metric(r#"lightstep_tekton_exporter_export_errors_total{cause="rejected"}"#),
+        Some(2.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_destination_does_not_starve_another_namespace() {
+    let world = World::start("isolation").await;
+    // A TracingPolicy's endpoint that hangs (a black-holed address), for namespace team-x.
+    let broken = Receiver::start().await;
+    broken.stall(true);
+    world.api.put(
+        "namespaces",
+        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+               "metadata": {"name": "team-x", "labels": {
+                   "kubernetes.io/metadata.name": "team-x",
+                   "lightstep-tekton.io/inject": "enabled", "team": "broken"}}}),
+    );
+    world.api.put(
+        "tracingpolicies",
+        json!({"apiVersion": "lightstep-tekton.io/v1alpha1", "kind": "TracingPolicy",
+               "metadata": {"name": "broken", "generation": 1, "uid": "tp-broken"},
+               "spec": {"namespaceSelector": {"matchLabels": {"team": "broken"}},
+                        "priority": 10, "profile": "otlp", "token": null,
+                        "exporter": {"endpoint": broken.endpoint(), "protocol": "http/protobuf"},
+                        "runSpans": {"enabled": true}}}),
+    );
+    for i in 0..3 {
+        world.add_run("lint-run.json", "team-x", &format!("x{i}"));
+    }
+    let exporter = world.exporter(
+        "exporter-0",
+        &["--concurrency=2", "--watch-tracing-policies"],
+    );
+    let log = || exporter.log();
+    eventually("the broken destination probed", &log, || {
+        (broken.stalled() >= 1).then_some(())
+    })
+    .await;
+    let good: Vec<String> = (0..3)
+        .map(|i| world.add_run("lint-run.json", "team-r", &format!("r{i}")))
+        .collect();
+    eventually("the good namespace's runs exported", &log, || {
+        let traces = world.traces();
+        good.iter().all(|t| traces.contains_key(t)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        broken.stalled(),
+        1,
+        "one probe of the broken destination at a time"
+    );
+    assert!(broken.received().is_empty());
+    broken.stall(false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_a_backend_drops_from_an_accepted_request_are_counted() {
+    let world = World::start("partial").await;
+    world.receiver.drop_spans(2);
+    let trace = world.add_run("lint-run.json", "team-r", "a");
+    let exporter = world.exporter("exporter-0", &[]);
+    let log = || exporter.log();
+    eventually("exported", &log, || {
+        world.traces().contains_key(&trace).then_some(())
+    })
+    .await;
+    eventually("counted", &log, || {
+        (exporter.metric("lightstep_tekton_exporter_spans_rejected_total") == Some(2.0))
+            .then_some(())
+    })
+    .await;
+    assert!(exporter.log().contains("partial success"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_otlp_ca_file_stops_the_start_naming_the_flag() {
+    let world = World::start("ca").await;
+    let missing = world.dir.0.join("no-such-ca.pem");
+    let mut exporter = world.exporter(
+        "exporter-0",
+        &[&format!("--otlp-ca-file={}", missing.display())],
+    );
+    let path = exporter.log.clone();
+    let log = move || std::fs::read_to_string(&path).unwrap_or_default();
+    let status = eventually("exited", &log, || exporter.child.try_wait().unwrap()).await;
+    assert!(!status.success());
+    assert!(
+        exporter.log().contains("--otlp-ca-file"),
+        "{}",
+        exporter.log()
+    );
+}

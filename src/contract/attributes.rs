@@ -6,6 +6,7 @@
 use std::borrow::Cow;
 
 use super::tekton::TaskRunFacts;
+use super::url::without_userinfo;
 
 /// The attributes of one attempt, in a fixed order, values raw (not yet encoded): those whose
 /// value is known. `namespace` is the run's namespace and `pod` the attempt's pod name.
@@ -18,6 +19,8 @@ pub fn task_run_attributes<'a>(
     let triggers = &facts.triggers;
     let run = facts.run_id();
     let known = |v: Option<&'a str>| v.map(Cow::Borrowed);
+    // URLs lose any credentials written into them.
+    let url = |v: Option<&'a str>| v.map(|v| without_userinfo(Cow::Borrowed(v)));
     let candidates: [(&'static str, Option<Cow<'a, str>>); 24] = [
         ("cicd.pipeline.name", known(Some(facts.pipeline_name()))),
         (
@@ -26,9 +29,9 @@ pub fn task_run_attributes<'a>(
         ),
         ("cicd.pipeline.task.name", known(facts.task_name())),
         ("cicd.pipeline.task.run.id", known(facts.task_run_uid)),
-        ("cicd.pipeline.run.url.full", known(pac.log_url)),
+        ("cicd.pipeline.run.url.full", url(pac.log_url)),
         ("vcs.ref.head.revision", known(pac.sha)),
-        ("vcs.repository.url.full", known(pac.repo_url)),
+        ("vcs.repository.url.full", url(pac.repo_url)),
         ("vcs.ref.head.name", known(pac.source_branch)),
         ("vcs.ref.base.name", known(pac.branch)),
         ("vcs.change.id", known(pac.pull_request)),

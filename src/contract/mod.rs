@@ -16,6 +16,7 @@ pub mod attributes;
 pub mod context;
 pub mod ids;
 pub mod tekton;
+pub mod url;
 pub mod w3c;
 
 pub use context::{ContextRule, TektonContext, TraceSource, attempt_context, step_context};

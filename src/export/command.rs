@@ -111,6 +111,29 @@ pub struct ExportArgs {
     /// uses, as the exporter's pods may still be stopping.
     #[arg(long, value_name = "DURATION", requires = "release_finalizers", value_parser = parse_duration)]
     wait_for_exporter: Option<Duration>,
+    /// Permanent failures of a run's export (the backend refused the request itself: HTTP 400
+    /// or 413, gRPC INVALID_ARGUMENT or RESOURCE_EXHAUSTED without RetryInfo; or the policy's
+    /// exporter cannot be built) after which it is marked `rejected:<trace id>` and released.
+    #[arg(long, value_name = "N", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    max_rejections: u32,
+
+    /// A run's OTLP request larger than this many bytes is sent in several requests, split by
+    /// span; the default is the Collector's gRPC limit (4 MiB) less 64 KiB of headroom.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024 - 64 * 1024,
+          value_parser = clap::value_parser!(u64).range(65_536..=268_435_456))]
+    max_request_bytes: u64,
+
+    /// Most writes on runs (marks, finalizer holds and releases) a second, across the
+    /// exporter; 0 for no limit. A 429 from the API server pauses every write for a second.
+    #[arg(long, value_name = "QPS", default_value_t = 100.0,
+          value_parser = parse_qps)]
+    mark_qps: f64,
+
+    /// A PEM file of CA certificates the OTLP client trusts besides the platform's roots (a
+    /// private collector's CA), for every policy's destination.
+    #[arg(long, value_name = "FILE", env = "LIGHTSTEP_TEKTON_OTLP_CA_FILE")]
+    otlp_ca_file: Option<PathBuf>,
 
     /// Leader election: only the holder of the Lease exports.
     #[command(flatten)]
@@ -132,6 +155,8 @@ pub enum ExportError {
     Cluster(#[from] cluster::ClusterError),
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error("--otlp-ca-file: cannot read {path}: {reason}")]
+    CaFile { path: String, reason: String },
 }
 
 /// `export`: watch, elect, export until a signal. Exit 0 after a clean shutdown. With
@@ -145,6 +170,14 @@ pub fn run(args: ExportArgs) -> ExitCode {
     }
     let telemetry = args.telemetry.clone();
     bootstrap::run("export", &telemetry, |shutdown| async move {
+        if let Some(path) = &args.otlp_ca_file
+            && let Err(e) = std::fs::read(path)
+        {
+            return Err(ExportError::CaFile {
+                path: path.display().to_string(),
+                reason: e.kind().to_string(),
+            });
+        }
         let policy = Arc::new(PolicyStore::load(args.policy.policy.clone()));
         if let Some(reason) = policy.refused() {
             tracing::error!(%reason, "the policy file is invalid: only runs a TracingPolicy selects are exported until it is fixed");
@@ -171,11 +204,14 @@ pub fn run(args: ExportArgs) -> ExitCode {
             concurrency: args.concurrency as usize,
             rescan_interval: args.rescan_interval,
             store_deadline: args.store_deadline,
+            max_rejections: args.max_rejections,
+            max_request_bytes: usize::try_from(args.max_request_bytes).unwrap_or(usize::MAX),
             token_file: args.token_file.clone(),
+            ca_file: args.otlp_ca_file.clone(),
             dry_run: args.dry_run,
         };
         let (runs, cluster) = (watch.runs(), watch.cluster());
-        let marker = (!args.dry_run).then(|| watch.marker());
+        let marker = (!args.dry_run).then(|| watch.marker(args.mark_qps));
         let controller = Controller::new(
             settings,
             runs.clone(),
@@ -186,10 +222,13 @@ pub fn run(args: ExportArgs) -> ExitCode {
         );
         // A standby is ready too: it has its caches and takes over without a restart.
         let ready: Readiness = Arc::new(move || Controller::synced(&runs, &cluster));
+        let heartbeat = controller.heartbeat();
+        let live: Readiness = Arc::new(move || heartbeat.alive());
         let admin = tokio::spawn(admin::serve_with_probes(
             listener,
             Arc::new(registry),
             ready,
+            live,
             ADMIN_LIMITS,
         ));
         // A dry run leads from the start, alone; the sender lives as long as the command.
@@ -241,6 +280,14 @@ async fn reload_policy(policy: Arc<PolicyStore>) {
 }
 
 /// `90`, `90s`, `15m`, `2h`: a whole number of seconds, minutes or hours.
+/// A rate: a finite number, 0 or more.
+fn parse_qps(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(qps) if qps.is_finite() && qps >= 0.0 => Ok(qps),
+        _ => Err("expected a number of writes a second, 0 or more (0: no limit)".to_owned()),
+    }
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {

@@ -36,6 +36,9 @@ pub enum Skip {
     Unsampled,
     /// The tree could not be built (a field missing): marked, nothing sent.
     Invalid,
+    /// The backend refused its spans for good (`--max-rejections` permanent failures, or the
+    /// policy's exporter could not be built): marked `rejected:<trace id>`, given up on.
+    Rejected,
 }
 
 impl Skip {
@@ -43,6 +46,7 @@ impl Skip {
         match self {
             Skip::Unsampled => "unsampled",
             Skip::Invalid => "invalid",
+            Skip::Rejected => "rejected",
         }
     }
 }
@@ -95,6 +99,7 @@ pub struct ExportMetrics {
     queue_depth: Gauge,
     lost: Family<SkipLabels, Counter>,
     missing_task_runs: Counter,
+    rejected_spans: Counter,
 }
 
 /// The cause label of an export that failed before it was sent: no client for the policy's
@@ -113,6 +118,7 @@ impl ExportMetrics {
             queue_depth: Gauge::default(),
             lost: Family::default(),
             missing_task_runs: Counter::default(),
+            rejected_spans: Counter::default(),
         };
         registry.register(
             "runs_exported",
@@ -121,8 +127,13 @@ impl ExportMetrics {
         );
         registry.register(
             "runs_skipped",
-            "Runs marked without sending, by kind and reason (unsampled, invalid)",
+            "Runs marked without being exported, by kind and reason (unsampled, invalid; rejected: refused by the backend for good)",
             metrics.skipped.clone(),
+        );
+        registry.register(
+            "spans_rejected",
+            "Spans the backend accepted a request for but dropped (OTLP partial success: rejected_spans)",
+            metrics.rejected_spans.clone(),
         );
         registry.register(
             "spans_exported",
@@ -163,7 +174,7 @@ impl ExportMetrics {
             for result in RESULTS {
                 metrics.run_counter(kind, result);
             }
-            for skip in [Skip::Unsampled, Skip::Invalid] {
+            for skip in [Skip::Unsampled, Skip::Invalid, Skip::Rejected] {
                 metrics.skip_counter(kind, skip);
             }
             for lost in [Lost::Deleted, Lost::Deadline] {
@@ -185,6 +196,10 @@ impl ExportMetrics {
 
     pub fn skipped(&self, kind: RunKind, skip: Skip) {
         self.skip_counter(kind, skip).inc();
+    }
+
+    pub fn rejected_spans(&self, spans: u64) {
+        self.rejected_spans.inc_by(spans);
     }
 
     pub fn error(&self, cause: &'static str) {

@@ -28,6 +28,9 @@ pub struct Item {
     pub stage: Stage,
     /// Failed attempts so far, for the backoff.
     pub failures: u32,
+    /// Of those, the permanent ones (the backend refused the request itself, or the policy's
+    /// exporter could not be built): at `--max-rejections` the run is given up on.
+    pub rejections: u32,
 }
 
 /// See the module documentation.
@@ -66,6 +69,7 @@ impl Queue {
             Some(Item {
                 stage: Stage::Export,
                 failures: 0,
+                rejections: 0,
             }),
         );
         self.ready.push_back(key);

@@ -39,6 +39,7 @@ mod grpc;
 mod http;
 mod retry;
 mod sdk;
+mod split;
 mod tls;
 mod token;
 
@@ -54,6 +55,7 @@ pub use config::{
 pub use error::{Cause, ExportError};
 pub use retry::RetryPolicy;
 pub use sdk::SpanExporter;
+pub use split::split;
 pub use token::{Token, TokenError, TokenSource};
 
 use error::Failure;

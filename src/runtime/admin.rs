@@ -66,16 +66,29 @@ pub(crate) async fn serve(listener: TcpListener, registry: Arc<Registry>, limits
     serve_app(listener, metrics(registry), limits).await;
 }
 
-/// Serves `GET /metrics`, `GET /healthz` (200 while the process answers) and `GET /readyz` (200
-/// when `ready` says so, else 503), for a command whose only port this is (the exporter).
+/// Serves `GET /metrics`, `GET /healthz` (200 when `live` says so, else 503: a wedged loop)
+/// and `GET /readyz` (200 when `ready` says so, else 503), for a command whose only port this
+/// is (the exporter).
 pub(crate) async fn serve_with_probes(
     listener: TcpListener,
     registry: Arc<Registry>,
     ready: Readiness,
+    live: Readiness,
     limits: AdminLimits,
 ) {
     let app = metrics(registry)
-        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let live = live();
+                async move {
+                    match live {
+                        true => (StatusCode::OK, "ok"),
+                        false => (StatusCode::SERVICE_UNAVAILABLE, "the loop is not turning"),
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {

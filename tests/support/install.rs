@@ -468,7 +468,7 @@ pub fn check_common(install: &Install, expect: &Expect) {
     }
 
     // PodDisruptionBudget over the same pods.
-    check_pdb(&install.pdbs, &selects_pods);
+    check_pdb(&install.pdbs, &selects_pods, Keeps::One);
 
     // Service: selects the pods; 443 → https (8443) and the metrics port.
     let service = install.service();
@@ -783,8 +783,25 @@ pub fn check_exporter(install: &Install, expect: &Expect, policy_map: &str) {
     assert_eq!(exporter.cluster_role_bindings.len(), 1);
     assert_eq!(exporter.role_bindings.len(), 1);
 
-    // A PodDisruptionBudget keeps one replica through drains.
-    check_pdb(&exporter.pdbs, &selects_pods);
+    // A PodDisruptionBudget lets one replica go at a time (a single replica never blocks a
+    // drain: a standby is a convenience, not a requirement).
+    check_pdb(&exporter.pdbs, &selects_pods, Keeps::AllButOne);
+    let args = exporter.container().args.clone().unwrap_or_default();
+    for flag in [
+        "--concurrency=",
+        "--queue-capacity=",
+        "--child-grace=",
+        "--rescan-interval=",
+        "--max-rejections=",
+        "--max-request-bytes=",
+        "--mark-qps=",
+        "--store-deadline=",
+    ] {
+        assert!(
+            args.iter().any(|a| a.starts_with(flag)),
+            "{flag} in {args:?}"
+        );
+    }
 }
 
 /// Whether a selector picks a Deployment's pods: a non-empty subset of their labels.
@@ -796,10 +813,19 @@ fn pod_selector(deployment: &Deployment) -> impl Fn(&BTreeMap<String, String>) -
     }
 }
 
-/// One PodDisruptionBudget, over the component's pods, keeping one of them through drains.
+/// What a PodDisruptionBudget keeps through drains.
+enum Keeps {
+    /// `minAvailable: 1`.
+    One,
+    /// `maxUnavailable: 1`.
+    AllButOne,
+}
+
+/// One PodDisruptionBudget, over the component's pods, keeping what `keeps` says.
 fn check_pdb(
     pdbs: &[PodDisruptionBudget],
     selects_pods: &dyn Fn(&BTreeMap<String, String>) -> bool,
+    keeps: Keeps,
 ) {
     assert_eq!(pdbs.len(), 1);
     let pdb = pdbs[0].spec.as_ref().unwrap();
@@ -811,7 +837,13 @@ fn check_pdb(
         .as_ref()
         .unwrap();
     assert!(selects_pods(selector));
-    assert_eq!(pdb.min_available, Some(IntOrString::Int(1)));
+    match keeps {
+        Keeps::One => assert_eq!(pdb.min_available, Some(IntOrString::Int(1))),
+        Keeps::AllButOne => {
+            assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
+            assert_eq!(pdb.min_available, None);
+        }
+    }
 }
 
 /// The ClusterRole grants what the watch caches and the status writer use, nothing else (above

@@ -260,6 +260,7 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 mod lean;
+mod pace;
 mod patch;
 mod stored;
 mod watch;

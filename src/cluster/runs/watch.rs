@@ -123,9 +123,11 @@ impl RunWatch {
     }
 
     /// The annotation writer.
-    pub fn marker(&self) -> Marker {
+    /// The writer on runs, at most `qps` writes a second (0: no limit).
+    pub fn marker(&self, qps: f64) -> Marker {
         Marker {
             client: self.client.clone(),
+            pace: super::pace::Pace::new(qps),
         }
     }
 
@@ -201,6 +203,9 @@ pub enum MarkError {
     /// the same name): read the cache again and try later.
     #[error("{0}: changed since it was cached")]
     Changed(RunKey),
+    /// The API server answered 429: every write pauses, this one is retried later.
+    #[error("{0}: the API server asked to slow down (429)")]
+    Throttled(RunKey),
     #[error("{key}: patching it failed: {source}")]
     Api { key: RunKey, source: kube::Error },
 }
@@ -209,6 +214,7 @@ pub enum MarkError {
 #[derive(Clone)]
 pub struct Marker {
     client: Client,
+    pace: super::pace::Pace,
 }
 
 impl Marker {
@@ -225,9 +231,14 @@ impl Marker {
         let api: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), &key.namespace, &resource);
         let patch: Patch<()> = Patch::Json(json_patch::Patch(operations));
+        self.pace.turn().await;
         match api.patch(&key.name, &PatchParams::default(), &patch).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(e)) if e.code == 404 => Err(MarkError::Gone(key.clone())),
+            Err(kube::Error::Api(e)) if e.code == 429 => {
+                self.pace.throttled();
+                Err(MarkError::Throttled(key.clone()))
+            }
             Err(kube::Error::Api(e)) if e.code == 409 || e.code == 422 => {
                 Err(MarkError::Changed(key.clone()))
             }

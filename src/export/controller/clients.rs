@@ -1,8 +1,25 @@
-//! One OTLP client per distinct destination, built the first time a policy needs it.
+//! One OTLP client per distinct destination, built the first time a policy needs it, and
+//! each destination's backoff.
+//!
+//! The clients make one attempt per call: a retry waits in the queue, never asleep in a
+//! concurrency slot. Each destination is a small circuit breaker ([`Backoffs`]): until it has
+//! answered, and after it failed (down, a typo'd endpoint, a wrong token), one run at a time
+//! probes it and its other runs wait in the queue, until its next allowed time once it failed;
+//! so one broken destination holds at most one slot and the others get the rest.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::Controller;
-use crate::otlp::{self, Client, TokenSource};
+use super::flight::RUN_RETRY;
+use crate::otlp::{self, Client, RetryPolicy, TokenSource};
 use crate::policy::{Policy, Protocol};
+
+/// How often a run waiting for its destination's probe looks again: the probe's answer takes
+/// a round trip, or one attempt's timeout (10 s) from a destination that hangs.
+const PROBE_RECHECK: Duration = Duration::from_secs(1);
 
 /// One OTLP client per distinct destination.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -12,9 +29,73 @@ pub(super) struct ClientKey {
     header: Option<String>,
 }
 
+/// One destination's breaker.
+#[derive(Debug)]
+struct Breaker {
+    /// Its last answer was an acceptance (or a refusal of the request itself): send freely.
+    healthy: bool,
+    /// Failures in a row, for the backoff.
+    failures: u32,
+    /// Not tried again before this.
+    next: Instant,
+    /// A probe is in flight.
+    probing: bool,
+}
+
+/// Each destination's breaker.
+#[derive(Debug, Default)]
+pub(super) struct Backoffs(HashMap<ClientKey, Breaker>);
+
+impl Backoffs {
+    /// When a run for the destination should look again, if it may not be sent now.
+    pub(super) fn blocked(&self, key: &ClientKey, now: Instant) -> Option<Instant> {
+        let breaker = self.0.get(key)?;
+        if breaker.healthy {
+            None
+        } else if breaker.probing {
+            Some(now + PROBE_RECHECK)
+        } else {
+            (breaker.next > now).then_some(breaker.next)
+        }
+    }
+
+    /// A run is being sent to the destination: its probe, unless the destination is healthy.
+    pub(super) fn sending(&mut self, key: &ClientKey, now: Instant) {
+        let breaker = self.0.entry(key.clone()).or_insert(Breaker {
+            healthy: false,
+            failures: 0,
+            next: now,
+            probing: false,
+        });
+        if !breaker.healthy {
+            breaker.probing = true;
+        }
+    }
+
+    /// The destination failed: its next allowed time, backed off as a run's retries are.
+    pub(super) fn failed(&mut self, key: &ClientKey, now: Instant) -> Instant {
+        self.sending(key, now);
+        let breaker = self.0.get_mut(key).expect("inserted by sending");
+        breaker.healthy = false;
+        breaker.probing = false;
+        breaker.failures = breaker.failures.saturating_add(1);
+        breaker.next = now + RUN_RETRY.delay(breaker.failures, None, fastrand::f64());
+        breaker.next
+    }
+
+    /// The destination answered: healthy again.
+    pub(super) fn answered(&mut self, key: &ClientKey) {
+        if let Some(breaker) = self.0.get_mut(key) {
+            breaker.healthy = true;
+            breaker.failures = 0;
+            breaker.probing = false;
+        }
+    }
+}
+
 impl Controller {
-    /// The client for the policy's exporter, built once per destination.
-    pub(super) fn client(&mut self, policy: &Policy) -> Result<Client, ()> {
+    /// The policy's destination and its client, built once per destination.
+    pub(super) fn client(&mut self, policy: &Policy) -> (ClientKey, Result<Client, ()>) {
         let exporter = &policy.exporter;
         // The client speaks gRPC and HTTP/protobuf; an `http/json` receiver (OTLP/HTTP) takes
         // protobuf on the same URL.
@@ -38,7 +119,7 @@ impl Controller {
             header,
         };
         if let Some(client) = self.clients.get(&key) {
-            return Ok(client.clone());
+            return (key, Ok(client.clone()));
         }
         let settings = otlp::Settings {
             endpoint: key.endpoint.clone(),
@@ -49,6 +130,12 @@ impl Controller {
                 .as_ref()
                 .and(self.settings.token_file.clone())
                 .map(TokenSource::File),
+            ca_file: self.settings.ca_file.clone(),
+            // One attempt per call: the controller's queue does the retrying.
+            retry: RetryPolicy {
+                max_attempts: 1,
+                ..RetryPolicy::default()
+            },
             ..otlp::Settings::default()
         };
         let built = otlp::Config::new(&settings)
@@ -57,12 +144,12 @@ impl Controller {
         match built {
             Ok(client) => {
                 tracing::info!(endpoint = %key.endpoint, protocol, "OTLP client for a policy's exporter");
-                self.clients.insert(key, client.clone());
-                Ok(client)
+                self.clients.insert(key.clone(), client.clone());
+                (key, Ok(client))
             }
             Err(error) => {
                 tracing::warn!(policy = %policy.name, %error, "cannot build the OTLP client for the policy's exporter; retrying later");
-                Err(())
+                (key, Err(()))
             }
         }
     }

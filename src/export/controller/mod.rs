@@ -23,7 +23,10 @@
 mod clients;
 mod finalizer;
 mod flight;
+mod heartbeat;
 mod plan;
+
+pub use self::heartbeat::Heartbeat;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -38,7 +41,7 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
-use self::clients::ClientKey;
+use self::clients::{Backoffs, ClientKey};
 use self::finalizer::{Finalizers, Writes};
 use self::flight::InFlight;
 use super::decide::{self, Window};
@@ -70,8 +73,15 @@ pub struct Settings {
     /// How long after a run finished the exporter's finalizer may hold it unexported; then the
     /// run is given up on and released.
     pub store_deadline: Duration,
+    /// Permanent failures (the backend refused the request itself; no client for the policy's
+    /// exporter) after which a run is given up on and marked `rejected:<trace id>`.
+    pub max_rejections: u32,
+    /// A run's request larger than this many encoded bytes is sent in several parts.
+    pub max_request_bytes: usize,
     /// The token's file (the mounted Secret key); the header name is the policy's.
     pub token_file: Option<PathBuf>,
+    /// CA certificates the OTLP clients trust besides the platform's (`--otlp-ca-file`).
+    pub ca_file: Option<PathBuf>,
     /// Print each run's OTLP/JSON request on stdout, one line per run; send and mark nothing.
     pub dry_run: bool,
 }
@@ -85,12 +95,14 @@ pub struct Controller {
     /// `None` with `--dry-run`.
     marker: Option<Marker>,
     clients: HashMap<ClientKey, Client>,
+    backoffs: Backoffs,
     metrics: ExportMetrics,
     window: Window,
     queue: Queue,
     /// Runs printed by a dry run (nothing marks them); forgotten when they are deleted.
     printed: HashSet<RunKey>,
     finalizers: Finalizers,
+    heartbeat: Heartbeat,
 }
 
 impl Controller {
@@ -102,6 +114,7 @@ impl Controller {
         marker: Option<Marker>,
         metrics: ExportMetrics,
     ) -> Controller {
+        let settings_rescan = settings.rescan_interval;
         Controller {
             window: Window {
                 started: Timestamp::now(),
@@ -114,10 +127,17 @@ impl Controller {
             policy,
             marker,
             clients: HashMap::new(),
+            backoffs: Backoffs::default(),
             metrics,
             printed: HashSet::new(),
+            heartbeat: Heartbeat::new(settings_rescan),
             finalizers: Finalizers::default(),
         }
+    }
+
+    /// The loop's heartbeat (for `/healthz`).
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
     }
 
     /// Both the run caches and the namespace (and policy) caches have been listed.
@@ -140,6 +160,7 @@ impl Controller {
         let mut election_alive = true;
         let mut synced = false;
         loop {
+            self.heartbeat.beat();
             if !synced && Controller::synced(&self.runs, &self.cluster) {
                 synced = true;
                 let (prs, trs) = self.runs.len();
@@ -153,7 +174,11 @@ impl Controller {
                 self.start(&mut in_flight);
             }
             self.metrics.queue_depth(self.queue.depth());
-            let wake = self.queue.next_due();
+            // The timer is armed only when a run whose time has come could start: with every
+            // slot busy the next finished export wakes the loop, and a standby has nothing to
+            // start. A due time in the past would otherwise fire at once, every turn.
+            let can_start = leader && synced && in_flight.len() < self.settings.concurrency;
+            let wake = self.queue.next_due().filter(|_| can_start);
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,

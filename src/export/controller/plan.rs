@@ -10,6 +10,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use tokio::time::Instant;
 
 use super::Controller;
+use super::clients::ClientKey;
 use crate::cluster::runs::{CachedRun, RunKey, RunKind};
 use crate::contract::TraceId;
 use crate::export::decide::{self, EXPORTED_ANNOTATION, Finished, TRACE_URL_ANNOTATION};
@@ -40,6 +41,7 @@ pub(super) enum Plan {
     /// Send this request, then write these annotations (and release the finalizer).
     Send {
         request: ExportTraceServiceRequest,
+        destination: ClientKey,
         client: Result<Client, ()>,
         annotations: Vec<(String, String)>,
         done: Done,
@@ -55,6 +57,10 @@ pub(super) struct Done {
     pub(super) kind: RunKind,
     pub(super) sent: Option<(Finished, u64)>,
     pub(super) skipped: Option<Skip>,
+    /// Spans the backend dropped from accepted requests (OTLP partial success).
+    pub(super) rejected_spans: u64,
+    /// Where its spans went (its destination's backoff ends with this success).
+    pub(super) destination: Option<ClientKey>,
 }
 
 impl Controller {
@@ -71,9 +77,17 @@ impl Controller {
         let Some(policy) = self.policy_for(&key.namespace) else {
             return Plan::Drop;
         };
+        // Its destination is failing or being probed: wait, before building anything.
+        let (destination, client) = self.client(&policy);
+        if !self.settings.dry_run
+            && let Some(at) = self.backoffs.blocked(&destination, Instant::now())
+        {
+            return Plan::Wait(at);
+        }
         let (finished, task_runs) = match self.finished(key, &run) {
             Ok(finished) => finished,
-            Err(plan) => return plan,
+            Err(Some(at)) => return Plan::Wait(at),
+            Err(None) => return Plan::Drop,
         };
         let tree = match &run {
             CachedRun::PipelineRun(pr) => span_tree(
@@ -89,6 +103,8 @@ impl Controller {
             kind: key.kind,
             sent,
             skipped,
+            rejected_spans: 0,
+            destination: None,
         };
         let tree = match tree {
             Ok(tree) => tree,
@@ -122,23 +138,25 @@ impl Controller {
         }
         Plan::Send {
             request,
-            client: self.client(&policy),
+            destination,
+            client,
             annotations,
             done: done(Some((finished, tree.spans.len() as u64)), None),
         }
     }
 
     /// When the run finished and, for a PipelineRun, its finished TaskRuns (waited for until
-    /// `child_grace` has passed); or what to do instead while it is not ready to send.
+    /// `child_grace` has passed); or, while it is not ready to send, when to look again (`None`:
+    /// not due after all, drop it).
     fn finished(
         &self,
         key: &RunKey,
         run: &CachedRun,
-    ) -> Result<(Finished, Vec<Arc<TaskRun>>), Plan> {
+    ) -> Result<(Finished, Vec<Arc<TaskRun>>), Option<Instant>> {
         match run {
             CachedRun::PipelineRun(pr) => {
                 let Ok(finished) = decide::pipeline_run_due(pr, self.window) else {
-                    return Err(Plan::Drop);
+                    return Err(None);
                 };
                 let (task_runs, missing) = self.children(pr);
                 if missing > 0 {
@@ -146,7 +164,7 @@ impl Controller {
                         + k8s_openapi::jiff::SignedDuration::try_from(self.settings.child_grace)
                             .unwrap_or_default();
                     if Timestamp::now() < grace_end {
-                        return Err(Plan::Wait(Instant::now() + CHILD_RECHECK));
+                        return Err(Some(Instant::now() + CHILD_RECHECK));
                     }
                     tracing::warn!(run = %key, missing, "exporting a PipelineRun without TaskRuns that did not finish in time");
                     self.metrics.missing_task_runs(missing as u64);
@@ -155,7 +173,7 @@ impl Controller {
             }
             CachedRun::TaskRun(tr) => match decide::task_run_due(tr, self.window) {
                 Ok(finished) => Ok((finished, Vec::new())),
-                Err(_) => Err(Plan::Drop),
+                Err(_) => Err(None),
             },
         }
     }

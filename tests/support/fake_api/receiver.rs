@@ -1,9 +1,10 @@
 //! An OTLP/HTTP trace receiver for tests of the exporter: records each request it accepted
-//! (decoded with the OpenTelemetry proto types) and when it answered, and answers 503 while
-//! told to fail.
+//! (decoded with the OpenTelemetry proto types) and when it answered, answers 503 while told
+//! to fail (or the status it is told to answer), holds each request unanswered while told to
+//! stall, and can report spans dropped (OTLP partial success).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -12,7 +13,7 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use prost::Message as _;
 
@@ -81,6 +82,12 @@ pub struct Receiver {
     received: Arc<Mutex<Vec<Received>>>,
     failing: Arc<AtomicBool>,
     refused: Arc<AtomicUsize>,
+    stalling: Arc<AtomicBool>,
+    stalled: Arc<AtomicUsize>,
+    /// A status to answer every request with instead (0: none).
+    status: Arc<AtomicU16>,
+    /// Spans each accepted request reports as rejected (partial success).
+    drop_spans: Arc<AtomicI64>,
 }
 
 impl Receiver {
@@ -97,6 +104,17 @@ impl Receiver {
             post(move |headers: HeaderMap, body: Bytes| {
                 let r = r.clone();
                 async move {
+                    if r.stalling.load(Ordering::SeqCst) {
+                        r.stalled.fetch_add(1, Ordering::SeqCst);
+                        while r.stalling.load(Ordering::SeqCst) {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                    }
+                    let status = r.status.load(Ordering::SeqCst);
+                    if status != 0 {
+                        r.refused.fetch_add(1, Ordering::SeqCst);
+                        return (StatusCode::from_u16(status).unwrap(), Vec::new());
+                    }
                     if r.failing.load(Ordering::SeqCst) {
                         r.refused.fetch_add(1, Ordering::SeqCst);
                         return (StatusCode::SERVICE_UNAVAILABLE, Vec::new());
@@ -113,10 +131,14 @@ impl Receiver {
                         token,
                         answered: Instant::now(),
                     });
-                    (
-                        StatusCode::OK,
-                        ExportTraceServiceResponse::default().encode_to_vec(),
-                    )
+                    let rejected_spans = r.drop_spans.load(Ordering::SeqCst);
+                    let reply = ExportTraceServiceResponse {
+                        partial_success: (rejected_spans > 0).then(|| ExportTracePartialSuccess {
+                            rejected_spans,
+                            error_message: "too many attributes".into(),
+                        }),
+                    };
+                    (StatusCode::OK, reply.encode_to_vec())
                 }
             }),
         );
@@ -153,7 +175,27 @@ impl Receiver {
         self.failing.store(failing, Ordering::SeqCst);
     }
 
-    /// Requests answered 503.
+    /// Hold every request unanswered while `stalling` (a backend that hangs).
+    pub fn stall(&self, stalling: bool) {
+        self.stalling.store(stalling, Ordering::SeqCst);
+    }
+
+    /// Requests that were held by [`Receiver::stall`].
+    pub fn stalled(&self) -> usize {
+        self.stalled.load(Ordering::SeqCst)
+    }
+
+    /// Answer every request with `status` (0: answer normally again).
+    pub fn answer(&self, status: u16) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Report `spans` of each accepted request as rejected (OTLP partial success).
+    pub fn drop_spans(&self, spans: i64) {
+        self.drop_spans.store(spans, Ordering::SeqCst);
+    }
+
+    /// Requests answered 503 (or the status told).
     pub fn refused(&self) -> usize {
         self.refused.load(Ordering::SeqCst)
     }
