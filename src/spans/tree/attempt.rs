@@ -16,8 +16,8 @@ use super::{
 use crate::contract::tekton::{Labels, TaskRunFacts};
 use crate::contract::w3c::SpanContext;
 use crate::contract::{
-    ContextRule, SpanId, TektonContext, TraceSource, attempt_context, derive_span_id,
-    derive_step_span_id,
+    ContextRule, SpanId, TektonContext, TraceSource, attempt_context,
+    derive_attempt_startup_span_id, derive_span_id, derive_step_span_id,
 };
 use crate::policy::Policy;
 use crate::spans::SpanError;
@@ -183,7 +183,56 @@ fn attempt_spans(
         context: &context,
         parent_id: placement.span_id,
     };
+    if let Some(startup) = startup_span(run, &steps) {
+        tree.spans.push(startup);
+    }
     step_spans(tree, run, &steps)
+}
+
+/// What a startup span says it is, so a backend can chart startups apart from steps.
+pub(super) const PHASE_KEY: &str = "tekton.span.phase";
+pub(super) const PHASE_STARTUP: &str = "startup";
+
+/// When the attempt's first step started: the earliest `startedAt` of its steps, `terminated`
+/// else `running`; `None` when no step started.
+pub(super) fn first_step_start(state: &TaskRunStatus) -> Option<u64> {
+    state
+        .steps
+        .iter()
+        .filter_map(|step| {
+            step.terminated
+                .as_ref()
+                .and_then(|t| t.started_at.as_ref())
+                .or_else(|| step.running.as_ref().and_then(|r| r.started_at.as_ref()))
+        })
+        .map(nanos)
+        .min()
+}
+
+/// The attempt's startup, from its start to its first step's start, when a step started and
+/// that took any time at all.
+fn startup_span(run: &AttemptRun<'_>, place: &StepPlace<'_>) -> Option<RunSpan> {
+    let first = first_step_start(run.state)?.min(run.end);
+    let mut attributes = vec![(PHASE_KEY, str_value(PHASE_STARTUP))];
+    if let Some(task) = run.facts.task_name() {
+        attributes.push(("cicd.pipeline.task.name", str_value(task)));
+    }
+    (first > run.start).then(|| RunSpan {
+        role: Role::Startup,
+        resource: place.resource,
+        trace_id: place.context.trace_id,
+        span_id: derive_attempt_startup_span_id(run.uid, run.facts.retry),
+        parent_id: Some(place.parent_id),
+        trace_state: place.context.tracestate.clone(),
+        flags: place.context.flags,
+        name: PHASE_STARTUP.to_owned(),
+        kind: Kind::Internal,
+        start: run.start,
+        end: first,
+        status: Status::Unset,
+        attributes,
+        links: Vec::new(),
+    })
 }
 
 /// The attempt span's id, parent and links, or `None` (the trace noted as unsampled) when its

@@ -13,8 +13,9 @@
 //!
 //! # The spans
 //!
-//! - **PipelineRun**: kind SERVER, named after the pipeline (`tekton.dev/pipeline` label, else the
-//!   PipelineRun's name), from `creationTimestamp` to `completionTime`. Span id
+//! - **PipelineRun**: kind SERVER, named `RUN <pipeline>` (the conventions' `{action} {pipeline}`
+//!   with `cicd.pipeline.action.name: RUN`; the pipeline is the `tekton.dev/pipeline` label, else
+//!   the PipelineRun's name), from `creationTimestamp` to `completionTime`. Span id
 //!   [`derive_pipeline_run_span_id`]`(uid)`, in the trace [`derive_trace_id`]`(uid)`, always
 //!   the root of that trace (never a child of Tekton's span: Tekton exports its spans to its own
 //!   endpoint, often one our backend never sees). When Tekton traced the run
@@ -39,6 +40,11 @@
 //!   `ship-run-traced`: Tekton gave `checkout` a trace of its own). So a PipelineRun is one
 //!   trace, rooted at its span, and the steps' own telemetry nests where the webhook pointed it.
 //!   A standalone TaskRun's attempts are roots of its derived trace, with the same link.
+//! - **startup**: a child of each attempt from the attempt's `startTime` to the earliest
+//!   `startedAt` of its steps (`terminated`, else `running`): the pod's scheduling, image pulls
+//!   and init containers. Only when a step started and the gap is not zero (span id
+//!   [`derive_attempt_startup_span_id`]`(taskRunUID, attempt)`); attribute
+//!   `tekton.span.phase: startup`, so a backend can chart it beside the steps.
 //! - **One span per step** of each attempt that has `terminated` (`startedAt` → `finishedAt`),
 //!   span id [`derive_step_span_id`]`(taskRunUID, attempt, step)`, child of the attempt. A step
 //!   without `terminated` never ran and is not a span. A step Tekton skipped after an earlier
@@ -72,6 +78,7 @@
 //! [`derive_pipeline_run_wait_span_id`]: crate::contract::derive_pipeline_run_wait_span_id
 //! [`derive_span_id`]: crate::contract::derive_span_id
 //! [`derive_step_span_id`]: crate::contract::derive_step_span_id
+//! [`derive_attempt_startup_span_id`]: crate::contract::derive_attempt_startup_span_id
 //! [`sampled`]: crate::contract::sampled
 //! [`attempt_context`]: crate::contract::attempt_context
 //! [`ContextRule::Derived`]: crate::contract::ContextRule::Derived
@@ -100,6 +107,8 @@ pub enum Role {
     PipelineRun,
     Wait,
     Attempt,
+    /// An attempt's start to its first step's start: scheduling, image pulls, init containers.
+    Startup,
     Step,
 }
 
