@@ -55,23 +55,27 @@ struct Placement {
     links: Vec<Link>,
 }
 
-pub(super) fn task_run_spans(
-    tree: &mut SpanTree,
-    run: &TaskRun,
-    pipeline: Option<&PipelineRunParent>,
-    policy: &Policy,
-) -> Result<(), SpanError> {
-    let Identity {
-        object,
-        name,
-        uid,
-        created,
-    } = identity(&run.metadata, "TaskRun")?;
-    let missing = |field: &str, expected: &str| input_error(&object, field, expected);
-    let status = run
-        .status
-        .as_ref()
-        .ok_or_else(|| missing("status", "the status of a finished run"))?;
+/// When and how one attempt of a TaskRun ran: what spans and metrics both read.
+pub(crate) struct AttemptTimes<'a> {
+    pub(crate) attempt: u32,
+    pub(crate) state: &'a TaskRunStatus,
+    /// Where the attempt's fields are, for errors: `status.` or `status.retriesStatus[i].`.
+    pub(crate) prefix: String,
+    pub(crate) condition: &'a Condition,
+    pub(crate) ok: bool,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+}
+
+/// Each attempt of a finished TaskRun, in the order they ran: `status.retriesStatus[i]` is
+/// attempt `i`, the final status attempt `len(retriesStatus)`. `created` is the TaskRun's
+/// creation (the start of a final attempt that never started); `object` names it in errors.
+pub(crate) fn attempt_times<'a>(
+    status: &'a TaskRunStatus,
+    created: u64,
+    object: &str,
+) -> Result<Vec<AttemptTimes<'a>>, SpanError> {
+    let missing = |field: &str, expected: &str| input_error(object, field, expected);
     let retries = status.retries_status.len();
     let attempts = status
         .retries_status
@@ -79,6 +83,7 @@ pub(super) fn task_run_spans(
         .enumerate()
         .map(|(i, a)| (i, a, format!("status.retriesStatus[{i}].")))
         .chain(std::iter::once((retries, status, "status.".to_owned())));
+    let mut times = Vec::with_capacity(retries + 1);
     for (attempt, state, prefix) in attempts {
         // A TaskRun has at most a handful of retries (`retries` in the Pipeline); an attempt
         // number past u32 is not a TaskRun Tekton wrote.
@@ -100,19 +105,50 @@ pub(super) fn task_run_spans(
             None => end,
         }
         .min(end);
-        let labels = run.metadata.labels.as_ref();
-        let annotations = run.metadata.annotations.as_ref();
-        let facts = TaskRunFacts::from_task_run(name, Some(uid), labels, annotations, attempt);
-        let attempt_run = AttemptRun {
-            facts: &facts,
-            uid,
-            namespace: run.metadata.namespace.as_deref().unwrap_or(""),
+        times.push(AttemptTimes {
+            attempt,
             state,
-            prefix: &prefix,
+            prefix,
             condition,
             ok,
             start,
             end,
+        });
+    }
+    Ok(times)
+}
+
+pub(super) fn task_run_spans(
+    tree: &mut SpanTree,
+    run: &TaskRun,
+    pipeline: Option<&PipelineRunParent>,
+    policy: &Policy,
+) -> Result<(), SpanError> {
+    let Identity {
+        object,
+        name,
+        uid,
+        created,
+    } = identity(&run.metadata, "TaskRun")?;
+    let status = run
+        .status
+        .as_ref()
+        .ok_or_else(|| input_error(&object, "status", "the status of a finished run"))?;
+    for times in attempt_times(status, created, &object)? {
+        let labels = run.metadata.labels.as_ref();
+        let annotations = run.metadata.annotations.as_ref();
+        let facts =
+            TaskRunFacts::from_task_run(name, Some(uid), labels, annotations, times.attempt);
+        let attempt_run = AttemptRun {
+            facts: &facts,
+            uid,
+            namespace: run.metadata.namespace.as_deref().unwrap_or(""),
+            state: times.state,
+            prefix: &times.prefix,
+            condition: times.condition,
+            ok: times.ok,
+            start: times.start,
+            end: times.end,
             labels,
             object: &object,
         };

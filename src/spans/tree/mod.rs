@@ -101,6 +101,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 pub use result::{RunResult, STATUS_MESSAGE_MAX, clip};
 
+// What the metrics builder reads the same way as the spans (`crate::spans::metrics`).
+pub(crate) use attempt::attempt_times;
+pub(crate) use result::{UNFINISHED_EXPECTED, UNFINISHED_FIELD, end_of, finished, reason_of};
+
 /// Which part of a run a span stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -285,7 +289,7 @@ fn required(value: Option<&str>, error: impl FnOnce() -> SpanError) -> Result<&s
 }
 
 /// An input error: `object`'s `field` is missing or not what was `expected`.
-fn input_error(object: &str, field: &str, expected: &str) -> SpanError {
+pub(crate) fn input_error(object: &str, field: &str, expected: &str) -> SpanError {
     SpanError::Input {
         object: object.to_owned(),
         field: field.to_owned(),
@@ -295,14 +299,14 @@ fn input_error(object: &str, field: &str, expected: &str) -> SpanError {
 
 /// What every run carries: how errors name it, its name, its uid, and when it was created (Unix
 /// nanoseconds), or the first of those that is missing, named.
-struct Identity<'a> {
-    object: String,
-    name: &'a str,
-    uid: &'a str,
-    created: u64,
+pub(crate) struct Identity<'a> {
+    pub(crate) object: String,
+    pub(crate) name: &'a str,
+    pub(crate) uid: &'a str,
+    pub(crate) created: u64,
 }
 
-fn identity<'a>(metadata: &'a Metadata, kind: &str) -> Result<Identity<'a>, SpanError> {
+pub(crate) fn identity<'a>(metadata: &'a Metadata, kind: &str) -> Result<Identity<'a>, SpanError> {
     let object = metadata.display_name(kind);
     let missing = |field: &str, expected: &str| input_error(&object, field, expected);
     let name = required(metadata.name.as_deref(), || {
@@ -324,7 +328,7 @@ fn identity<'a>(metadata: &'a Metadata, kind: &str) -> Result<Identity<'a>, Span
 }
 
 /// Unix nanoseconds; times before 1970 (no Tekton run) become 0 rather than an error.
-fn nanos(time: &Time) -> u64 {
+pub(crate) fn nanos(time: &Time) -> u64 {
     u64::try_from(time.0.as_nanosecond()).unwrap_or(0)
 }
 
