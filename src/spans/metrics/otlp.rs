@@ -61,10 +61,12 @@ pub fn metrics_request<'a>(
     ExportMetricsServiceRequest { resource_metrics }
 }
 
+/// A metric's observations by attribute set: each entry is one data point.
+type Series<'a> = BTreeMap<Vec<(&'a str, &'a str)>, Vec<&'a Observation>>;
+
 /// One OTLP metric per metric observed, in [`Metric::ALL`]'s order.
 fn metrics(observations: &[Observation]) -> Vec<OtlpMetric> {
-    let mut by_metric: BTreeMap<Metric, BTreeMap<Vec<(&str, &str)>, Vec<&Observation>>> =
-        BTreeMap::new();
+    let mut by_metric: BTreeMap<Metric, Series<'_>> = BTreeMap::new();
     for observation in observations {
         let key = observation
             .attributes
