@@ -136,7 +136,7 @@ pub struct RunSpansSpec {
     pub deploy: Option<DeploySpec>,
 }
 
-/// The `runMetrics` section: see `docs/run-metrics.md`.
+/// The `runMetrics` section: see `docs/policy.md`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RunMetricsSpec {
