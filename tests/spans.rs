@@ -14,8 +14,9 @@ use std::process::{Command, Stdio};
 use lightstep_tekton_webhook::admission;
 use lightstep_tekton_webhook::admission::decide::Mode;
 use lightstep_tekton_webhook::contract::{
-    SpanId, TraceId, derive_pipeline_run_span_id, derive_pipeline_run_wait_span_id, derive_span_id,
-    derive_step_span_id, derive_trace_id, parse_traceparent,
+    SpanId, TraceId, derive_attempt_startup_span_id, derive_pipeline_run_span_id,
+    derive_pipeline_run_wait_span_id, derive_span_id, derive_step_span_id, derive_trace_id,
+    parse_traceparent,
 };
 use lightstep_tekton_webhook::policy::Policy;
 use lightstep_tekton_webhook::spans::objects::Object;
@@ -97,10 +98,11 @@ fn attempts<'a>(tree: &'a SpanTree, task: &str) -> Vec<&'a RunSpan> {
         .collect()
 }
 
-fn children<'a>(tree: &'a SpanTree, parent: &RunSpan) -> Vec<&'a RunSpan> {
+/// The step spans under an attempt (its startup span aside).
+fn steps_of<'a>(tree: &'a SpanTree, parent: &RunSpan) -> Vec<&'a RunSpan> {
     tree.spans
         .iter()
-        .filter(|s| s.parent_id == Some(parent.span_id))
+        .filter(|s| s.parent_id == Some(parent.span_id) && s.role == Role::Step)
         .collect()
 }
 
@@ -266,7 +268,8 @@ fn a_succeeded_run_is_one_trace_with_deploy_and_vcs_attributes() {
         "Tekton's unexported context is not joined"
     );
     assert_eq!(run.kind, Kind::Server);
-    assert_eq!(run.name, "ship");
+    assert_eq!(run.name, "RUN ship");
+    assert_eq!(text(run, "cicd.pipeline.action.name"), Some("RUN"));
     assert_eq!(
         (run.start, run.end),
         (time("2026-11-30T11:21:28Z"), time("2026-11-30T11:22:05Z"))
@@ -287,7 +290,8 @@ fn a_succeeded_run_is_one_trace_with_deploy_and_vcs_attributes() {
     assert!(tree.spans.iter().all(|s| s.role != Role::Wait));
     // One trace, every attempt under the run, every step under its attempt.
     assert!(tree.spans.iter().all(|s| s.trace_id == run.trace_id));
-    assert_eq!(tree.spans.len(), 1 + 6 + 8);
+    let startups = tree.spans.iter().filter(|s| s.role == Role::Startup);
+    assert_eq!(tree.spans.len(), 1 + 6 + 8 + startups.count());
     for attempt in tree.spans.iter().filter(|s| s.role == Role::Attempt) {
         assert_eq!(attempt.parent_id, Some(run.span_id));
         assert!(attempt.links.is_empty());
@@ -313,7 +317,7 @@ fn a_succeeded_run_is_one_trace_with_deploy_and_vcs_attributes() {
     );
     let build = attempts(&tree, "build")[0];
     assert!(attr(build, "cicd.pipeline.task.type").is_none());
-    let steps = children(&tree, build);
+    let steps = steps_of(&tree, build);
     let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["compile", "package"]);
     let build_uid = uid_of(&list, "ship-run-ok-build");
@@ -347,7 +351,7 @@ fn a_failed_step_fails_its_attempt_and_the_skipped_one_is_not_an_error() {
         panic!("build is an error")
     };
     assert!(message.starts_with("StepFailed: "), "{message}");
-    let steps = children(&tree, build);
+    let steps = steps_of(&tree, build);
     let compile = steps.iter().find(|s| s.name == "compile").unwrap();
     assert!(is_error(compile));
     assert_eq!(
@@ -367,6 +371,71 @@ fn a_failed_step_fails_its_attempt_and_the_skipped_one_is_not_an_error() {
     assert_eq!(attempts(&tree, "notify")[0].status, Status::Ok);
 }
 
+/// Every attempt of every captured run: a startup span from the attempt's start to exactly where
+/// its first step started (read off the JSON here), or none when no step started or none waited.
+#[test]
+fn startup_spans_end_where_the_first_step_starts() {
+    let (mut with, mut without) = (0, 0);
+    for name in FIXTURES {
+        let list = fixture_value(name);
+        let tree = tree(name);
+        let task_runs = list["items"].as_array().unwrap().iter();
+        for item in task_runs.filter(|i| i["kind"] == "TaskRun") {
+            let uid = item["metadata"]["uid"].as_str().unwrap();
+            let status = &item["status"];
+            let mut states: Vec<&Value> = status["retriesStatus"]
+                .as_array()
+                .map(|a| a.iter().collect())
+                .unwrap_or_default();
+            states.push(status);
+            for (attempt, state) in states.into_iter().enumerate() {
+                let attempt_id = derive_span_id(uid, attempt as u32);
+                let span = tree.spans.iter().find(|s| s.span_id == attempt_id).unwrap();
+                let first_step = state["steps"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|step| {
+                        step.pointer("/terminated/startedAt")
+                            .or_else(|| step.pointer("/running/startedAt"))
+                            .and_then(Value::as_str)
+                    })
+                    .map(time)
+                    .min();
+                let startup: Vec<_> = tree
+                    .spans
+                    .iter()
+                    .filter(|s| s.role == Role::Startup && s.parent_id == Some(attempt_id))
+                    .collect();
+                match first_step.filter(|first| *first > span.start) {
+                    Some(first) => {
+                        with += 1;
+                        assert_eq!(startup.len(), 1, "{name} {uid}/{attempt}");
+                        let startup = startup[0];
+                        assert_eq!((startup.start, startup.end), (span.start, first));
+                        assert_eq!(startup.name, "startup");
+                        assert_eq!(text(startup, "tekton.span.phase"), Some("startup"));
+                        assert_eq!(
+                            startup.span_id,
+                            derive_attempt_startup_span_id(uid, attempt as u32)
+                        );
+                        assert_eq!(startup.resource, span.resource);
+                        assert_eq!(startup.trace_id, span.trace_id);
+                    }
+                    None => {
+                        without += 1;
+                        assert!(startup.is_empty(), "{name} {uid}/{attempt}");
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        with > 0 && without > 0,
+        "{with} with a startup, {without} without"
+    );
+}
+
 #[test]
 fn a_cancelled_run_and_its_pending_task_are_cancellations_without_steps() {
     let tree = tree("ship-run-cancel");
@@ -379,8 +448,8 @@ fn a_cancelled_run_and_its_pending_task_are_cancellations_without_steps() {
         Some("cancellation")
     );
     assert_eq!(text(build, "error.type"), Some("TaskRunCancelled"));
-    assert!(children(&tree, build).is_empty(), "build's steps never ran");
-    assert_eq!(children(&tree, attempts(&tree, "checkout")[0]).len(), 1);
+    assert!(steps_of(&tree, build).is_empty(), "build's steps never ran");
+    assert_eq!(steps_of(&tree, attempts(&tree, "checkout")[0]).len(), 1);
 }
 
 #[test]
@@ -413,14 +482,14 @@ fn a_retried_task_is_two_attempts_with_their_own_pods_and_steps() {
             time("2026-11-30T11:21:58Z")
         )
     );
-    let failed = children(&tree, first);
+    let failed = steps_of(&tree, first);
     let integration = failed.iter().find(|s| s.name == "integration").unwrap();
     assert_eq!(
         integration.span_id,
         derive_step_span_id(&uid, 0, "integration")
     );
     assert!(is_error(integration));
-    let retried = children(&tree, second);
+    let retried = steps_of(&tree, second);
     assert!(retried.iter().all(|s| s.status == Status::Ok));
     assert!(
         retried
@@ -547,7 +616,7 @@ fn the_traced_run_is_one_trace_rooted_at_our_pipeline_run_span_with_tekton_as_li
             let (trace, parent, _) =
                 parse_traceparent(value(&pod, &container.name, "TRACEPARENT").unwrap()).unwrap();
             assert_eq!(trace, run.trace_id, "{pod_name}/{step}");
-            match children(&tree, attempt)
+            match steps_of(&tree, attempt)
                 .into_iter()
                 .find(|s| s.name == step)
             {
@@ -586,7 +655,7 @@ fn a_standalone_task_run_is_the_root_of_its_own_trace() {
     assert_eq!(lint.trace_id, derive_trace_id(&uid));
     assert_eq!(lint.parent_id, None);
     assert_eq!(lint.span_id, derive_span_id(&uid, 0));
-    assert_eq!(children(&tree, lint).len(), 2);
+    assert_eq!(steps_of(&tree, lint).len(), 2);
     assert_eq!(tree.resources[lint.resource].service_name, "lint");
 }
 

@@ -678,8 +678,8 @@ fn without_a_file_policy_tracing_policies_still_apply() {
 #[test]
 fn the_spec_holds_every_field_of_the_file_policy_and_three_more() {
     use lightstep_tekton_webhook::policy::{
-        ContainersSpec, EnvFromPolicy, ExporterSpec, PolicySpec, Profile, RunSpansSpec,
-        SamplingSpec, TokenSpec,
+        ContainersSpec, EnvFromPolicy, ExporterSpec, PolicySpec, Profile, RunMetricsSpec,
+        RunSpansSpec, SamplingSpec, TokenSpec,
     };
     // Written out field by field (no `..Default`): a field added to the file policy fails to
     // compile here until it is added to this list, and then fails below until the CRD has it.
@@ -695,6 +695,7 @@ fn the_spec_holds_every_field_of_the_file_policy_and_three_more() {
         resource_attributes: Some(BTreeMap::new()),
         env_from: Some(EnvFromPolicy::Preserve),
         run_spans: Some(RunSpansSpec::default()),
+        run_metrics: Some(RunMetricsSpec::default()),
     };
     let mut file_fields: Vec<String> = serde_json::to_value(&file)
         .unwrap()

@@ -14,6 +14,7 @@
 //! | span id of a PipelineRun | PipelineRun uid | `lightstep-tekton-webhook/pipelinerun-span-id/v1` |
 //! | span id of a step | TaskRun uid, `/`, attempt, `/`, step name | `lightstep-tekton-webhook/step-span-id/v1` |
 //! | span id of a PipelineRun's wait (creation to start) | PipelineRun uid | `lightstep-tekton-webhook/pipelinerun-wait-span-id/v1` |
+//! | span id of an attempt's startup (start to first step) | TaskRun uid, `/`, attempt in decimal | `lightstep-tekton-webhook/attempt-startup-span-id/v1` |
 //!
 //! The attempt is 0 for a TaskRun's first pod and N for its `-pod-retryN` pod, which is the index
 //! of that attempt in `status.retriesStatus` (the final attempt's is the list's length). A step's
@@ -34,6 +35,9 @@ const PIPELINE_RUN_SPAN_ID_DOMAIN: &[u8] = b"lightstep-tekton-webhook/pipelineru
 /// Hashed before a PipelineRun uid to derive the span id of the time it waited to start.
 const PIPELINE_RUN_WAIT_SPAN_ID_DOMAIN: &[u8] =
     b"lightstep-tekton-webhook/pipelinerun-wait-span-id/v1\n";
+/// Hashed before a TaskRun uid and attempt to derive the span id of the attempt's startup.
+const ATTEMPT_STARTUP_SPAN_ID_DOMAIN: &[u8] =
+    b"lightstep-tekton-webhook/attempt-startup-span-id/v1\n";
 /// Hashed before a TaskRun uid, attempt and step name to derive the step's span id.
 const STEP_SPAN_ID_DOMAIN: &[u8] = b"lightstep-tekton-webhook/step-span-id/v1\n";
 
@@ -98,6 +102,18 @@ pub fn derive_pipeline_run_wait_span_id(pipeline_run_uid: &str) -> SpanId {
     )
 }
 
+/// The span id of the child of an attempt's span that covers its startup, from the attempt's
+/// start to its first step's start: first 8 bytes of
+/// `SHA-256(attempt-startup-span-id/v1 || taskRunUID || "/" || attempt)`. Only the exporter uses
+/// it (nothing runs under it), but a re-export must give the same id.
+pub fn derive_attempt_startup_span_id(task_run_uid: &str, attempt: u32) -> SpanId {
+    let attempt = attempt.to_string();
+    span_id(
+        ATTEMPT_STARTUP_SPAN_ID_DOMAIN,
+        &[task_run_uid.as_bytes(), attempt.as_bytes()],
+    )
+}
+
 /// The span id of one step of one attempt: first 8 bytes of
 /// `SHA-256(step-span-id/v1 || taskRunUID || "/" || attempt || "/" || step name)`. This is the
 /// parent the webhook gives that step's container when run spans are on.
@@ -155,11 +171,18 @@ mod tests {
             derive_pipeline_run_wait_span_id(PIPELINE_RUN_UID).to_string(),
             PINNED_WAIT_SPAN_ID
         );
+        // printf 'lightstep-tekton-webhook/attempt-startup-span-id/v1\n%s/%s' "$UID" 1 \
+        //   | sha256sum | cut -c1-16
+        assert_eq!(
+            derive_attempt_startup_span_id(TASK_RUN_UID, 1).to_string(),
+            PINNED_STARTUP_SPAN_ID
+        );
     }
 
     const PINNED_PIPELINE_RUN_SPAN_ID: &str = "7fa96fa9d3c2e267";
     const PINNED_STEP_SPAN_ID: &str = "cf1facdaad998189";
     const PINNED_WAIT_SPAN_ID: &str = "366fa1b11184fa22";
+    const PINNED_STARTUP_SPAN_ID: &str = "b8483a6a9387231f";
 
     #[test]
     fn every_input_changes_the_id() {
@@ -178,6 +201,11 @@ mod tests {
         assert_ne!(
             derive_pipeline_run_span_id(PIPELINE_RUN_UID),
             derive_pipeline_run_wait_span_id(PIPELINE_RUN_UID)
+        );
+        assert_ne!(attempt0, derive_attempt_startup_span_id(TASK_RUN_UID, 0));
+        assert_ne!(
+            derive_attempt_startup_span_id(TASK_RUN_UID, 0),
+            derive_attempt_startup_span_id(TASK_RUN_UID, 1)
         );
         assert_ne!(
             derive_pipeline_run_span_id(PIPELINE_RUN_UID).0[..],

@@ -21,7 +21,7 @@ pub mod w3c;
 
 pub use context::{ContextRule, TektonContext, TraceSource, attempt_context, step_context};
 pub use ids::{
-    derive_pipeline_run_span_id, derive_pipeline_run_wait_span_id, derive_span_id,
-    derive_step_span_id, derive_trace_id, sampled,
+    derive_attempt_startup_span_id, derive_pipeline_run_span_id, derive_pipeline_run_wait_span_id,
+    derive_span_id, derive_step_span_id, derive_trace_id, sampled,
 };
 pub use w3c::{SpanContext, SpanId, TraceId, parse_traceparent};

@@ -35,7 +35,7 @@ pub use resolve::PolicyError;
 pub(crate) use spec::explicit_null;
 pub use spec::{
     ContainersSpec, DeploySpec, EnvFromPolicy, ExporterSpec, PolicySpec, Profile, Protocol,
-    RunSpansSpec, SamplingSpec, TokenSpec,
+    RunMetricsSpec, RunSpansSpec, SamplingSpec, TokenSpec,
 };
 pub use template::{ServiceNameTemplate, TEMPLATE_FIELDS, TemplatePart};
 
@@ -60,6 +60,10 @@ pub struct Policy {
     /// spans existed keep their markers (and pods their patches) byte for byte.
     #[serde(skip_serializing_if = "RunSpans::is_default")]
     pub run_spans: RunSpans,
+    /// Whether the exporter sends the runs' CICD metrics with their spans (`runMetrics.enabled`).
+    /// Out of the fingerprint while off, as `run_spans`: it changes no pod.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub run_metrics: bool,
     /// `<name>@<fingerprint>` (`<name>@gen<generation>/<fingerprint>` for a TracingPolicy),
     /// computed once at resolve time: it is read on every admission.
     #[serde(skip)]

@@ -72,6 +72,7 @@ pub(super) fn resolve(spec: PolicySpec) -> Result<Policy, PolicyError> {
         resource_attributes,
         env_from: spec.env_from.unwrap_or_default(),
         run_spans,
+        run_metrics: spec.run_metrics.and_then(|m| m.enabled).unwrap_or(false),
         marker: String::new(),
     };
     policy.marker = format!("{}@{}", policy.name, policy.fingerprint());
@@ -321,6 +322,17 @@ fn is_attribute_key(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use crate::policy::Policy;
+
+    #[test]
+    fn run_metrics_are_off_by_default_and_out_of_the_fingerprint_while_off() {
+        let default = Policy::from_yaml("").unwrap();
+        assert!(!default.run_metrics);
+        let off = Policy::from_yaml("runMetrics: {enabled: false}").unwrap();
+        assert_eq!(off.marker(), default.marker());
+        let on = Policy::from_yaml("runMetrics: {enabled: true}").unwrap();
+        assert!(on.run_metrics);
+        assert!(Policy::from_yaml("runMetrics: {enabld: true}").is_err());
+    }
 
     #[test]
     fn empty_document_is_the_default() {

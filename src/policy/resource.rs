@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{
     ContainersSpec, EnvFromPolicy, ExporterSpec, Policy, PolicyError, PolicySpec, Profile,
-    RunSpansSpec, SamplingSpec, TokenSpec, explicit_null,
+    RunMetricsSpec, RunSpansSpec, SamplingSpec, TokenSpec, explicit_null,
 };
 
 pub const GROUP: &str = "lightstep-tekton.io";
@@ -114,6 +114,9 @@ pub struct TracingPolicySpec {
     /// Spans for the runs themselves (see the file policy's `runSpans`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_spans: Option<RunSpansSpec>,
+    /// The runs' CICD metrics (see the file policy's `runMetrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_metrics: Option<RunMetricsSpec>,
 }
 
 /// How a TracingPolicy is applied.
@@ -211,6 +214,7 @@ pub fn resolve(tp: &TracingPolicy) -> Result<Resolved, Rejected> {
         resource_attributes: spec.resource_attributes.clone(),
         env_from: spec.env_from,
         run_spans: spec.run_spans.clone(),
+        run_metrics: spec.run_metrics.clone(),
     };
     let policy = Policy::resolve(policy_spec).map_err(|e| {
         reject(match e {

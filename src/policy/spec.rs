@@ -77,6 +77,8 @@ pub struct PolicySpec {
     pub env_from: Option<EnvFromPolicy>,
     /// Spans for the runs themselves, exported by `lightstep-tekton-webhook export`.
     pub run_spans: Option<RunSpansSpec>,
+    /// The CICD metrics of the runs, sent with their spans by `lightstep-tekton-webhook export`.
+    pub run_metrics: Option<RunMetricsSpec>,
 }
 
 /// Keeps `token: null` apart from a missing `token` key.
@@ -132,6 +134,16 @@ pub struct RunSpansSpec {
     pub task_run_url: Option<String>,
     /// Which tasks deploy: they carry `cicd.pipeline.task.type: deploy` and `deployment.*`.
     pub deploy: Option<DeploySpec>,
+}
+
+/// The `runMetrics` section: see `docs/policy.md`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunMetricsSpec {
+    /// Send this namespace's finished runs' CICD metrics (`cicd.pipeline.run.duration`,
+    /// `cicd.pipeline.run.errors`, the task duration) with their spans. Default false; the runs
+    /// are exported only where `runSpans.enabled` is true too.
+    pub enabled: Option<bool>,
 }
 
 /// Which tasks are deploys, and to where.

@@ -4,6 +4,7 @@
 //! - [`tree`]: the pure rule, finished objects in, a [`tree::SpanTree`] out (its documentation is
 //!   the specification of run spans);
 //! - [`otlp`]: a tree as an OTLP `ExportTraceServiceRequest`;
+//! - [`metrics`]: the CICD metrics' data points a finished run adds, and their OTLP request;
 //! - [`preview`]: the `spans` command, which prints the tree or the OTLP/JSON body for a file.
 //!
 //! An exporter feeds [`tree::span_tree`] a [`tree::Run`] (a PipelineRun and its TaskRuns, or a
@@ -11,6 +12,7 @@
 //! [`crate::policy::Policy`] (whose `runSpans` section holds the links and the deploy rules), and
 //! sends [`otlp::export_request`] of the trees it got.
 
+pub mod metrics;
 pub mod objects;
 pub mod otlp;
 pub mod preview;

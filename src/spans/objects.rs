@@ -206,9 +206,18 @@ pub struct StepState {
     pub name: String,
     pub container: Option<String>,
     pub terminated: Option<Terminated>,
+    /// Set while the step runs; a finished run's steps normally have `terminated` instead, but an
+    /// attempt cut short (a timeout, a cancellation) can keep a step's last `running` state.
+    pub running: Option<Running>,
     /// Tekton's own reading of the termination: `Completed`, `Error`, or `Skipped` for a step it
     /// did not run after an earlier one failed.
     pub termination_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Running {
+    pub started_at: Option<Time>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]

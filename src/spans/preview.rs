@@ -273,6 +273,7 @@ fn render_span(out: &mut String, tree: &SpanTree, span: &RunSpan, depth: usize) 
     let role = match span.role {
         Role::PipelineRun => "pipelinerun",
         Role::Wait => "wait",
+        Role::Startup => "startup",
         Role::Attempt => "attempt",
         Role::Step => "step",
     };

@@ -16,8 +16,8 @@ use super::{
 use crate::contract::tekton::{Labels, TaskRunFacts};
 use crate::contract::w3c::SpanContext;
 use crate::contract::{
-    ContextRule, SpanId, TektonContext, TraceSource, attempt_context, derive_span_id,
-    derive_step_span_id,
+    ContextRule, SpanId, TektonContext, TraceSource, attempt_context,
+    derive_attempt_startup_span_id, derive_span_id, derive_step_span_id,
 };
 use crate::policy::Policy;
 use crate::spans::SpanError;
@@ -55,23 +55,27 @@ struct Placement {
     links: Vec<Link>,
 }
 
-pub(super) fn task_run_spans(
-    tree: &mut SpanTree,
-    run: &TaskRun,
-    pipeline: Option<&PipelineRunParent>,
-    policy: &Policy,
-) -> Result<(), SpanError> {
-    let Identity {
-        object,
-        name,
-        uid,
-        created,
-    } = identity(&run.metadata, "TaskRun")?;
-    let missing = |field: &str, expected: &str| input_error(&object, field, expected);
-    let status = run
-        .status
-        .as_ref()
-        .ok_or_else(|| missing("status", "the status of a finished run"))?;
+/// When and how one attempt of a TaskRun ran: what spans and metrics both read.
+pub(crate) struct AttemptTimes<'a> {
+    pub(crate) attempt: u32,
+    pub(crate) state: &'a TaskRunStatus,
+    /// Where the attempt's fields are, for errors: `status.` or `status.retriesStatus[i].`.
+    pub(crate) prefix: String,
+    pub(crate) condition: &'a Condition,
+    pub(crate) ok: bool,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+}
+
+/// Each attempt of a finished TaskRun, in the order they ran: `status.retriesStatus[i]` is
+/// attempt `i`, the final status attempt `len(retriesStatus)`. `created` is the TaskRun's
+/// creation (the start of a final attempt that never started); `object` names it in errors.
+pub(crate) fn attempt_times<'a>(
+    status: &'a TaskRunStatus,
+    created: u64,
+    object: &str,
+) -> Result<Vec<AttemptTimes<'a>>, SpanError> {
+    let missing = |field: &str, expected: &str| input_error(object, field, expected);
     let retries = status.retries_status.len();
     let attempts = status
         .retries_status
@@ -79,6 +83,7 @@ pub(super) fn task_run_spans(
         .enumerate()
         .map(|(i, a)| (i, a, format!("status.retriesStatus[{i}].")))
         .chain(std::iter::once((retries, status, "status.".to_owned())));
+    let mut times = Vec::with_capacity(retries + 1);
     for (attempt, state, prefix) in attempts {
         // A TaskRun has at most a handful of retries (`retries` in the Pipeline); an attempt
         // number past u32 is not a TaskRun Tekton wrote.
@@ -100,19 +105,50 @@ pub(super) fn task_run_spans(
             None => end,
         }
         .min(end);
-        let labels = run.metadata.labels.as_ref();
-        let annotations = run.metadata.annotations.as_ref();
-        let facts = TaskRunFacts::from_task_run(name, Some(uid), labels, annotations, attempt);
-        let attempt_run = AttemptRun {
-            facts: &facts,
-            uid,
-            namespace: run.metadata.namespace.as_deref().unwrap_or(""),
+        times.push(AttemptTimes {
+            attempt,
             state,
-            prefix: &prefix,
+            prefix,
             condition,
             ok,
             start,
             end,
+        });
+    }
+    Ok(times)
+}
+
+pub(super) fn task_run_spans(
+    tree: &mut SpanTree,
+    run: &TaskRun,
+    pipeline: Option<&PipelineRunParent>,
+    policy: &Policy,
+) -> Result<(), SpanError> {
+    let Identity {
+        object,
+        name,
+        uid,
+        created,
+    } = identity(&run.metadata, "TaskRun")?;
+    let status = run
+        .status
+        .as_ref()
+        .ok_or_else(|| input_error(&object, "status", "the status of a finished run"))?;
+    for times in attempt_times(status, created, &object)? {
+        let labels = run.metadata.labels.as_ref();
+        let annotations = run.metadata.annotations.as_ref();
+        let facts =
+            TaskRunFacts::from_task_run(name, Some(uid), labels, annotations, times.attempt);
+        let attempt_run = AttemptRun {
+            facts: &facts,
+            uid,
+            namespace: run.metadata.namespace.as_deref().unwrap_or(""),
+            state: times.state,
+            prefix: &times.prefix,
+            condition: times.condition,
+            ok: times.ok,
+            start: times.start,
+            end: times.end,
             labels,
             object: &object,
         };
@@ -183,7 +219,56 @@ fn attempt_spans(
         context: &context,
         parent_id: placement.span_id,
     };
+    if let Some(startup) = startup_span(run, &steps) {
+        tree.spans.push(startup);
+    }
     step_spans(tree, run, &steps)
+}
+
+/// What a startup span says it is, so a backend can chart startups apart from steps.
+pub(super) const PHASE_KEY: &str = "tekton.span.phase";
+pub(super) const PHASE_STARTUP: &str = "startup";
+
+/// When the attempt's first step started: the earliest `startedAt` of its steps, `terminated`
+/// else `running`; `None` when no step started.
+pub(super) fn first_step_start(state: &TaskRunStatus) -> Option<u64> {
+    state
+        .steps
+        .iter()
+        .filter_map(|step| {
+            step.terminated
+                .as_ref()
+                .and_then(|t| t.started_at.as_ref())
+                .or_else(|| step.running.as_ref().and_then(|r| r.started_at.as_ref()))
+        })
+        .map(nanos)
+        .min()
+}
+
+/// The attempt's startup, from its start to its first step's start, when a step started and
+/// that took any time at all.
+fn startup_span(run: &AttemptRun<'_>, place: &StepPlace<'_>) -> Option<RunSpan> {
+    let first = first_step_start(run.state)?.min(run.end);
+    let mut attributes = vec![(PHASE_KEY, str_value(PHASE_STARTUP))];
+    if let Some(task) = run.facts.task_name() {
+        attributes.push(("cicd.pipeline.task.name", str_value(task)));
+    }
+    (first > run.start).then(|| RunSpan {
+        role: Role::Startup,
+        resource: place.resource,
+        trace_id: place.context.trace_id,
+        span_id: derive_attempt_startup_span_id(run.uid, run.facts.retry),
+        parent_id: Some(place.parent_id),
+        trace_state: place.context.tracestate.clone(),
+        flags: place.context.flags,
+        name: PHASE_STARTUP.to_owned(),
+        kind: Kind::Internal,
+        start: run.start,
+        end: first,
+        status: Status::Unset,
+        attributes,
+        links: Vec::new(),
+    })
 }
 
 /// The attempt span's id, parent and links, or `None` (the trace noted as unsampled) when its

@@ -13,8 +13,9 @@
 //!
 //! # The spans
 //!
-//! - **PipelineRun**: kind SERVER, named after the pipeline (`tekton.dev/pipeline` label, else the
-//!   PipelineRun's name), from `creationTimestamp` to `completionTime`. Span id
+//! - **PipelineRun**: kind SERVER, named `RUN <pipeline>` (the conventions' `{action} {pipeline}`
+//!   with `cicd.pipeline.action.name: RUN`; the pipeline is the `tekton.dev/pipeline` label, else
+//!   the PipelineRun's name), from `creationTimestamp` to `completionTime`. Span id
 //!   [`derive_pipeline_run_span_id`]`(uid)`, in the trace [`derive_trace_id`]`(uid)`, always
 //!   the root of that trace (never a child of Tekton's span: Tekton exports its spans to its own
 //!   endpoint, often one our backend never sees). When Tekton traced the run
@@ -39,6 +40,11 @@
 //!   `ship-run-traced`: Tekton gave `checkout` a trace of its own). So a PipelineRun is one
 //!   trace, rooted at its span, and the steps' own telemetry nests where the webhook pointed it.
 //!   A standalone TaskRun's attempts are roots of its derived trace, with the same link.
+//! - **startup**: a child of each attempt from the attempt's `startTime` to the earliest
+//!   `startedAt` of its steps (`terminated`, else `running`): the pod's scheduling, image pulls
+//!   and init containers. Only when a step started and the gap is not zero (span id
+//!   [`derive_attempt_startup_span_id`]`(taskRunUID, attempt)`); attribute
+//!   `tekton.span.phase: startup`, so a backend can chart it beside the steps.
 //! - **One span per step** of each attempt that has `terminated` (`startedAt` → `finishedAt`),
 //!   span id [`derive_step_span_id`]`(taskRunUID, attempt, step)`, child of the attempt. A step
 //!   without `terminated` never ran and is not a span. A step Tekton skipped after an earlier
@@ -72,6 +78,7 @@
 //! [`derive_pipeline_run_wait_span_id`]: crate::contract::derive_pipeline_run_wait_span_id
 //! [`derive_span_id`]: crate::contract::derive_span_id
 //! [`derive_step_span_id`]: crate::contract::derive_step_span_id
+//! [`derive_attempt_startup_span_id`]: crate::contract::derive_attempt_startup_span_id
 //! [`sampled`]: crate::contract::sampled
 //! [`attempt_context`]: crate::contract::attempt_context
 //! [`ContextRule::Derived`]: crate::contract::ContextRule::Derived
@@ -94,12 +101,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 pub use result::{RunResult, STATUS_MESSAGE_MAX, clip};
 
+// What the metrics builder reads the same way as the spans (`crate::spans::metrics`).
+pub(crate) use attempt::attempt_times;
+pub(crate) use result::{UNFINISHED_EXPECTED, UNFINISHED_FIELD, end_of, finished, reason_of};
+
 /// Which part of a run a span stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     PipelineRun,
     Wait,
     Attempt,
+    /// An attempt's start to its first step's start: scheduling, image pulls, init containers.
+    Startup,
     Step,
 }
 
@@ -276,7 +289,7 @@ fn required(value: Option<&str>, error: impl FnOnce() -> SpanError) -> Result<&s
 }
 
 /// An input error: `object`'s `field` is missing or not what was `expected`.
-fn input_error(object: &str, field: &str, expected: &str) -> SpanError {
+pub(crate) fn input_error(object: &str, field: &str, expected: &str) -> SpanError {
     SpanError::Input {
         object: object.to_owned(),
         field: field.to_owned(),
@@ -286,14 +299,14 @@ fn input_error(object: &str, field: &str, expected: &str) -> SpanError {
 
 /// What every run carries: how errors name it, its name, its uid, and when it was created (Unix
 /// nanoseconds), or the first of those that is missing, named.
-struct Identity<'a> {
-    object: String,
-    name: &'a str,
-    uid: &'a str,
-    created: u64,
+pub(crate) struct Identity<'a> {
+    pub(crate) object: String,
+    pub(crate) name: &'a str,
+    pub(crate) uid: &'a str,
+    pub(crate) created: u64,
 }
 
-fn identity<'a>(metadata: &'a Metadata, kind: &str) -> Result<Identity<'a>, SpanError> {
+pub(crate) fn identity<'a>(metadata: &'a Metadata, kind: &str) -> Result<Identity<'a>, SpanError> {
     let object = metadata.display_name(kind);
     let missing = |field: &str, expected: &str| input_error(&object, field, expected);
     let name = required(metadata.name.as_deref(), || {
@@ -315,7 +328,7 @@ fn identity<'a>(metadata: &'a Metadata, kind: &str) -> Result<Identity<'a>, Span
 }
 
 /// Unix nanoseconds; times before 1970 (no Tekton run) become 0 rather than an error.
-fn nanos(time: &Time) -> u64 {
+pub(crate) fn nanos(time: &Time) -> u64 {
     u64::try_from(time.0.as_nanosecond()).unwrap_or(0)
 }
 

@@ -21,6 +21,11 @@ use crate::policy::Policy;
 use crate::spans::SpanError;
 use crate::spans::objects::{Condition, PipelineRun, PipelineRunStatus, TaskRun};
 
+/// `cicd.pipeline.action.name` of a PipelineRun: the conventions' `RUN` (`BUILD` and `SYNC` are
+/// for systems that tell those apart; Tekton runs a pipeline, whatever its tasks do). The span is
+/// named `{action} {pipeline}`, as the conventions say.
+pub(super) const ACTION_RUN: &str = "RUN";
+
 /// What the attempts need to know of the PipelineRun span.
 pub(super) struct PipelineRunParent {
     pub(super) span_id: SpanId,
@@ -75,6 +80,7 @@ pub(super) fn pipeline_run_spans(
         contract_attributes(tree, &facts, run.namespace, None, policy, |k| {
             !task_run_scoped(k)
         });
+    attributes.push(("cicd.pipeline.action.name", str_value(ACTION_RUN)));
     let status = pipeline_run_status(&run, trace.trace_id, policy, &mut attributes);
     tree.spans.push(RunSpan {
         role: Role::PipelineRun,
@@ -84,7 +90,7 @@ pub(super) fn pipeline_run_spans(
         parent_id: None,
         trace_state: None,
         flags: trace.flags,
-        name: facts.pipeline_name().to_owned(),
+        name: format!("{ACTION_RUN} {}", facts.pipeline_name()),
         kind: Kind::Server,
         start: run.start,
         end: run.end,

@@ -14,8 +14,8 @@ use crate::spans::objects::{Condition, succeeded};
 pub const STATUS_MESSAGE_MAX: usize = 256;
 
 /// The field named when a run has not finished, and what it should have held.
-pub(super) const UNFINISHED_FIELD: &str = "status.conditions[type=Succeeded].status";
-pub(super) const UNFINISHED_EXPECTED: &str = "True or False (a finished run)";
+pub(crate) const UNFINISHED_FIELD: &str = "status.conditions[type=Succeeded].status";
+pub(crate) const UNFINISHED_EXPECTED: &str = "True or False (a finished run)";
 
 /// The result of a run or attempt, as OpenTelemetry's CICD conventions name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +89,7 @@ impl RunResult {
 
 /// The `Succeeded` condition of a finished run and whether it succeeded; `None` when the run
 /// has not finished.
-pub(super) fn finished(conditions: &[Condition]) -> Option<(&Condition, bool)> {
+pub(crate) fn finished(conditions: &[Condition]) -> Option<(&Condition, bool)> {
     let condition = succeeded(conditions)?;
     match condition.status.as_str() {
         "True" => Some((condition, true)),
@@ -98,12 +98,12 @@ pub(super) fn finished(conditions: &[Condition]) -> Option<(&Condition, bool)> {
     }
 }
 
-pub(super) fn reason_of(condition: &Condition) -> &str {
+pub(crate) fn reason_of(condition: &Condition) -> &str {
     condition.reason.as_deref().unwrap_or("")
 }
 
 /// A run ends at `completionTime`, or (older controllers) when its condition last changed.
-pub(super) fn end_of(completion: Option<&Time>, condition: &Condition) -> Option<u64> {
+pub(crate) fn end_of(completion: Option<&Time>, condition: &Condition) -> Option<u64> {
     completion
         .or(condition.last_transition_time.as_ref())
         .map(nanos)
